@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent set-up: .venv with pinned MPI/PyTorch/pybind11 from PyPI, then builds dpsgs._C in place.
+# Sourced by the other scripts; safe to run on its own: `bash scripts/setup.sh`.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.requirements.sha
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "== installing requirements (mpich, mpi4py, torch==2.13.0 CPU, pybind11, ...)"
+  pip install -q --disable-pip-version-check -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+echo "== building dpsgs._C (DPSGS_CUDA=${DPSGS_CUDA:-auto})"
+python setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)" || true
+python -c "import dpsgs; print('dpsgs', dpsgs.build_info())"

@@ -1,0 +1,158 @@
+"""Build dpsgs._C: the MPI core always; the CUDA/NCCL backend when CUDA and NCCL are found.
+
+    pip install --no-build-isolation -e .          # DPSGS_CUDA=auto (default)
+    DPSGS_CUDA=0 pip install --no-build-isolation -e .   # CPU/MPI only
+    DPSGS_CUDA=1 pip install --no-build-isolation -e .   # NCCL backend required: fail if missing
+
+MPI flags come from the `mpicc` beside the running Python (the `mpich` wheel), so the
+extension links the very libmpi that mpi4py loads; `MPICC` overrides. CUDA comes from
+CUDA_HOME (or /usr/local/cuda), NCCL from NCCL_HOME or the `nvidia-nccl-cu12` wheel.
+NCCL and CUDA streams are host APIs: g++ plus -lcudart and libnccl is enough, no nvcc.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _mpicc() -> str:
+    explicit = os.environ.get("MPICC")
+    if explicit:
+        return explicit
+    beside_python = Path(sys.executable).parent / "mpicc"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("mpicc")
+    if not found:
+        sys.exit("dpsgs build: no mpicc found. Install MPI first: pip install mpich mpi4py")
+    return found
+
+
+def mpi_flags() -> dict[str, list[str]]:
+    """Split `mpicc -show` into include dirs, library dirs, libraries and link args."""
+    words = shlex.split(subprocess.check_output([_mpicc(), "-show"], text=True))[1:]
+    flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [], "libraries": [],
+                                   "extra_link_args": []}
+    for w in words:
+        if w.startswith("-I"):
+            flags["include_dirs"].append(w[2:])
+        elif w.startswith("-L"):
+            flags["library_dirs"].append(w[2:])
+            flags["extra_link_args"].append(f"-Wl,-rpath,{w[2:]}")
+        elif w.startswith("-l"):
+            flags["libraries"].append(w[2:])
+        elif w.startswith("-Wl"):
+            flags["extra_link_args"].append(w)
+    return flags
+
+
+def find_cuda() -> Path | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(home)] if home else []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for c in candidates:
+        if (c / "include" / "cuda_runtime.h").exists():
+            return c
+    return None
+
+
+def find_nccl() -> tuple[Path, Path] | None:
+    """(include dir, lib dir) of NCCL: NCCL_HOME, else the nvidia-nccl-cu12/cu13 wheel."""
+    home = os.environ.get("NCCL_HOME")
+    roots = [Path(home)] if home else []
+    try:
+        import nvidia.nccl  # type: ignore[import-not-found]
+
+        roots += [Path(p) for p in nvidia.nccl.__path__]
+    except ImportError:
+        pass
+    for r in roots:
+        inc, lib = r / "include", r / "lib"
+        if (inc / "nccl.h").exists() and glob.glob(str(lib / "libnccl.so*")):
+            return inc, lib
+    return None
+
+
+def cuda_options() -> dict[str, list[str]] | None:
+    """Compile options for the NCCL backend, None to skip it; DPSGS_CUDA=1 makes absence fatal."""
+    mode = os.environ.get("DPSGS_CUDA", "auto").lower()
+    if mode in ("0", "off", "false", "no"):
+        return None
+    cuda, nccl = find_cuda(), find_nccl()
+    if cuda is None or nccl is None:
+        missing = "CUDA headers (set CUDA_HOME)" if cuda is None else \
+            "NCCL (pip install nvidia-nccl-cu12, or set NCCL_HOME)"
+        if mode in ("1", "on", "true", "yes"):
+            sys.exit(f"dpsgs build: DPSGS_CUDA=1 but {missing} not found")
+        print(f"dpsgs build: {missing} not found; building the CPU/MPI backend only",
+              file=sys.stderr)
+        return None
+    nccl_inc, nccl_lib = nccl
+    cuda_lib = next(p for p in (cuda / "lib64", cuda / "lib", cuda / "targets/x86_64-linux/lib")
+                    if p.exists())
+    # The wheel ships only the versioned libnccl.so.2: link it by file name, find it by rpath.
+    nccl_link = "-l:libnccl.so.2" if not (nccl_lib / "libnccl.so").exists() else "-lnccl"
+    print(f"dpsgs build: NCCL backend ON (CUDA {cuda}, NCCL {nccl_lib})", file=sys.stderr)
+    return {
+        "sources": sorted(glob.glob("csrc/cuda/*.cc")),
+        "include_dirs": [str(cuda / "include"), str(nccl_inc)],
+        "library_dirs": [str(cuda_lib), str(nccl_lib)],
+        "libraries": ["cudart"],
+        "extra_link_args": [nccl_link, f"-Wl,-rpath,{cuda_lib}", f"-Wl,-rpath,{nccl_lib}"],
+        "define_macros": [("DPSGS_WITH_NCCL", "1")],
+    }
+
+
+def get_extensions():
+    import mpi4py
+    from pybind11.setup_helpers import Pybind11Extension
+
+    sources = sorted(glob.glob("csrc/*.cc") + glob.glob("csrc/common/*.cc")
+                     + glob.glob("csrc/bindings/*.cc"))
+    mpi = mpi_flags()
+    opts: dict[str, list] = {
+        "include_dirs": ["csrc", mpi4py.get_include(), *mpi["include_dirs"]],
+        "library_dirs": mpi["library_dirs"],
+        "libraries": mpi["libraries"],
+        "extra_link_args": mpi["extra_link_args"],
+        "define_macros": [],
+    }
+    cuda = cuda_options()
+    if cuda:
+        sources += cuda.pop("sources")
+        for key, values in cuda.items():
+            opts[key] = opts[key] + values
+    ext = Pybind11Extension(
+        "dpsgs._C",
+        sources,
+        cxx_std=17,
+        extra_compile_args=["-O3", "-march=x86-64-v2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        **opts,
+    )
+    return [ext]
+
+
+setup(
+    name="dpsgs",
+    version="0.1.0",
+    description="Data-parallel, fully decoupled backpropagation with stale stochastic gradients",
+    packages=["dpsgs"],
+    python_requires=">=3.10",
+    install_requires=["numpy", "mpi4py>=4.0", "tqdm"],
+    extras_require={"train": ["torch==2.13.0", "scikit-learn", "matplotlib"]},
+    ext_modules=get_extensions(),
+    zip_safe=False,
+)

@@ -1,0 +1,73 @@
+"""Run a rank program under real MPI ranks: `mpirun -n N python -m mpi4py PROGRAM ARGS`.
+
+`python -m mpi4py` turns an uncaught exception on any rank into MPI_Abort, so peers never
+hang; the subprocess timeout is the last line of defence. On failure the assertion message
+carries every rank's output tail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["RANKS_DIR", "RankRun", "mpirun", "run_ranks"]
+
+RANKS_DIR = Path(__file__).resolve().parent / "ranks"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mpirun() -> str:
+    beside_python = Path(sys.executable).parent / "mpirun"
+    return str(beside_python) if beside_python.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+@dataclass
+class RankRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def tail(self, lines: int = 60) -> str:
+        out = "\n".join(self.stdout.splitlines()[-lines:])
+        err = "\n".join(self.stderr.splitlines()[-lines:])
+        return f"--- exit {self.returncode} after {self.seconds:.1f}s\n--- stdout\n{out}\n--- stderr\n{err}"
+
+
+def run_ranks(nprocs: int, program: str | Path, *args: str, timeout: float = 120.0,
+              expect_ok: bool = True, env: dict[str, str] | None = None,
+              module: bool = False) -> RankRun:
+    """Launch `nprocs` ranks of `program` (a file in tests/mpi/ranks/ or a path, or a module
+    name with module=True). With expect_ok, assert that every rank exited 0."""
+    import time
+
+    if module:
+        target = ["-m", str(program)]
+    else:
+        path = Path(program)
+        if not path.is_absolute():
+            path = RANKS_DIR / path
+        target = ["-m", "mpi4py", str(path)]
+    cmd = [mpirun(), "-n", str(nprocs), sys.executable, *target, *args]
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(RANKS_DIR), full_env.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=full_env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"HANG: {' '.join(cmd)} still running after {timeout}s\n"
+                             f"--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}") from None
+    run = RankRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+    if expect_ok:
+        assert run.returncode == 0, f"{' '.join(cmd)} failed\n{run.tail()}"
+    return run
