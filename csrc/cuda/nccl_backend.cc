@@ -1,0 +1,257 @@
+// NcclCommunicator: NCCL bootstrap over MPI, split, one-group connect; version info (see nccl_backend.h).
+#include "cuda/nccl_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "common/backoff.h"
+#include "common/error.h"
+#include "cuda/cuda_check.h"
+
+namespace dpsgs {
+
+namespace {
+constexpr size_t kScratchBytes = 4096;  // warm-up bytes: 64 for the all-reduce, 8 per channel
+
+bool mpi_alive() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  return init && !fin;
+}
+
+// Polls a CUDA stream until it is idle, checking NCCL's asynchronous error on every poll.
+void poll_stream(cudaStream_t stream, NcclHandle& handle, const char* what, int peer) {
+  try {
+    poll_until(
+        [&] {
+          cudaError_t rc = cudaStreamQuery(stream);
+          if (rc == cudaSuccess) return true;
+          if (rc != cudaErrorNotReady)
+            DPSGS_THROW_CALL("CUDA", "cudaStreamQuery", handle.rank(), peer, cuda_error_text(rc));
+          handle.check_async(what, peer);
+          return false;
+        },
+        handle.timeout(), handle.warn_after(),
+        [&] { return str_cat("rank ", handle.rank(), ": ", what, " on NCCL communicator ", handle.name(),
+                             peer == kNoPeer ? std::string() : str_cat(" with peer ", peer)); });
+  } catch (const CommTimeout&) {
+    handle.abort(str_cat(what, " timed out"));
+    throw;
+  }
+}
+}  // namespace
+
+std::string nccl_version_string() {
+  int v = 0;
+  if (ncclGetVersion(&v) != ncclSuccess) return "unknown";
+  // Codes >= 2.9 are MAJOR*10000 + MINOR*100 + PATCH; older ones MAJOR*1000 + MINOR*100 + PATCH.
+  int major = v >= 10000 ? v / 10000 : v / 1000;
+  int minor = v >= 10000 ? (v % 10000) / 100 : (v % 1000) / 100;
+  return str_cat(major, ".", minor, ".", v % 100);
+}
+
+std::string nccl_header_version_string() { return str_cat(NCCL_MAJOR, ".", NCCL_MINOR, ".", NCCL_PATCH); }
+
+std::string cuda_runtime_version_string() {
+  int v = 0;
+  if (cudaRuntimeGetVersion(&v) != cudaSuccess) return "";
+  return str_cat(v / 1000, ".", (v % 1000) / 10);
+}
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // "no device"/"no driver" is an answer here, not a sticky error
+    return 0;
+  }
+  return n;
+}
+
+void poll_mpi_request(MPI_Request* req, int rank, int peer, double timeout_s, double warn_after_s,
+                      const std::function<std::string()>& what) {
+  poll_until(
+      [&] {
+        int flag = 0;
+        DPSGS_CHECK_MPI(MPI_Test(req, &flag, MPI_STATUS_IGNORE), rank, peer);
+        return flag != 0;
+      },
+      timeout_s, warn_after_s, what);
+}
+
+void NcclCommunicator::init_mpi(MPI_Comm mpi) {
+  mpi_ = mpi;
+  DPSGS_CHECK_MPI(MPI_Comm_set_errhandler(mpi_, MPI_ERRORS_RETURN), rank_, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_rank(mpi_, &rank_), rank_, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_size(mpi_, &size_), rank_, kNoPeer);
+}
+
+NcclCommunicator::NcclCommunicator(MPI_Comm parent, int device, double timeout_s, double warn_after_s)
+    : device_(device), timeout_s_(timeout_s), warn_after_s_(warn_after_s) {
+  DPSGS_CHECK_ARG(parent != MPI_COMM_NULL, "NcclCommunicator: got MPI_COMM_NULL");
+  // Collective connections made at init, not lazily at the first all-reduce of each
+  // algorithm: a lazy connect inside the issuing thread would stall every other NCCL call of
+  // the device until all peers reach that all-reduce. The user's own setting wins.
+  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
+  int prank = 0;
+  DPSGS_CHECK_MPI(MPI_Comm_rank(parent, &prank), prank, kNoPeer);
+  rank_ = prank;
+  int visible = cuda_device_count();
+  DPSGS_CHECK_ARG(device >= 0 && device < visible, "NcclCommunicator on rank ", prank, ": device ", device,
+                  " requested but ", visible, " CUDA device(s) are visible",
+                  visible == 0 ? " (no GPU or no driver on this host)" : "");
+  // An Ibarrier with a deadline first: MPI_Comm_dup would block forever if a rank never comes.
+  MPI_Request req;
+  DPSGS_CHECK_MPI(MPI_Ibarrier(parent, &req), prank, kNoPeer);
+  poll_mpi_request(&req, prank, kNoPeer, timeout_s_, warn_after_s_, [&] {
+    return str_cat("rank ", prank, ": NcclCommunicator construction (some rank did not create its NcclCommunicator)");
+  });
+  MPI_Comm dup = MPI_COMM_NULL;
+  DPSGS_CHECK_MPI(MPI_Comm_dup(parent, &dup), prank, kNoPeer);
+  init_mpi(dup);
+  name_ = str_cat("dpsgs-", size_, "ranks");
+  issuer_ = DeviceIssuer::for_device(device_);
+  stream_ = std::make_unique<CudaStream>(device_, rank_);
+
+  ncclUniqueId id{};
+  if (rank_ == 0) DPSGS_CHECK_NCCL(ncclGetUniqueId(&id), nullptr, rank_, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Ibcast(&id, sizeof(id), MPI_BYTE, 0, mpi_, &req), rank_, 0);
+  poll_mpi_request(&req, rank_, 0, timeout_s_, warn_after_s_,
+                   [&] { return str_cat("rank ", rank_, ": MPI_Ibcast of the NCCL unique id from rank 0"); });
+
+  ncclComm_t comm = nullptr;
+  ncclConfig_t config = nccl_config(name_.c_str());
+  issuer_->run([&] {
+    DPSGS_CHECK_NCCL(ncclCommInitRankConfig(&comm, size_, id, rank_, &config), nullptr, rank_, kNoPeer);
+  });
+  handle_ = std::make_shared<NcclHandle>(comm, rank_, name_, timeout_s_, warn_after_s_);
+  handle_->settle("ncclCommInitRankConfig", kNoPeer);
+
+  DeviceGuard guard(device_);
+  DPSGS_CHECK_CUDA(cudaMalloc(&scratch_, kScratchBytes), rank_, kNoPeer);
+  DPSGS_CHECK_CUDA(cudaMemset(scratch_, 0, kScratchBytes), rank_, kNoPeer);
+}
+
+NcclCommunicator::NcclCommunicator(SplitTag, MPI_Comm mpi, int device, double timeout_s, double warn_after_s,
+                                   std::shared_ptr<DeviceIssuer> issuer, ncclComm_t comm, std::string name)
+    : device_(device), timeout_s_(timeout_s), warn_after_s_(warn_after_s), name_(std::move(name)),
+      issuer_(std::move(issuer)) {
+  init_mpi(mpi);
+  stream_ = std::make_unique<CudaStream>(device_, rank_);
+  handle_ = std::make_shared<NcclHandle>(comm, rank_, name_, timeout_s_, warn_after_s_);
+  DeviceGuard guard(device_);
+  DPSGS_CHECK_CUDA(cudaMalloc(&scratch_, kScratchBytes), rank_, kNoPeer);
+  DPSGS_CHECK_CUDA(cudaMemset(scratch_, 0, kScratchBytes), rank_, kNoPeer);
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  // Release our NCCL handle on the issuer so its finalize is ordered after every queued call
+  // (works still holding the handle keep it alive; the last one finalizes it). Queued, not
+  // awaited: this may run with the GIL held, which a queued task may need.
+  if (issuer_ && handle_) {
+    try {
+      issuer_->submit([h = std::move(handle_)]() mutable { h.reset(); });
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "[dpsgs] rank %d: closing NcclCommunicator %s: %s\n", rank_, name_.c_str(), e.what());
+    }
+  }
+  if (scratch_ != nullptr) {
+    cudaError_t rc = cudaFree(scratch_);
+    if (rc != cudaSuccess && rc != cudaErrorCudartUnloading)
+      std::fprintf(stderr, "[dpsgs] rank %d: cudaFree failed: %s\n", rank_, cudaGetErrorString(rc));
+  }
+  if (mpi_ != MPI_COMM_NULL && mpi_alive()) MPI_Comm_free(&mpi_);
+}
+
+std::shared_ptr<NcclCommunicator> NcclCommunicator::split(int color, int key) {
+  MPI_Request req;
+  DPSGS_CHECK_MPI(MPI_Ibarrier(mpi_, &req), rank_, kNoPeer);
+  poll_mpi_request(&req, rank_, kNoPeer, timeout_s_, warn_after_s_,
+                   [&] { return str_cat("rank ", rank_, ": NcclCommunicator.split (some rank did not call it)"); });
+  MPI_Comm child_mpi = MPI_COMM_NULL;
+  DPSGS_CHECK_MPI(MPI_Comm_split(mpi_, color < 0 ? MPI_UNDEFINED : color, key, &child_mpi), rank_, kNoPeer);
+  // The parent must be idle: finish what its stream still runs before the collective split.
+  synchronize();
+  std::string child_name = str_cat(name_, "/", color < 0 ? std::string("none") : std::to_string(color));
+  ncclComm_t child = nullptr;
+  ncclConfig_t config = nccl_config(child_name.c_str());
+  issuer_->run([&] {
+    DPSGS_CHECK_NCCL(ncclCommSplit(handle_->get(), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, &config),
+                     handle_->get(), rank_, kNoPeer);
+  });
+  handle_->settle("ncclCommSplit", kNoPeer);
+  if (color < 0 || child == nullptr) {
+    if (child_mpi != MPI_COMM_NULL) MPI_Comm_free(&child_mpi);
+    return nullptr;
+  }
+  auto sub = std::make_shared<NcclCommunicator>(SplitTag{}, child_mpi, device_, timeout_s_, warn_after_s_,
+                                                issuer_, child, child_name);
+  sub->handle_->settle("ncclCommSplit (new communicator)", kNoPeer);
+  return sub;
+}
+
+void NcclCommunicator::add_pending(PendingConnect p) {
+  std::lock_guard<std::mutex> lock(mu_);
+  pending_.push_back(std::move(p));
+}
+
+void NcclCommunicator::connect() {
+  std::vector<PendingConnect> pending;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending.swap(pending_);
+  }
+  DPSGS_CHECK_ARG(64 + 8 * pending.size() <= kScratchBytes, "NcclCommunicator.connect on rank ", rank_,
+                  ": ", pending.size(), " new channels at once; at most ", (kScratchBytes - 64) / 8);
+  // Every rank is inside connect() now, so each channel's 2-rank init can complete.
+  for (auto& p : pending) p.handle->settle("ncclCommInitRankConfig (channel)", p.peer);
+  bool warm_collective = !connected_ && size_ > 1;
+  if (!warm_collective && pending.empty()) {
+    connected_ = true;
+    return;
+  }
+  char* scratch = static_cast<char*>(scratch_);
+  issuer_->run([&] {
+    DPSGS_CHECK_NCCL(ncclGroupStart(), nullptr, rank_, kNoPeer);
+    // A failed call inside the group must still close it, or every later NCCL call of this
+    // thread would be swallowed by the open group.
+    struct GroupCloser {
+      bool open = true;
+      ~GroupCloser() {
+        if (open) ncclGroupEnd();
+      }
+    } closer;
+    if (warm_collective)
+      DPSGS_CHECK_NCCL(ncclAllReduce(scratch, scratch, 1, ncclFloat32, ncclSum, handle_->get(), stream_->get()),
+                       handle_->get(), rank_, kNoPeer);
+    for (size_t i = 0; i < pending.size(); ++i) {
+      auto& p = pending[i];
+      char* byte = scratch + 64 + 8 * i;
+      if (p.is_sender)
+        DPSGS_CHECK_NCCL(ncclSend(byte, 1, ncclUint8, 1, p.handle->get(), p.stream->get()), p.handle->get(), rank_, p.peer);
+      else
+        DPSGS_CHECK_NCCL(ncclRecv(byte, 1, ncclUint8, 0, p.handle->get(), p.stream->get()), p.handle->get(), rank_, p.peer);
+    }
+    closer.open = false;
+    DPSGS_CHECK_NCCL(ncclGroupEnd(), nullptr, rank_, kNoPeer);
+    // A non-blocking group is launched once every communicator in it has settled.
+    if (warm_collective) handle_->settle("ncclGroupEnd (connect: all-reduce warm-up)", kNoPeer);
+    for (auto& p : pending) p.handle->settle("ncclGroupEnd (connect: p2p warm-up)", p.peer);
+    for (auto& p : pending) p.on_connected();
+  });
+  if (warm_collective) poll_stream(stream_->get(), *handle_, "connect (all-reduce warm-up)", kNoPeer);
+  for (auto& p : pending) poll_stream(p.stream->get(), *p.handle, "connect (p2p warm-up)", p.peer);
+  connected_ = true;
+}
+
+void NcclCommunicator::synchronize() { poll_stream(stream_->get(), *handle_, "synchronize", kNoPeer); }
+
+void NcclCommunicator::abort(const std::string& why) noexcept {
+  if (handle_) handle_->abort(why);
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& p : pending_) p.handle->abort(why);
+}
+
+}  // namespace dpsgs

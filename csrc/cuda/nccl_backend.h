@@ -1,0 +1,108 @@
+// NCCL backend entry: NcclCommunicator (bootstrap over MPI, split, connect) and version info.
+//
+// build_info(): module.cc's nccl_version()/cuda_version() (declared in bindings/nccl_bindings.h,
+// defined in nccl_bindings.cc) return nccl_version_string() -- the libnccl actually loaded,
+// e.g. "2.32.3" -- and cuda_runtime_version_string().
+#pragma once
+
+#include <mpi.h>
+#include <nccl.h>
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_stream.h"
+#include "cuda/device_issuer.h"
+#include "cuda/nccl_handle.h"
+
+namespace dpsgs {
+
+std::string nccl_version_string();          // ncclGetVersion of the loaded library, "2.32.3"
+std::string nccl_header_version_string();   // NCCL_VERSION_CODE the extension was compiled with
+std::string cuda_runtime_version_string();  // cudaRuntimeGetVersion, "13.0"; "" if unavailable
+int cuda_device_count();                    // 0 when no driver / no GPU (never throws)
+
+// Polls an MPI request (politely, with a deadline); `what` names it in the timeout error.
+void poll_mpi_request(MPI_Request* req, int rank, int peer, double timeout_s, double warn_after_s,
+                      const std::function<std::string()>& what);
+
+// One p2p connection waiting for NcclCommunicator::connect() (registered by NcclChannel).
+struct PendingConnect {
+  std::shared_ptr<NcclHandle> handle;   // the channel's own 2-rank communicator
+  int peer;                             // rank of the other end in the NcclCommunicator
+  bool is_sender;
+  std::shared_ptr<CudaStream> stream;   // the channel's stream
+  std::function<void()> on_connected;   // run on the issuer after the warm-up is issued
+};
+
+// A NCCL communicator over the ranks of an MPI communicator, one GPU per rank.
+//
+// Bootstrap (collective over `parent`): rank 0 calls ncclGetUniqueId, MPI_Bcast sends it,
+// every rank calls ncclCommInitRankConfig (non-blocking) and settles it with a deadline.
+// split() is ncclCommSplit (collective, parent settled first) plus MPI_Comm_split of the
+// MPI duplicate, so stage and pipeline groups exist on both backends. The MPI duplicate
+// (MPI_ERRORS_RETURN) carries this backend's bootstrap and channel headers only.
+//
+// All NCCL calls go through the device's single DeviceIssuer (see device_issuer.h).
+// connect() warms up in ONE NCCL group every connection this rank will use: its all-reduce
+// and the p2p connection of every channel created on it so far. NCCL connects p2p lazily
+// on first use and a first send blocks until the peer's first recv; doing all of them at one
+// collective point keeps that rendezvous from deadlocking against other traffic.
+class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
+ public:
+  NcclCommunicator(MPI_Comm parent, int device, double timeout_s, double warn_after_s);
+  ~NcclCommunicator();  // never throws
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int device() const { return device_; }
+  double timeout() const { return timeout_s_; }
+  double warn_after() const { return warn_after_s_; }
+  MPI_Comm mpi() const { return mpi_; }
+  const std::shared_ptr<NcclHandle>& handle() const { return handle_; }
+  DeviceIssuer& issuer() const { return *issuer_; }
+  cudaStream_t stream() const { return stream_->get(); }  // the collectives' stream
+  bool connected() const { return connected_; }
+
+  // Collective over this communicator. color < 0: this rank joins no group (nullptr).
+  std::shared_ptr<NcclCommunicator> split(int color, int key);
+  // Collective over this communicator; see the class comment. Call after creating every
+  // channel on it and before the first send/recv/allreduce. Idempotent per new channel set.
+  void connect();
+  // Blocks until every operation issued on the collectives' stream so far has completed.
+  void synchronize();
+
+  void add_pending(PendingConnect p);
+  // Aborts every NCCL communicator of this object (bounded); for error paths.
+  void abort(const std::string& why) noexcept;
+
+ private:
+  struct SplitTag {};
+
+ public:
+  // Used by split(): adopts an already created (still settling) communicator.
+  NcclCommunicator(SplitTag, MPI_Comm mpi, int device, double timeout_s, double warn_after_s,
+                   std::shared_ptr<DeviceIssuer> issuer, ncclComm_t comm, std::string name);
+
+ private:
+  void init_mpi(MPI_Comm mpi);
+
+  MPI_Comm mpi_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1, device_;
+  double timeout_s_, warn_after_s_;
+  std::string name_;
+  std::shared_ptr<DeviceIssuer> issuer_;
+  std::unique_ptr<CudaStream> stream_;
+  std::shared_ptr<NcclHandle> handle_;
+  void* scratch_ = nullptr;  // device bytes for warm-up transfers
+  bool connected_ = false;
+  std::mutex mu_;
+  std::vector<PendingConnect> pending_;
+};
+
+}  // namespace dpsgs

@@ -1,0 +1,237 @@
+// NcclChannel: device-memory channel, MPI header + ncclSend/ncclRecv payload (see nccl_channel.h).
+#include "cuda/nccl_channel.h"
+
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "common/error.h"
+#include "cuda/cuda_check.h"
+
+namespace dpsgs {
+
+namespace {
+constexpr uint32_t kMagic = 0x4e43434cu;  // "NCCL"
+
+std::string shape_str(const int64_t* shape, int ndim) {
+  std::string s = "(";
+  for (int i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (ndim == 1 ? ",)" : ")");
+}
+
+bool mpi_alive() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  return init && !fin;
+}
+}  // namespace
+
+NcclChannel::NcclChannel(std::shared_ptr<NcclCommunicator> comm, int peer, int tag, bool is_sender,
+                         std::string name)
+    : comm_(std::move(comm)), peer_(peer), tag_(tag), is_sender_(is_sender), name_(std::move(name)) {
+  DPSGS_CHECK_ARG(comm_ != nullptr, "NcclChannel: communicator is None");
+  rank_ = comm_->rank();
+  device_ = comm_->device();
+  DPSGS_CHECK_ARG(peer >= 0 && peer < comm_->size() && peer != rank_, "NcclChannel '", name_, "' on rank ", rank_,
+                  ": peer ", peer, " is not another rank of a communicator of size ", comm_->size());
+  void* ub = nullptr;
+  int flag = 0;
+  DPSGS_CHECK_MPI(MPI_Comm_get_attr(comm_->mpi(), MPI_TAG_UB, &ub, &flag), rank_, peer_);
+  int max_tag = flag ? *static_cast<int*>(ub) : 32767;
+  DPSGS_CHECK_ARG(tag >= 0 && tag <= max_tag, "NcclChannel '", name_, "' on rank ", rank_, ": tag ", tag,
+                  " outside [0, ", max_tag, "]");
+  pair_name_ = str_cat("dpsgs-chan-", name_, "-", is_sender_ ? rank_ : peer_, "to", is_sender_ ? peer_ : rank_);
+  double timeout = comm_->timeout(), warn = comm_->warn_after();
+
+  // Point-to-point bootstrap of the channel's own communicator. The sender never waits here;
+  // the receiver waits only for the sender's constructor.
+  if (is_sender_) {
+    DPSGS_CHECK_NCCL(ncclGetUniqueId(&id_), nullptr, rank_, peer_);
+    DPSGS_CHECK_MPI(MPI_Isend(&id_, sizeof(id_), MPI_BYTE, peer_, tag_, comm_->mpi(), &id_req_), rank_, peer_);
+  } else {
+    MPI_Request req;
+    DPSGS_CHECK_MPI(MPI_Irecv(&id_, sizeof(id_), MPI_BYTE, peer_, tag_, comm_->mpi(), &req), rank_, peer_);
+    poll_mpi_request(&req, rank_, peer_, timeout, warn, [&] {
+      return str_cat("rank ", rank_, ": ", describe_end(), " construction (waiting for the sender, rank ", peer_,
+                     ", to construct its end)");
+    });
+  }
+  ncclComm_t pair = nullptr;
+  ncclConfig_t config = nccl_config(pair_name_.c_str());
+  comm_->issuer().run([&] {
+    DPSGS_CHECK_NCCL(ncclCommInitRankConfig(&pair, 2, id_, is_sender_ ? 0 : 1, &config), nullptr, rank_, peer_);
+  });
+  handle_ = std::make_shared<NcclHandle>(pair, rank_, pair_name_, timeout, warn);
+  stream_ = std::make_shared<CudaStream>(device_, rank_);
+  connected_ = std::make_shared<std::atomic<bool>>(false);
+  comm_->add_pending(PendingConnect{handle_, peer_, is_sender_, stream_,
+                                    [flag = connected_] { flag->store(true); }});
+  if (!is_sender_) {
+    post_header(0);
+    post_header(1);
+  }
+}
+
+NcclChannel::~NcclChannel() {
+  size_t unfinished = 0;
+  try {
+    for (auto& w : inflight_)
+      if (!w->is_completed()) ++unfinished;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[dpsgs] rank %d: %s closed after a failed send: %s\n", rank_, describe_end().c_str(),
+                 e.what());
+  }
+  if (unfinished > 0)
+    std::fprintf(stderr, "[dpsgs] rank %d: %s closed with %zu sends still in flight (their buffers stay alive "
+                 "until they complete)\n", rank_, describe_end().c_str(), unfinished);
+  if (mpi_alive()) {
+    // Pre-posted header receives nobody will match, and the sender's finished Isends.
+    for (auto& r : hreq_) {
+      if (r == MPI_REQUEST_NULL) continue;
+      if (!is_sender_) MPI_Cancel(&r);
+      MPI_Request_free(&r);
+    }
+    if (id_req_ != MPI_REQUEST_NULL) MPI_Request_free(&id_req_);
+  }
+  // Drop our handle on the issuer so its finalize is ordered after every queued call; queued,
+  // not awaited (this may run with the GIL held, which a queued task may need).
+  try {
+    comm_->issuer().submit([h = std::move(handle_)]() mutable { h.reset(); });
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[dpsgs] rank %d: closing %s: %s\n", rank_, describe_end().c_str(), e.what());
+  }
+}
+
+std::string NcclChannel::describe_end() const {
+  int src = is_sender_ ? rank_ : peer_, dst = is_sender_ ? peer_ : rank_;
+  return str_cat("NcclChannel '", name_, "' (rank ", src, " -> rank ", dst, ", tag ", tag_, ")");
+}
+
+std::string NcclChannel::op_name(const char* op, uint64_t seq) const {
+  return str_cat("rank ", rank_, ": ", describe_end(), " ", op, " #", seq, is_sender_ ? " to rank " : " from rank ",
+                 peer_);
+}
+
+void NcclChannel::check_buffer(const Buffer& b, const char* op) const {
+  DPSGS_CHECK_ARG(b.device == Device::CUDA, describe_end(), ": ", op, " of a host buffer over the NCCL channel "
+                  "(use the MPI Channel for host memory)");
+  DPSGS_CHECK_ARG(b.device_index == device_, describe_end(), ": ", op, " of a buffer on cuda:", b.device_index,
+                  " but this rank's NCCL communicator uses cuda:", device_);
+  DPSGS_CHECK_ARG(b.shape.size() <= size_t(kNcclMaxDims), describe_end(), ": ", b.shape.size(),
+                  " dimensions; at most ", kNcclMaxDims);
+  DPSGS_CHECK_ARG(connected_->load(), describe_end(), ": ", op, " before NcclCommunicator.connect(); call "
+                  "connect() on every rank after creating the channels");
+}
+
+void NcclChannel::post_header(int slot) {
+  DPSGS_CHECK_MPI(MPI_Irecv(&headers_[slot], sizeof(NcclHeader), MPI_BYTE, peer_, tag_, comm_->mpi(), &hreq_[slot]),
+                  rank_, peer_);
+}
+
+int NcclChannel::in_flight() {
+  while (!inflight_.empty() && inflight_.front()->is_completed()) inflight_.pop_front();
+  return static_cast<int>(inflight_.size());
+}
+
+std::shared_ptr<NcclWork> NcclChannel::issue(const char* op, uint64_t seq, uintptr_t producer, Owner owner,
+                                             std::function<ncclResult_t(ncclComm_t, cudaStream_t)> call,
+                                             const char* call_name) {
+  auto work = std::make_shared<NcclWork>(op_name(op, seq), handle_, device_, peer_, std::move(owner));
+  auto ready = std::make_shared<CudaEvent>(device_, rank_);
+  {
+    DeviceGuard guard(device_);
+    ready->record(reinterpret_cast<cudaStream_t>(producer), rank_, peer_);
+  }
+  comm_->issuer().submit([handle = handle_, stream = stream_, work, ready, call = std::move(call), call_name,
+                          rank = rank_, peer = peer_] {
+    try {
+      DPSGS_CHECK_CUDA(cudaStreamWaitEvent(stream->get(), ready->get(), 0), rank, peer);
+      ncclResult_t rc = call(handle->get(), stream->get());
+      if (rc != ncclSuccess && rc != ncclInProgress)
+        DPSGS_THROW_CALL("NCCL", call_name, rank, peer, nccl_error_text(rc, handle->get()));
+      handle->settle(call_name, peer);
+      work->done_event().record(stream->get(), rank, peer);
+      work->mark_issued();
+    } catch (...) {
+      work->set_error(std::current_exception());
+    }
+  });
+  return work;
+}
+
+std::shared_ptr<NcclWork> NcclChannel::send(const Buffer& src, Owner owner) {
+  DPSGS_CHECK_ARG(is_sender_, describe_end(), ": send() called on the receiving end (rank ", rank_, ")");
+  check_buffer(src, "send");
+  // The bound: a third send waits for the oldest one.
+  while (in_flight() >= 2) inflight_.front()->wait();
+  if (id_req_ != MPI_REQUEST_NULL)
+    poll_mpi_request(&id_req_, rank_, peer_, comm_->timeout(), comm_->warn_after(),
+                     [&] { return op_name("send (unique id)", sent_); });
+  uint64_t seq = sent_;
+  int slot = static_cast<int>(seq % 2);
+  // The header sent two messages ago left this slot long ago (its payload has completed).
+  if (hreq_[slot] != MPI_REQUEST_NULL)
+    poll_mpi_request(&hreq_[slot], rank_, peer_, comm_->timeout(), comm_->warn_after(),
+                     [&] { return op_name("send header", seq - 2); });
+  NcclHeader& h = headers_[slot];
+  std::memset(&h, 0, sizeof(h));
+  h.magic = kMagic;
+  h.dtype = static_cast<int32_t>(src.dtype);
+  h.seq = seq;
+  h.ndim = static_cast<int32_t>(src.shape.size());
+  h.nbytes = src.bytes;
+  for (size_t i = 0; i < src.shape.size(); ++i) h.shape[i] = src.shape[i];
+  DPSGS_CHECK_MPI(MPI_Isend(&h, sizeof(h), MPI_BYTE, peer_, tag_, comm_->mpi(), &hreq_[slot]), rank_, peer_);
+  ++sent_;
+  if (src.bytes == 0) {
+    auto work = std::make_shared<NcclWork>(op_name("send", seq), handle_, device_, peer_, std::move(owner));
+    work->mark_trivial();
+    return work;
+  }
+  // Raw bytes: byte-exact for every dtype (bool and bfloat16 included), no reduction involved.
+  void* ptr = src.ptr;
+  size_t bytes = src.bytes;
+  auto work = issue("send", seq, src.stream, std::move(owner),
+                    [ptr, bytes](ncclComm_t c, cudaStream_t s) { return ncclSend(ptr, bytes, ncclUint8, 1, c, s); },
+                    "ncclSend");
+  inflight_.push_back(work);
+  return work;
+}
+
+std::shared_ptr<NcclWork> NcclChannel::recv_into(const Buffer& dst, Owner owner) {
+  DPSGS_CHECK_ARG(!is_sender_, describe_end(), ": recv() called on the sending end (rank ", rank_, ")");
+  check_buffer(dst, "recv");
+  uint64_t seq = received_;
+  int slot = static_cast<int>(seq % 2);
+  poll_mpi_request(&hreq_[slot], rank_, peer_, comm_->timeout(), comm_->warn_after(),
+                   [&] { return op_name("recv header", seq); });
+  NcclHeader h = headers_[slot];
+  DPSGS_CHECK_ARG(h.magic == kMagic && h.ndim >= 0 && h.ndim <= kNcclMaxDims && valid_dtype_code(h.dtype),
+                  describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+                  ": malformed header (is the peer using the MPI Channel with the same tag?)");
+  DPSGS_CHECK_ARG(h.seq == seq, describe_end(), " on rank ", rank_, ": expected message #", seq, " from rank ",
+                  peer_, " but received #", h.seq);
+  std::vector<int64_t> shape(h.shape, h.shape + h.ndim);
+  DType dt = static_cast<DType>(h.dtype);
+  if (dt != dst.dtype || shape != dst.shape || h.nbytes != dst.bytes) {
+    throw ValueError(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+                             ": expected dtype ", dtype_name(dst.dtype), " shape ", dst.shape_string(),
+                             " but received dtype ", dtype_name(dt), " shape ", shape_str(h.shape, h.ndim)));
+  }
+  post_header(slot);  // for message seq + 2
+  ++received_;
+  if (h.nbytes == 0) {
+    auto work = std::make_shared<NcclWork>(op_name("recv", seq), handle_, device_, peer_, std::move(owner));
+    work->mark_trivial();
+    return work;
+  }
+  void* ptr = dst.ptr;
+  size_t bytes = dst.bytes;
+  return issue("recv", seq, dst.stream, std::move(owner),
+               [ptr, bytes](ncclComm_t c, cudaStream_t s) { return ncclRecv(ptr, bytes, ncclUint8, 0, c, s); },
+               "ncclRecv");
+}
+
+}  // namespace dpsgs

@@ -1,0 +1,67 @@
+// NcclWork: polling completion of one NCCL operation with async-error checks (see nccl_work.h).
+#include "cuda/nccl_work.h"
+
+#include "common/backoff.h"
+#include "cuda/cuda_check.h"
+
+namespace dpsgs {
+
+NcclWork::NcclWork(std::string what, std::shared_ptr<NcclHandle> handle, int device, int peer, Owner owner)
+    : Work(handle->timeout(), handle->warn_after()),
+      what_(std::move(what)),
+      handle_(std::move(handle)),
+      device_(device),
+      peer_(peer),
+      owner_(std::move(owner)),
+      done_(std::make_unique<CudaEvent>(device, handle_->rank())) {}
+
+void NcclWork::set_error(std::exception_ptr e) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    error_ = std::move(e);
+  }
+  failed_.store(true, std::memory_order_release);
+}
+
+bool NcclWork::issued() {
+  if (failed_.load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::rethrow_exception(error_);
+  }
+  return issued_.load(std::memory_order_acquire);
+}
+
+bool NcclWork::is_completed() {
+  if (!issued()) return false;
+  if (trivial_) return true;
+  if (done_->query(handle_->rank(), peer_)) return true;
+  // Still running: a network failure shows up only here, never as a completed event.
+  handle_->check_async(what_.c_str(), peer_);
+  return false;
+}
+
+void NcclWork::wait(double timeout_s) {
+  try {
+    Work::wait(timeout_s);
+  } catch (const CommTimeout&) {
+    handle_->abort(what_ + " timed out");
+    throw;
+  }
+}
+
+void NcclWork::wait_stream(uintptr_t stream, double timeout_s) {
+  double t = timeout_s < 0 ? timeout_s_ : timeout_s;
+  try {
+    poll_until([this] { return issued(); }, t, warn_after_s_,
+               [this] { return what_ + " (waiting for the issuing thread to issue it)"; });
+  } catch (const CommTimeout&) {
+    handle_->abort(what_ + " was not issued in time");
+    throw;
+  }
+  if (trivial_) return;
+  DeviceGuard guard(device_);
+  DPSGS_CHECK_CUDA(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), done_->get(), 0),
+                   handle_->rank(), peer_);
+}
+
+}  // namespace dpsgs

@@ -1,0 +1,204 @@
+"""GPU choice per rank and the one-rank-per-GPU check, done before NCCL initialises.
+
+Device = local rank (from the launcher's environment, else from an allgather of host names,
+as nccl-tests does) modulo the GPUs visible to the process. Two ranks on one GPU make NCCL
+fail ("Duplicate GPU detected") or, from 2.30, hang; so every rank allgathers (host, GPU
+identity) first and all raise the same `SharedGPUError` naming both ranks and the GPU.
+
+The mapping and the duplicate detection are pure functions (tested without a GPU);
+`select_device` is the collective that feeds them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LOCAL_RANK_VARS", "DeviceChoice", "GpuSlot", "SharedGPUError", "check_unique_gpus",
+           "device_for", "find_shared_gpus", "gpu_identity", "local_rank_from_env",
+           "local_rank_from_hosts", "physical_gpu_id", "select_device", "visible_gpu_count"]
+
+# MPICH/Hydra, Open MPI, Slurm: the launcher's own count of this process on its node.
+LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+
+
+class SharedGPUError(ValueError):
+    """Two or more ranks were mapped to one GPU."""
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    """Where one rank runs: its rank, host, CUDA ordinal and a GPU identity (UUID if known)."""
+
+    rank: int
+    host: str
+    device: int
+    gpu: str
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: int        # CUDA ordinal in this process (after CUDA_VISIBLE_DEVICES)
+    local_rank: int
+    host: str
+    gpu: str           # identity used for the duplicate check
+    source: str        # where local_rank came from: an env variable name or "hostnames"
+
+
+def local_rank_from_env(env: Mapping[str, str]) -> tuple[int, str] | None:
+    """(local rank, variable name) from the first launcher variable set, else None."""
+    for var in LOCAL_RANK_VARS:
+        value = env.get(var, "").strip()
+        if value:
+            try:
+                rank = int(value)
+            except ValueError:
+                raise ValueError(f"{var}={value!r} is not an integer local rank") from None
+            if rank < 0:
+                raise ValueError(f"{var}={value!r}: a local rank must be >= 0")
+            return rank, var
+    return None
+
+
+def local_rank_from_hosts(hosts: Sequence[str], rank: int) -> int:
+    """Position of `rank` among the ranks on the same host (hosts[i] = host name of rank i)."""
+    if not 0 <= rank < len(hosts):
+        raise ValueError(f"rank {rank} outside the {len(hosts)} gathered host names")
+    return sum(1 for h in hosts[:rank] if h == hosts[rank])
+
+
+def device_for(local_rank: int, visible: int) -> int:
+    """CUDA ordinal for a local rank: local_rank mod visible GPUs."""
+    if visible < 1:
+        raise ValueError("no CUDA device is visible to this process (check the driver, "
+                         "CUDA_VISIBLE_DEVICES and that the node has a GPU)")
+    if local_rank < 0:
+        raise ValueError(f"local rank must be >= 0, got {local_rank}")
+    return local_rank % visible
+
+
+def physical_gpu_id(device: int, cuda_visible_devices: str | None) -> str:
+    """The GPU an ordinal denotes when no UUID is available: the CUDA_VISIBLE_DEVICES entry
+    (an index or a UUID) when that variable is set, else the ordinal itself."""
+    if cuda_visible_devices is not None and cuda_visible_devices.strip():
+        entries = [e.strip() for e in cuda_visible_devices.split(",") if e.strip()]
+        if 0 <= device < len(entries):
+            return entries[device]
+    return str(device)
+
+
+def find_shared_gpus(slots: Sequence[GpuSlot]) -> list[tuple[GpuSlot, GpuSlot]]:
+    """Pairs (first rank on a GPU, another rank on the same GPU of the same host)."""
+    first: dict[tuple[str, str], GpuSlot] = {}
+    pairs = []
+    for slot in slots:
+        key = (slot.host, slot.gpu)
+        if key in first:
+            pairs.append((first[key], slot))
+        else:
+            first[key] = slot
+    return pairs
+
+
+def check_unique_gpus(slots: Sequence[GpuSlot], visible: Mapping[str, int] | None = None) -> None:
+    """Raise SharedGPUError naming every pair of ranks that share a GPU (and, per host, how
+    many ranks run there against how many GPUs are visible, when `visible` gives it)."""
+    pairs = find_shared_gpus(slots)
+    if not pairs:
+        return
+    lines = [f"rank {b.rank} and rank {a.rank} both map to GPU {a.gpu} (cuda:{a.device}) on host {a.host}"
+             for a, b in pairs]
+    ranks_per_host = Counter(s.host for s in slots)
+    hosts = sorted({a.host for a, _ in pairs})
+    for host in hosts:
+        gpus = f"{visible[host]} visible GPU(s)" if visible and host in visible else \
+            f"{len({s.gpu for s in slots if s.host == host})} distinct GPU(s) in use"
+        lines.append(f"host {host}: {ranks_per_host[host]} ranks, {gpus}")
+    raise SharedGPUError(
+        "two ranks on one GPU (NCCL cannot run two ranks of a communicator on one GPU):\n  "
+        + "\n  ".join(lines)
+        + "\nlaunch at most one rank per GPU on each host (e.g. mpirun -ppn <GPUs per node>), "
+          "or use the CPU/MPI backend")
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process can see (0 without a GPU or driver); never raises."""
+    try:
+        from . import _C
+
+        if hasattr(_C, "cuda_device_count"):
+            return int(_C.cuda_device_count())
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except ImportError:
+        pass
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - no cupy, no driver: no GPU
+        return 0
+
+
+def gpu_identity(device: int, env: Mapping[str, str] | None = None) -> str:
+    """A name for the physical GPU behind ordinal `device`: its UUID when torch or CuPy can
+    tell, else the CUDA_VISIBLE_DEVICES entry or the ordinal (see physical_gpu_id)."""
+    env = os.environ if env is None else env
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+            if uuid is not None:
+                return f"GPU-{uuid}"
+    except (ImportError, RuntimeError, AssertionError):
+        pass
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        raw = cupy.cuda.runtime.getDeviceProperties(device).get("uuid")
+        if raw:
+            return "GPU-" + bytes(raw).hex()
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
+    return physical_gpu_id(device, env.get("CUDA_VISIBLE_DEVICES"))
+
+
+def select_device(comm: Any = None, visible: int | None = None,
+                  env: Mapping[str, str] | None = None) -> DeviceChoice:
+    """Collective over `comm` (an mpi4py communicator; default COMM_WORLD): pick this rank's
+    GPU and check, on every rank alike, that no two ranks share one. Call before creating an
+    NcclCommunicator. Raises ValueError (SharedGPUError for sharing) on every rank."""
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    env = os.environ if env is None else env
+    host = socket.gethostname()
+    hosts = comm.allgather(host)
+    from_env = local_rank_from_env(env)
+    local, source = from_env if from_env else (local_rank_from_hosts(hosts, comm.Get_rank()), "hostnames")
+    count = visible_gpu_count() if visible is None else visible
+    error, device, gpu = None, -1, ""
+    try:
+        device = device_for(local, count)
+        gpu = gpu_identity(device, env)
+    except ValueError as e:
+        error = str(e)
+    # Everyone sees the same gathered list, so every rank raises the same error: no rank is
+    # left waiting in NCCL init for a peer that gave up.
+    gathered = comm.allgather((host, device, gpu, count, error))
+    failures = [f"rank {r} on {h}: {e}" for r, (h, _, _, _, e) in enumerate(gathered) if e]
+    if failures:
+        raise ValueError("cannot choose a GPU:\n  " + "\n  ".join(failures))
+    slots = [GpuSlot(r, h, d, g) for r, (h, d, g, _, _) in enumerate(gathered)]
+    check_unique_gpus(slots, visible={h: c for h, _, _, c, _ in gathered})
+    return DeviceChoice(device=device, local_rank=local, host=host, gpu=gpu, source=source)

@@ -1,0 +1,219 @@
+"""Python face of the NCCL backend: descriptors of torch CUDA tensors / CuPy arrays, and
+communicator, channel and all-reduce wrappers in the style of `dpsgs.comm`.
+
+Compiled, not run: no GPU was available where this was written (see docs/gpu.md).
+
+    from mpi4py import MPI
+    from dpsgs import nccl
+    ncomm = nccl.init(MPI.COMM_WORLD)                  # picks + checks the GPU, NCCL bootstrap
+    stage, pipe = nccl.split_grid(ncomm, stages=K)     # ncclCommSplit, the DESIGN §2 grid
+    out = nccl.TensorChannel(ncomm, peer=rank + 1, tag=1, is_sender=True, name="act")
+    for c in (ncomm, stage, pipe):                     # collective warm-up, after the channels
+        c.connect()
+    out.send(x)                                        # ordered after x's producer stream
+    y = back.recv(torch.float32, (64, 128))            # current stream waits for it on the GPU
+    nccl.TensorReducer(stage).allreduce(grad).wait()   # mean over the stage's replicas
+
+Every NCCL call of a device is issued by one C++ thread in call order, so every rank must
+make its channel and all-reduce calls in the same order (the schedule does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .device import select_device
+
+__all__ = ["DTYPE_CODES", "TensorChannel", "TensorReducer", "available", "describe", "init",
+           "split_grid"]
+
+# Stable codes of docs/api.md (carried in channel headers).
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3, "int32": 4, "int64": 5,
+               "uint8": 6, "int8": 7, "bool": 8}
+_TYPESTR_CODES = {"<f2": 0, "<f4": 2, "<f8": 3, "<i4": 4, "<i8": 5, "|u1": 6, "|i1": 7, "|b1": 8}
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when NCCL collectives can run here, else (False, the reason)."""
+    try:
+        from . import _C
+    except ImportError as e:
+        return False, f"dpsgs._C does not import: {e}"
+    if not _C.build_info().get("nccl"):
+        return False, "dpsgs._C was built without the NCCL backend (rebuild with DPSGS_CUDA=1)"
+    if _C.cuda_device_count() < 1:
+        return False, "no CUDA device is visible"
+    return True, ""
+
+
+def _torch_descriptor(t: Any, stream: int | None) -> tuple:
+    import torch
+
+    if not t.is_cuda:
+        raise ValueError(f"expected a CUDA tensor, got one on {t.device} (use dpsgs.comm for host tensors)")
+    if not t.is_contiguous():
+        raise ValueError(f"non-contiguous CUDA tensor of shape {tuple(t.shape)}; call .contiguous() first")
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in DTYPE_CODES:
+        raise ValueError(f"unsupported dtype {t.dtype}; supported: {', '.join(DTYPE_CODES)}")
+    if stream is None:
+        stream = torch.cuda.current_stream(t.device).cuda_stream
+    nbytes = t.numel() * t.element_size()
+    return (t.data_ptr(), nbytes, DTYPE_CODES[name], tuple(t.shape), t.device.index, int(stream))
+
+
+def _cai_descriptor(x: Any, stream: int | None) -> tuple:
+    cai = x.__cuda_array_interface__
+    typestr = cai["typestr"]
+    if typestr not in _TYPESTR_CODES:
+        raise ValueError(f"unsupported CUDA array type {typestr!r}")
+    shape = tuple(int(s) for s in cai["shape"])
+    itemsize = int(typestr[2:])
+    strides = cai.get("strides")
+    if strides is not None:
+        expect, ok = itemsize, True
+        for size, stride in zip(reversed(shape), reversed(strides)):
+            if size != 1 and stride != expect:
+                ok = False
+            expect *= size
+        if not ok and 0 not in shape:
+            raise ValueError(f"non-contiguous CUDA array of shape {shape}; make it contiguous first")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if stream is None:
+        # CAI v3: 1 = legacy default stream, 2 = per-thread default: equal to CUDA's own handles.
+        stream = cai.get("stream") or 0
+    device = getattr(getattr(x, "device", None), "id", -1)  # CuPy: .device.id; else locate the pointer
+    return (int(cai["data"][0]), numel * itemsize, _TYPESTR_CODES[typestr], shape, int(device), int(stream))
+
+
+def describe(x: Any, stream: int | None = None) -> tuple:
+    """(ptr, nbytes, dtype_code, shape, device, stream) of a contiguous torch CUDA tensor or a
+    __cuda_array_interface__ array (CuPy). `stream` defaults to the array library's current
+    stream: the one the producing kernels ran on, which the transfer is ordered after."""
+    if type(x).__module__.startswith("torch"):
+        return _torch_descriptor(x, stream)
+    if hasattr(x, "__cuda_array_interface__"):
+        return _cai_descriptor(x, stream)
+    raise ValueError(f"expected a torch CUDA tensor or a CUDA array, got {type(x).__name__}")
+
+
+def init(comm: Any = None, device: int | None = None, timeout: float = 300.0) -> Any:
+    """Collective: choose and check this rank's GPU (dpsgs.device.select_device, before NCCL
+    initialises), make it current for torch/CuPy, and create the NcclCommunicator over `comm`
+    (an mpi4py communicator, default COMM_WORLD; a dpsgs._C.Communicator needs `device`)."""
+    from . import _C
+
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(f"NCCL backend unavailable: {why}")
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    if device is None:
+        if not hasattr(comm, "allgather"):
+            raise ValueError("nccl.init: pass device= when comm is not an mpi4py communicator")
+        device = select_device(comm).device
+    _make_current(device)
+    return _C.NcclCommunicator(comm, device, timeout)
+
+
+def split_grid(world: Any, stages: int) -> tuple[Any, Any]:
+    """Collective: (stage communicator, pipeline communicator) of the K x N grid of DESIGN §2
+    (rank = replica*K + stage), both by ncclCommSplit of `world`."""
+    if world.size % stages:
+        raise ValueError(f"world size {world.size} is not a multiple of {stages} stages")
+    replica, stage = divmod(world.rank, stages)
+    return world.split(stage, replica), world.split(replica, stage)
+
+
+def _make_current(device: int) -> None:
+    """Make `device` current for the array libraries, so their allocations land on it."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device)
+    except ImportError:
+        pass
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        cupy.cuda.Device(device).use()
+    except ImportError:
+        pass
+
+
+def _current_stream(x: Any) -> int:
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch.cuda.current_stream(x.device).cuda_stream
+    import cupy  # type: ignore[import-not-found]
+
+    return cupy.cuda.get_current_stream().ptr
+
+
+class TensorChannel:
+    """One end of an NcclChannel for torch CUDA tensors or CuPy arrays.
+
+    send(x) returns a Work; x stays alive in the channel until its transfer completes.
+    recv(dtype, shape) allocates the result with torch on this communicator's device and makes
+    the current stream wait for the transfer (the host does not wait); recv_into(out) fills a
+    given array (torch or CuPy) the same way.
+    """
+
+    def __init__(self, comm: Any, peer: int, tag: int, is_sender: bool, name: str = "") -> None:
+        from . import _C
+
+        self.comm = comm
+        self._ch = _C.NcclChannel(comm, peer, tag, is_sender, name)
+
+    def send(self, x: Any) -> Any:
+        return self._ch.send(describe(x), x)
+
+    def recv_into(self, out: Any) -> Any:
+        work = self._ch.recv_into(describe(out), out)
+        work.wait_stream(_current_stream(out))
+        return out
+
+    def recv(self, dtype: Any, shape: tuple[int, ...]) -> Any:
+        import torch
+
+        out = torch.empty(shape, dtype=dtype, device=f"cuda:{self.comm.device}")
+        return self.recv_into(out)
+
+    @property
+    def in_flight(self) -> int:
+        return self._ch.in_flight
+
+    @property
+    def sent(self) -> int:
+        return self._ch.sent
+
+    @property
+    def received(self) -> int:
+        return self._ch.received
+
+    @property
+    def name(self) -> str:
+        return self._ch.name
+
+    @property
+    def raw(self) -> Any:
+        return self._ch
+
+
+class TensorReducer:
+    """Ordered, asynchronous in-place mean (ncclAvg) of CUDA tensors over a communicator.
+    Keep the returned Work until it completes: it keeps the tensor alive."""
+
+    def __init__(self, comm: Any) -> None:
+        from . import _C
+
+        self._r = _C.NcclReducer(comm)
+
+    def allreduce(self, x: Any, average: bool = True) -> Any:
+        return self._r.allreduce(describe(x), x, average)

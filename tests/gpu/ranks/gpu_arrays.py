@@ -1,0 +1,103 @@
+"""Device arrays for the GPU rank programs: torch CUDA when torch has CUDA, else CuPy.
+
+Every pattern is closed-form small integers, exact in every dtype (bfloat16 included), so a
+transfer or a mean can be checked for equality, not closeness.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Arrays", "pick"]
+
+
+class Arrays:
+    name = "?"
+    dtypes: list[str] = []
+
+    def pattern(self, shape: tuple[int, ...], dtype: str, salt: int) -> Any: ...
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any: ...
+    def equal(self, a: Any, b: Any) -> bool: ...
+    def side_stream(self) -> Any: ...   # context manager making a new stream current
+    def synchronize(self) -> None: ...
+
+
+class TorchArrays(Arrays):
+    name = "torch"
+    dtypes = ["float32", "float16", "bfloat16", "float64", "int32", "int64", "uint8", "int8", "bool"]
+
+    def __init__(self) -> None:
+        import torch
+
+        self.t = torch
+
+    def _dt(self, dtype: str) -> Any:
+        return getattr(self.t, dtype)
+
+    def pattern(self, shape, dtype, salt):
+        n = 1
+        for s in shape:
+            n *= s
+        base = (self.t.arange(n, device="cuda", dtype=self.t.int64) % 61) + (salt % 61)
+        if dtype == "bool":
+            return (base % 2 == 1).reshape(shape)
+        return base.to(self._dt(dtype)).reshape(shape)
+
+    def empty(self, shape, dtype):
+        return self.t.empty(shape, dtype=self._dt(dtype), device="cuda")
+
+    def equal(self, a, b):
+        return bool(self.t.equal(a, b))
+
+    def side_stream(self):
+        return self.t.cuda.stream(self.t.cuda.Stream())
+
+    def synchronize(self):
+        self.t.cuda.synchronize()
+
+
+class CupyArrays(Arrays):
+    name = "cupy"
+    dtypes = ["float32", "float16", "float64", "int32", "int64", "uint8", "int8", "bool"]  # no bfloat16
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.cp = cupy
+
+    def pattern(self, shape, dtype, salt):
+        n = 1
+        for s in shape:
+            n *= s
+        base = (self.cp.arange(n, dtype=self.cp.int64) % 61) + (salt % 61)
+        if dtype == "bool":
+            return (base % 2 == 1).reshape(shape)
+        return base.astype(dtype).reshape(shape)
+
+    def empty(self, shape, dtype):
+        return self.cp.empty(shape, dtype=dtype)
+
+    def equal(self, a, b):
+        return bool(self.cp.array_equal(a, b))
+
+    def side_stream(self):
+        return self.cp.cuda.Stream(non_blocking=True)
+
+    def synchronize(self):
+        self.cp.cuda.runtime.deviceSynchronize()
+
+
+def pick() -> Arrays:
+    """torch if it has CUDA, else CuPy; SystemExit with the reason when neither can."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return TorchArrays()
+    except ImportError:
+        pass
+    try:
+        return CupyArrays()
+    except ImportError:
+        raise SystemExit("no CUDA array library: torch is a CPU build and CuPy is missing "
+                         "(pip install cupy-cuda12x)") from None

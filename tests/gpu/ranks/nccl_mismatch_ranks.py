@@ -1,0 +1,45 @@
+"""2 ranks: a receiver expecting another shape/dtype gets a ValueError naming both ranks,
+the expected and the received shape, before any device memory is written.
+
+    mpirun -n 2 python -m mpi4py tests/gpu/ranks/nccl_mismatch_ranks.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from gpu_arrays import pick
+from mpi4py import MPI
+
+from dpsgs import nccl
+
+
+def main() -> None:
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    arr = pick()
+    ncomm = nccl.init(comm, timeout=60.0)
+    ch = nccl.TensorChannel(ncomm, 1 - rank, 7, rank == 0, "act s0->s1")
+    ncomm.connect()
+    ok = True
+    if rank == 0:
+        ch.send(arr.pattern((4, 8), "float32", salt=0))
+    else:
+        try:
+            ch.recv_into(arr.empty((4, 9), "float32"))
+            ok = False
+            print("rank 1: no error for a mismatched shape", flush=True)
+        except ValueError as e:
+            text = str(e)
+            print(f"rank 1: got ValueError: {text}", flush=True)
+            ok = all(s in text for s in ("rank 0", "rank 1", "(4, 9)", "(4, 8)"))
+    ok = comm.allreduce(ok, op=MPI.LAND)
+    print(f"rank {rank}: {'OK' if ok else 'FAIL'}", flush=True)
+    # The unmatched ncclSend can never finish: leave without finalizing NCCL.
+    sys.stdout.flush()
+    os._exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

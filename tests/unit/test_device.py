@@ -1,0 +1,123 @@
+"""Pure tests of GPU selection: local rank, device mapping, shared-GPU detection (no GPU, no MPI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpsgs.device import (GpuSlot, SharedGPUError, check_unique_gpus, device_for, find_shared_gpus,
+                          local_rank_from_env, local_rank_from_hosts, physical_gpu_id, select_device)
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({"MPI_LOCALRANKID": "3"}, (3, "MPI_LOCALRANKID")),
+    ({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}, (1, "OMPI_COMM_WORLD_LOCAL_RANK")),
+    ({"SLURM_LOCALID": "0"}, (0, "SLURM_LOCALID")),
+    ({"MPI_LOCALRANKID": "2", "SLURM_LOCALID": "5"}, (2, "MPI_LOCALRANKID")),  # launcher first
+    ({"MPI_LOCALRANKID": " ", "SLURM_LOCALID": "5"}, (5, "SLURM_LOCALID")),   # blank = unset
+    ({}, None),
+])
+def test_local_rank_from_env(env, expect):
+    assert local_rank_from_env(env) == expect
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1.5"])
+def test_local_rank_from_env_rejects_garbage(value):
+    with pytest.raises(ValueError, match="MPI_LOCALRANKID"):
+        local_rank_from_env({"MPI_LOCALRANKID": value})
+
+
+def test_local_rank_from_hosts():
+    hosts = ["a", "b", "a", "a", "b"]
+    assert [local_rank_from_hosts(hosts, r) for r in range(5)] == [0, 0, 1, 2, 1]
+    assert local_rank_from_hosts(["solo"], 0) == 0
+    with pytest.raises(ValueError):
+        local_rank_from_hosts(hosts, 5)
+
+
+@pytest.mark.parametrize("local, visible, device", [(0, 1, 0), (3, 4, 3), (5, 4, 1), (7, 8, 7), (2, 2, 0)])
+def test_device_for(local, visible, device):
+    assert device_for(local, visible) == device
+
+
+def test_device_for_without_gpu():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        device_for(0, 0)
+
+
+def test_physical_gpu_id():
+    assert physical_gpu_id(1, None) == "1"
+    assert physical_gpu_id(1, "") == "1"
+    assert physical_gpu_id(0, "3,2") == "3"
+    assert physical_gpu_id(1, "GPU-aa, GPU-bb") == "GPU-bb"
+    assert physical_gpu_id(5, "3,2") == "5"   # out of range: the ordinal, never a crash
+
+
+def _slots(layout):
+    return [GpuSlot(r, h, d, g) for r, (h, d, g) in enumerate(layout)]
+
+
+def test_unique_gpus_pass():
+    # 2 hosts x 2 GPUs, one rank each; the same ordinal on different hosts is fine.
+    check_unique_gpus(_slots([("a", 0, "U0"), ("a", 1, "U1"), ("b", 0, "U0"), ("b", 1, "U1")]))
+    check_unique_gpus(_slots([]))
+
+
+def test_find_shared_gpus_pairs():
+    slots = _slots([("a", 0, "U0"), ("a", 1, "U1"), ("a", 0, "U0"), ("a", 0, "U0")])
+    pairs = find_shared_gpus(slots)
+    assert [(x.rank, y.rank) for x, y in pairs] == [(0, 2), (0, 3)]
+
+
+def test_shared_gpu_error_names_both_ranks_and_gpu():
+    # 3 ranks on a 2-GPU host: local ranks 0,1,2 -> devices 0,1,0.
+    layout = [("node7", device_for(lr, 2), f"GPU-{device_for(lr, 2)}") for lr in range(3)]
+    with pytest.raises(SharedGPUError) as err:
+        check_unique_gpus(_slots(layout), visible={"node7": 2})
+    text = str(err.value)
+    assert "rank 2 and rank 0" in text and "GPU-0" in text and "node7" in text
+    assert "3 ranks, 2 visible GPU(s)" in text
+    assert isinstance(err.value, ValueError)
+
+
+def test_same_physical_gpu_under_different_ordinals():
+    # CUDA_VISIBLE_DEVICES=1 for rank 0 and =0,1 for rank 1: ordinals differ, the GPU does not.
+    slots = [GpuSlot(0, "h", 0, physical_gpu_id(0, "1")), GpuSlot(1, "h", 1, physical_gpu_id(1, "0,1"))]
+    with pytest.raises(SharedGPUError, match="rank 1 and rank 0"):
+        check_unique_gpus(slots)
+
+
+class _FakeComm:
+    """Stands in for an mpi4py communicator of `size` ranks whose allgathers are scripted."""
+
+    def __init__(self, rank, per_rank):
+        self.rank, self.per_rank, self.calls = rank, per_rank, 0
+
+    def Get_rank(self):
+        return self.rank
+
+    def allgather(self, value):
+        self.calls += 1
+        if self.calls == 1:  # host names
+            return [p[0] for p in self.per_rank]
+        out = list(self.per_rank)
+        out[self.rank] = value  # this rank's real answer
+        return [o if i == self.rank else o[1] for i, o in enumerate(out)]
+
+
+def test_select_device_single_rank_uses_env(monkeypatch):
+    import socket
+
+    host = socket.gethostname()
+    comm = _FakeComm(0, [(host, None)])
+    choice = select_device(comm, visible=4, env={"MPI_LOCALRANKID": "6", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert (choice.device, choice.local_rank, choice.source) == (2, 6, "MPI_LOCALRANKID")
+
+
+def test_select_device_raises_on_every_rank_when_one_has_no_gpu():
+    import socket
+
+    host = socket.gethostname()
+    other = ("other", -1, "", 0, "no CUDA device is visible to this process")
+    comm = _FakeComm(0, [(host, None), ("other", other)])
+    with pytest.raises(ValueError, match="rank 1 on other: no CUDA device"):
+        select_device(comm, visible=1, env={})
