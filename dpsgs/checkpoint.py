@@ -1,0 +1,314 @@
+"""Atomic, per-stage checkpoints: one shard per stage plus a manifest that is the commit point.
+
+Layout: RUN_DIR/checkpoints/TAG/{stage0.pt, ..., stage{K-1}.pt, manifest.json}.
+
+Save (collective over the job's communicator, every rank calls it at the same flush
+boundary): rank 0 invalidates an older manifest of the same tag; replica 0 of each stage
+writes its shard to a temporary file in the same folder, fsyncs it, renames it into place
+and fsyncs the folder; the shards' sizes and SHA-256 sums are gathered on rank 0, which
+then writes manifest.json the same way. A checkpoint without a manifest is incomplete and
+ignored, so a crash at any point of a save leaves the previous checkpoint loadable.
+Load: torch.load(weights_only=True) after checking the grid, the expected metadata
+(model, ...) and the shard's size and checksum, each with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpsgs import faults
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "complete_checkpoints", "prune_checkpoints", "read_manifest", "resolve_resume",
+           "MANIFEST"]
+
+MANIFEST = "manifest.json"
+_FORMAT = "dpsgs-checkpoint"
+_VERSION = 1
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, corrupt, or from another run shape."""
+
+
+def _shard_name(stage: int) -> str:
+    return f"stage{stage}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:   # some file systems cannot fsync a directory; the rename still holds
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """tmp file in the same folder, fsync, rename over `path`, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Refuse at save time what torch.load(weights_only=True) would refuse at resume time."""
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.Tensor,
+                                       torch.Size, torch.dtype, torch.device)):
+        return
+    if isinstance(obj, (dict, OrderedDict)):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"checkpoint: {where} has a key {k!r} of type "
+                                f"{type(k).__name__}; use str or int keys")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint: {where} is a {type(obj).__module__}.{type(obj).__name__}, "
+                    f"which torch.load(weights_only=True) refuses; store tensors, numbers, "
+                    f"strings, lists and dicts")
+
+
+def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
+                    stage_state: dict, meta: dict, comm: Any, keep: int | None = None) -> Path:
+    """Save this rank's part of checkpoint `tag`; returns the checkpoint folder.
+
+    Collective: every rank of `comm` (an mpi4py communicator whose rank r is grid rank r;
+    None for a one-rank grid) must call it in the same order. `stage_state` is what this
+    rank's stage needs to resume (only replica 0's is written: replicas are identical after
+    the all-reduce); `meta` (JSON: model, step, epoch, ...) goes into the manifest and is
+    checked on load. A failure on any rank raises CheckpointError on every rank. With
+    `keep`, rank 0 then deletes all but the `keep` newest complete checkpoints.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"save_checkpoint: keep must be >= 1 (or None: keep all), got {keep}")
+    if not _TAG.match(tag):
+        raise ValueError(f"checkpoint tag {tag!r}: use letters, digits, '.', '_', '-'")
+    stages, replicas = int(grid.stages), int(grid.replicas)
+    if comm is None and stages * replicas != 1:
+        raise ValueError(f"save_checkpoint: comm=None only for a 1x1 grid, got {stages}x{replicas}")
+    replica, stage = grid.coords(rank)
+    folder = Path(run_dir) / "checkpoints" / tag
+
+    def bcast(obj: Any) -> Any:
+        return obj if comm is None else comm.bcast(obj, root=0)
+
+    # 1. rank 0 makes the folder and un-commits an older save of the same tag.
+    status = None
+    if rank == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if (folder / MANIFEST).exists():
+                (folder / MANIFEST).unlink()
+                _fsync_dir(folder)
+        except OSError as e:
+            status = f"rank 0: cannot prepare {folder}: {e}"
+    status = bcast(status)
+    if status:
+        raise CheckpointError(f"checkpoint {tag!r} not saved: {status}")
+
+    # 2. replica 0 of each stage writes its shard.
+    info: dict[str, Any] | None = None
+    error = None
+    if replica == 0:
+        try:
+            _check_loadable(stage_state, "stage_state")
+            buf = io.BytesIO()
+            torch.save({"format": _FORMAT, "stage": stage, "stages": stages,
+                        "state": stage_state}, buf)
+            data = buf.getvalue()
+            _atomic_write(folder / _shard_name(stage), data)
+            info = {"stage": stage, "file": _shard_name(stage), "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest()}
+        except Exception as e:
+            error = f"rank {rank} (stage {stage}): {type(e).__name__}: {e}"
+    faults.fault_point("save", int(meta.get("step", 0) or 0), rank)  # tests: die mid-save
+
+    # 3. rank 0 commits once every shard is on disk.
+    reports = [(info, error)] if comm is None else comm.gather((info, error), root=0)
+    if rank == 0:
+        errors = [e for _, e in reports if e]
+        shards = sorted((i for i, _ in reports if i), key=lambda i: i["stage"])
+        if not errors and [s["stage"] for s in shards] != list(range(stages)):
+            errors = [f"got shards of stages {[s['stage'] for s in shards]}, "
+                      f"expected 0..{stages - 1}"]
+        if not errors:
+            try:
+                manifest = {"format": _FORMAT, "version": _VERSION, "tag": tag,
+                            "stages": stages, "replicas": replicas, "created": time.time(),
+                            "meta": meta, "shards": shards}
+                _atomic_write(folder / MANIFEST,
+                              (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+            except Exception as e:
+                errors = [f"rank 0: manifest: {type(e).__name__}: {e}"]
+        if not errors and keep is not None:
+            prune_checkpoints(run_dir, keep)
+        status = "; ".join(errors) or None
+    status = bcast(status)
+    if status:
+        raise CheckpointError(f"checkpoint {tag!r} in {folder} not saved: {status}")
+    return folder
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of checkpoint folder `path`; CheckpointError if missing or malformed."""
+    folder = Path(path)
+    file = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {str(folder)!r} does not exist")
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {str(folder)!r} is incomplete: no {MANIFEST} "
+                              f"(a save that did not finish); use --resume auto to pick the "
+                              f"latest complete one")
+    try:
+        manifest = json.loads(file.read_text())
+        if manifest.get("format") != _FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {_FORMAT!r}")
+        for key in ("stages", "replicas", "meta", "shards"):
+            if key not in manifest:
+                raise ValueError(f"missing key {key!r}")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint manifest {str(file)!r} is corrupt: {e}") from None
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike, grid: Any, stage: int,
+                    meta_expect: dict | None = None) -> dict:
+    """The stage_state that stage `stage` saved in checkpoint folder `path`.
+
+    Raises CheckpointError naming both sides when the checkpoint was written by another
+    K x N grid or with different metadata (each key of `meta_expect`, e.g. the model), and
+    naming the file when a shard is missing, truncated or corrupt.
+    """
+    folder = Path(path)
+    m = read_manifest(folder)
+    here = (int(grid.stages), int(grid.replicas))
+    saved = (m["stages"], m["replicas"])
+    if saved != here:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} was written by a {saved[0]}x{saved[1]} grid "
+            f"(K={saved[0]} stages x N={saved[1]} replicas); this run is {here[0]}x{here[1]} "
+            f"(K={here[0]} x N={here[1]}): resume with the same --stages/--replicas")
+    for key, want in (meta_expect or {}).items():
+        got = m["meta"].get(key)
+        if got != want:
+            raise CheckpointError(f"checkpoint {str(folder)!r} was saved with {key}={got!r}, "
+                                  f"this run has {key}={want!r}")
+    shard = next((s for s in m["shards"] if s.get("stage") == stage), None)
+    if shard is None:
+        raise CheckpointError(f"checkpoint {str(folder)!r}: manifest lists no shard for "
+                              f"stage {stage}")
+    file = folder / shard["file"]
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint shard {str(file)!r} is missing")
+    data = file.read_bytes()
+    if len(data) != shard["bytes"]:
+        raise CheckpointError(f"checkpoint shard {str(file)!r} is truncated or overwritten: "
+                              f"{len(data)} bytes, the manifest says {shard['bytes']}")
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise CheckpointError(f"checkpoint shard {str(file)!r} is corrupt: its SHA-256 "
+                              f"differs from the manifest's")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint shard {str(file)!r} cannot be loaded: "
+                              f"{type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict) or obj.get("stage") != stage or "state" not in obj:
+        raise CheckpointError(f"checkpoint shard {str(file)!r} does not hold stage {stage}")
+    return obj["state"]
+
+
+def _complete(folder: Path) -> dict | None:
+    """The manifest if `folder` is a complete checkpoint (shards present, sizes right)."""
+    try:
+        m = read_manifest(folder)
+        for s in m["shards"]:
+            if (folder / s["file"]).stat().st_size != s["bytes"]:
+                return None
+        return m
+    except (CheckpointError, OSError, KeyError, TypeError):
+        return None
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under RUN_DIR/checkpoints, oldest first (by meta step, then save
+    time). Incomplete or corrupt folders are left out."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found: list[tuple[tuple[float, float], Path]] = []
+    for folder in root.iterdir():
+        m = _complete(folder) if folder.is_dir() else None
+        if m is None:
+            continue
+        step = m["meta"].get("step") if isinstance(m["meta"], dict) else None
+        found.append(((float(step) if isinstance(step, (int, float)) else -1.0,
+                       float(m.get("created", 0.0))), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint under RUN_DIR/checkpoints; None when there is none."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest complete checkpoints (manifest first, so a deletion
+    cut short leaves an incomplete folder, never a wrong one); returns what was deleted."""
+    doomed = complete_checkpoints(run_dir)[:-keep] if keep > 0 else []
+    for folder in doomed:
+        (folder / MANIFEST).unlink()
+        _fsync_dir(folder)
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    return doomed
+
+
+def resolve_resume(resume: str | None, run_dir: str | os.PathLike | None) -> Path | None:
+    """Map --resume to a checkpoint folder: None -> None; "auto" -> the latest complete
+    checkpoint of run_dir (None if there is none yet: a fresh start); a checkpoint folder ->
+    itself; a run folder -> its latest checkpoint. Anything else -> CheckpointError."""
+    if not resume:
+        return None
+    if resume == "auto":
+        if run_dir is None:
+            raise CheckpointError("--resume auto needs --run-dir: the run folder to resume in")
+        return latest_checkpoint(run_dir)
+    p = Path(resume)
+    if (p / MANIFEST).is_file():
+        read_manifest(p)
+        return p
+    if (p / "checkpoints").is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise CheckpointError(f"--resume {resume}: run folder has no complete checkpoint")
+        return found
+    read_manifest(p)   # raises: missing folder or incomplete checkpoint
+    return p

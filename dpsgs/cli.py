@@ -1,0 +1,339 @@
+"""Command line: `python -m dpsgs train|plot|bench|plan ...`.
+
+    # train on the bundled digits data: K=2 stages x N=2 replicas = 4 ranks
+    mpirun -n 4 python -m dpsgs train --stages 2 --replicas 2 --epochs 10
+    # the same schedule for K x N virtual ranks in one process (no MPI): study staleness
+    python -m dpsgs train --simulate --stages 4 --replicas 2 --epochs 10 --shrink 0.5
+    # the paper's task: ResNet-56 on CIFAR-10 from a local folder (python-pickle format)
+    mpirun -n 4 python -m dpsgs train -K 2 -N 2 --model resnet56 --dataset cifar10 \\
+        --data-dir ~/data/cifar-10-batches-py --batch-size 64 --epochs 300 --lr-schedule step \\
+        --lr-milestones 0.5 0.75 0.9167 --run-dir runs/r56 --resume auto
+    # curves of a finished run, into RUN_DIR/plots/*.png
+    python -m dpsgs plot runs/r56
+    # communication benchmarks (point-to-point, all-reduce, overlap)
+    mpirun -n 2 python -m dpsgs bench comm
+
+Names (model, dataset, choices) are checked before any MPI work starts, so a typo fails
+at once on every rank instead of after the launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from dpsgs.config import TrainConfig
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+# Help text of every TrainConfig field (a field missing here still gets an option).
+HELP: dict[str, str] = {
+    "stages": "K: pipeline stages per replica",
+    "replicas": "N: data-parallel replicas (world size = K*N)",
+    "schedule": "fdg: fully decoupled, stale gradients; sync: exact-gradient micro-batched "
+                "pipeline (the baseline)",
+    "stash": "weights: keep each forward's weights for its delayed backward (consistent, "
+             "memory grows with staleness); recompute: keep the input, redo the forward",
+    "overlap": "backward: all-reduce each bucket as backward produces it, wait before the "
+               "update; step: apply the averaged gradient one step later (+1 staleness)",
+    "shrink": "beta: stage k scales its gradient by beta**(K-1-k) (FDG's gradient shrinking)",
+    "micro_batches": "sync schedule: micro-batches per step",
+    "sync_kind": "sync schedule: 1f1b or gpipe",
+    "flush_every_epoch": "finish every batch in flight at each epoch end (eval and "
+                         "checkpoints then see no half-processed batch)",
+    "split": "explicit split points (top-level layer indices, K-1 of them); default: balanced",
+    "balance": "how to balance stages when --split is not given: time (profiled), params "
+               "or layers",
+    "model": "model name: mlp, mlp-wide, resnet20, resnet56, resnet110, resnet18, wrn-D-K "
+             "(e.g. wrn-16-4, wrn-28-10)",
+    "dataset": "digits (bundled with scikit-learn), cifar10 (needs --data-dir), synthetic",
+    "data_dir": "CIFAR-10 folder in the python-pickle format (data_batch_1..5, test_batch)",
+    "synthetic_shape": "synthetic dataset: shape of one sample",
+    "synthetic_samples": "synthetic dataset: training samples",
+    "num_classes": "number of classes (default: from the dataset)",
+    "batch_size": "samples per replica per step (global batch = N * batch size)",
+    "drop_last": "drop the partial last batch of an epoch (--no-drop-last: fill it by "
+                 "wrapping around; shapes never change)",
+    "dtype": "parameter and activation dtype",
+    "epochs": "training epochs",
+    "max_steps": "stop after this many steps (the pipeline is still flushed)",
+    "optimizer": "sgd (momentum, weight decay, Nesterov), adam or adamw",
+    "lr": "learning rate (peak, after warm-up)",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "nesterov": "Nesterov momentum (SGD)",
+    "lr_schedule": "learning-rate schedule",
+    "lr_milestones": "step schedule: fractions of training at which the lr is multiplied by "
+                     "--lr-gamma",
+    "lr_gamma": "step schedule: factor at each milestone",
+    "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "seed": "seed of the model initialisation, the sampler and the augmentation",
+    "bucket_cap_mb": "gradient bucket size for the all-reduce (MB)",
+    "first_bucket_mb": "size of the first (last layers') bucket, started earliest (MB)",
+    "allreduce": "all-reduce algorithm: auto, ring (C++ ring) or mpi (MPI_Allreduce)",
+    "timeout": "seconds any wait may take before the job is aborted, naming the peer",
+    "warn_after": "seconds after which a stalled wait is reported (which ranks are missing)",
+    "run_dir": "run folder for config, metrics, checkpoints, summary (default: "
+               "runs/<timestamp>)",
+    "metrics_every": "write a metrics line every this many steps",
+    "eval_every": "evaluate on the test set every this many epochs",
+    "checkpoint_every": "checkpoint every this many epochs (0: only at the end)",
+    "resume": "resume from a checkpoint folder, a run folder (its latest checkpoint), or "
+              "'auto' (latest complete checkpoint in --run-dir; a fresh start if none)",
+    "trace": "write a Chrome trace (Perfetto) per rank: FILE -> FILE.rankR.json",
+    "progress": "progress bar on rank 0",
+    "on_nonfinite": "NaN/Inf loss or gradient: stop (report step, stage, tensor) or skip "
+                    "the step",
+}
+
+CHOICES: dict[str, list[str]] = {
+    "schedule": ["fdg", "sync"], "stash": ["weights", "recompute"],
+    "overlap": ["backward", "step"], "sync_kind": ["1f1b", "gpipe"],
+    "balance": ["time", "params", "layers"], "dataset": ["digits", "cifar10", "synthetic"],
+    "dtype": ["float32", "float64"], "optimizer": ["sgd", "adam", "adamw"],
+    "lr_schedule": ["constant", "step", "cosine"], "allreduce": ["auto", "ring", "mpi"],
+    "on_nonfinite": ["stop", "skip"],
+}
+SHORT = {"stages": "-K", "replicas": "-N"}
+
+
+def _option_kwargs(tp: Any) -> dict[str, Any]:
+    """argparse keywords for a TrainConfig field type (int, float, str, bool, X | None, list)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(tp) is list:
+        return {"nargs": "+", "type": typing.get_args(tp)[0], "metavar": "V"}
+    return {"type": tp}
+
+
+def _add_train(sub: Any, defaults: TrainConfig) -> None:
+    p = sub.add_parser("train", help="train (under mpirun), or simulate in one process",
+                       description="Train on K stages x N replicas (launch K*N ranks with "
+                                   "mpirun) or, with --simulate, in one process.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="take the defaults from a TrainConfig JSON (e.g. a run's "
+                        "config.json); options given here override them")
+    p.add_argument("--simulate", action="store_true",
+                   help="run dpsgs.reference: the same schedule for K x N virtual ranks in "
+                        "one process, no MPI")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flags = ([SHORT[f.name]] if f.name in SHORT else []) + [f"--{f.name.replace('_', '-')}"]
+        kw = _option_kwargs(hints[f.name])
+        if f.name in SHORT:
+            kw["metavar"] = SHORT[f.name][1:]
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        p.add_argument(*flags, dest=f.name, default=getattr(defaults, f.name),
+                       help=HELP.get(f.name, f.name.replace("_", " ")), **kw)
+
+
+def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser:
+    """The parser; `defaults` (e.g. from --config) replaces TrainConfig()'s defaults."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dpsgs", description="Data-parallel, fully decoupled backpropagation "
+        "with stale gradients over MPI.", epilog="Examples:\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub, defaults or TrainConfig())
+    p = sub.add_parser("plot", help="draw loss/accuracy/throughput curves of a run",
+                       description="Read RUN_DIR/metrics*.jsonl, write RUN_DIR/plots/*.png.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
+    p = sub.add_parser("bench", help="benchmarks: 'bench comm|train ...' (arguments go to "
+                       "dpsgs.bench.NAME; see 'bench comm --help')", add_help=False)
+    p.add_argument("what", metavar="NAME")
+    sub.add_parser("plan", help="predict step times of K x N grids (dpsgs.plan; arguments "
+                   "are passed on)", add_help=False)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed train options; ValueError for bad names/values (no MPI)."""
+    config = TrainConfig(**{f.name: getattr(args, f.name)
+                            for f in dataclasses.fields(TrainConfig)})
+    validate(config)
+    return config
+
+
+def _base_config(argv: list[str]) -> TrainConfig:
+    """The --config FILE given among `argv` (its values become the option defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return TrainConfig()
+    try:
+        return TrainConfig.load(known.config)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"--config {known.config}: {e}") from None
+
+
+def validate(c: TrainConfig) -> None:
+    """Checks that need no MPI and no data loading; each error names the option."""
+    from dpsgs.data import check_dataset
+    from dpsgs.models import check_model_name
+
+    check_model_name(c.model)
+    check_dataset(c.dataset, c.data_dir)
+    for name in ("stages", "replicas", "batch_size", "micro_batches", "metrics_every",
+                 "eval_every", "synthetic_samples"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+    for name in ("epochs", "checkpoint_every"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    if c.max_steps is not None and c.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {c.max_steps}")
+    if not c.lr > 0 or not c.timeout > 0:
+        raise ValueError(f"--lr and --timeout must be > 0, got {c.lr} and {c.timeout}")
+    if not 0 < c.shrink <= 1:
+        raise ValueError(f"--shrink must be in (0, 1], got {c.shrink}")
+    if c.split is not None and len(c.split) != c.stages - 1:
+        raise ValueError(f"--split needs K-1 = {c.stages - 1} split points, got {c.split}")
+    if c.resume == "auto" and not c.run_dir:
+        raise ValueError("--resume auto needs --run-dir: the run folder to resume in")
+    if c.resume not in (None, "auto") and not Path(c.resume).exists():
+        raise ValueError(f"--resume {c.resume}: no such checkpoint or run folder")
+
+
+def _timestamp_run_dir(comm: Any) -> str:
+    # Rank 0 picks the name so every rank agrees even when their clocks straddle a second.
+    name = None
+    if comm is None or comm.Get_rank() == 0:
+        name = str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return name if comm is None else comm.bcast(name, root=0)
+
+
+def _report(summary: dict, config: TrainConfig) -> None:
+    test = {k: v for k, v in summary.items() if k.startswith("test_") or k.startswith("final_")}
+    acc = next((summary[k] for k in ("test_accuracy", "test_acc", "final_test_accuracy")
+                if k in summary), None)
+    if acc is not None:
+        print(f"final test accuracy: {100 * float(acc):.2f}%")
+    print("summary: " + json.dumps(test or summary, default=str))
+    print(f"run folder: {summary.get('run_dir', config.run_dir)}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dpsgs train: error: {e}", file=sys.stderr)
+        return 2
+    if args.simulate:
+        from dpsgs.reference import simulate
+
+        config.run_dir = config.run_dir or _timestamp_run_dir(None)
+        summary = simulate(config)
+        run = Path(config.run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        config.save(run / "config.json")
+        (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _report(summary, config)
+        return 0
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        config.run_dir = config.run_dir or _timestamp_run_dir(comm)
+        from dpsgs.trainer import train
+
+        summary = train(config, comm)
+    except BaseException as e:
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        # As `python -m mpi4py` does: one rank's error must end the job, not hang its peers.
+        if isinstance(e, (ValueError, FileNotFoundError)):   # bad input: the message says it
+            print(f"dpsgs train: error on rank {comm.Get_rank()}: {e}", file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        return 1
+    if comm.Get_rank() == 0:
+        _report(summary, config)
+    return 0
+
+
+def _bench_hint(module: str) -> str:
+    """'; benchmarks: comm, train' for a missing dpsgs.bench.X (the modules with a main)."""
+    if not module.startswith("dpsgs.bench."):
+        return ""
+    import pkgutil
+
+    try:
+        pkg = importlib.import_module("dpsgs.bench")
+        names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg]
+        mains = [n for n in names if "def main(" in
+                 (Path(pkg.__path__[0]) / f"{n}.py").read_text(errors="replace")]
+    except (ImportError, OSError):
+        return ""
+    return f"; benchmarks: {', '.join(sorted(mains))}" if mains else ""
+
+
+def _dispatch(module: str, argv: list[str], what: str) -> int:
+    """Call `module`.main(argv), imported only now; a clear message if it is not there."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):   # the module itself, not one of its imports
+            print(f"dpsgs: '{what}' is not available in this installation ({module} not found)"
+                  + _bench_hint(module), file=sys.stderr)
+            return 2
+        raise
+    if not hasattr(mod, "main"):
+        print(f"dpsgs: '{what}' is not available: {module} has no main()", file=sys.stderr)
+        return 2
+    rc = mod.main(argv)
+    return int(rc or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench/plan pass everything after their name through, --help included.
+    if argv and argv[0] == "plan":
+        return _dispatch("dpsgs.plan", argv[1:], "plan")
+    if len(argv) >= 2 and argv[0] == "bench" and not argv[1].startswith("-"):
+        name = argv[1]
+        if not name.isidentifier():
+            print(f"dpsgs bench: bad benchmark name {name!r}", file=sys.stderr)
+            return 2
+        return _dispatch(f"dpsgs.bench.{name}", argv[2:], f"bench {name}")
+    try:
+        defaults = _base_config(argv) if argv and argv[0] == "train" else None
+    except ValueError as e:
+        print(f"dpsgs train: error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser(defaults).parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "plot":
+        from dpsgs.plot import plot_run
+
+        try:
+            written = plot_run(args.run_dir, args.out)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"dpsgs plot: error: {e}", file=sys.stderr)
+            return 2
+        for path in written:
+            print(path)
+        return 0
+    print("dpsgs bench: name a benchmark, e.g. 'python -m dpsgs bench comm --help'",
+          file=sys.stderr)
+    return 2

@@ -1,0 +1,176 @@
+"""Per-rank timing (per-step totals by category, optional Chrome trace) and JSON-lines metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["CATEGORIES", "Timeline", "MetricsLog", "read_metrics", "rank_path", "merge_traces"]
+
+# compute: forward/backward/optimizer; channel: waiting on activations/gradients;
+# reduce: waiting on the gradient all-reduce. Other category names are accepted too.
+CATEGORIES = ("compute", "channel", "reduce")
+
+
+def rank_path(path: str | os.PathLike, rank: int) -> Path:
+    """`trace.json` -> `trace.rank3.json`; a `{rank}` in the name is formatted instead."""
+    p = Path(path)
+    if "{rank}" in p.name:
+        return p.with_name(p.name.format(rank=rank))
+    return p.with_name(f"{p.stem}.rank{rank}{p.suffix or '.json'}")
+
+
+class Timeline:
+    """Times spans of work on one rank.
+
+    Totals per category are always kept (two perf_counter calls per span); events are only
+    recorded when `trace_path` is given, so tracing off costs almost nothing. close() writes
+    a Chrome trace (open in https://ui.perfetto.dev or chrome://tracing) to
+    rank_path(trace_path, rank): complete events (ph "X", µs since the Unix epoch so several
+    ranks' files line up), pid = rank, one thread per category (named by "M" metadata
+    events, since viewers want integer tids).
+    """
+
+    def __init__(self, rank: int, trace_path: str | os.PathLike | None = None,
+                 max_events: int = 500_000) -> None:
+        self.rank, self.max_events, self.dropped = rank, max_events, 0
+        self.trace_path = rank_path(trace_path, rank) if trace_path else None
+        self._totals: dict[str, float] = defaultdict(float)
+        self._events: list[dict[str, Any]] | None = [] if self.trace_path else None
+        self._tids: dict[str, int] = {c: i for i, c in enumerate(CATEGORIES)}
+        # wall-clock origin read once; spans use the monotonic perf_counter
+        self._epoch_us = time.time() * 1e6 - time.perf_counter() * 1e6
+
+    @contextmanager
+    def span(self, name: str, category: str, **args: Any) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            self._totals[category] += end - start
+            if self._events is not None:
+                self._record(name, category, start, end, args)
+
+    def add(self, name: str, category: str, seconds: float, **args: Any) -> None:
+        """Account `seconds` that ended now (for time measured elsewhere, e.g. in C++)."""
+        end = time.perf_counter()
+        self._totals[category] += seconds
+        if self._events is not None:
+            self._record(name, category, end - seconds, end, args)
+
+    def _record(self, name: str, category: str, start: float, end: float,
+                args: dict[str, Any]) -> None:
+        if len(self._events) >= self.max_events:  # type: ignore[arg-type]
+            self.dropped += 1
+            return
+        tid = self._tids.setdefault(category, len(self._tids))
+        event = {"name": name, "cat": category, "ph": "X", "pid": self.rank, "tid": tid,
+                 "ts": round(self._epoch_us + start * 1e6, 3),
+                 "dur": round((end - start) * 1e6, 3)}
+        if args:
+            event["args"] = {k: _jsonable(v) for k, v in args.items()}
+        self._events.append(event)  # type: ignore[union-attr]
+
+    def step_totals(self, reset: bool = True) -> dict[str, float]:
+        """Seconds per category since the last reset (every CATEGORIES key present)."""
+        totals = {c: 0.0 for c in CATEGORIES}
+        totals.update(self._totals)
+        if reset:
+            self._totals.clear()
+        return totals
+
+    def close(self) -> None:
+        if self._events is None or self.trace_path is None:
+            return
+        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": 0,
+                 "args": {"name": f"rank {self.rank}"}},
+                {"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": 0,
+                 "args": {"sort_index": self.rank}}]
+        meta += [{"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid,
+                  "args": {"name": cat}} for cat, tid in self._tids.items()]
+        self.trace_path.parent.mkdir(parents=True, exist_ok=True)
+        trace: dict[str, Any] = {"traceEvents": meta + self._events, "displayTimeUnit": "ms"}
+        if self.dropped:
+            trace["otherData"] = {"dropped_spans": self.dropped, "max_events": self.max_events}
+        with open(self.trace_path, "w") as f:
+            json.dump(trace, f)
+        self._events = []
+
+
+def merge_traces(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Concatenate per-rank Chrome traces into one file (one process row per rank)."""
+    events: list[dict[str, Any]] = []
+    for p in paths:
+        with open(p) as f:
+            events += json.load(f)["traceEvents"]
+    out = Path(out)
+    out.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON object per write() to `path` (flushed, so a killed run keeps its
+    lines); path=None makes every call a no-op (ranks that do not log)."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path else None
+        self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a torn last line (killed writer) is skipped."""
+    records = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+    return records
+
+
+def _jsonable(v: Any) -> Any:
+    """Tensors/NumPy scalars -> Python numbers; NaN/Inf -> strings (strict JSON has neither)."""
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+        v = v.item()
+    elif hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
