@@ -1,0 +1,158 @@
+"""Resolve a TrainConfig into what every rank (and the reference) agrees on: data, model, split.
+
+Both the distributed trainer and the single-process reference call `prepare`, so they build
+the same model from the same seed, split it at the same points, and walk the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .partition import boundary_shapes, check_split, layer_costs, stage_bounds
+
+__all__ = ["DTYPES", "Setup", "prepare", "torch_dtype", "segments", "eval_batches"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+@dataclass
+class Setup:
+    config: Any
+    train: Any                       # dpsgs.data.Dataset-like: x, y, num_classes
+    test: Any
+    sampler: Any                     # dpsgs.data.BatchSampler
+    model: nn.Sequential             # the full model, built from the seed
+    split: list[int]                 # K-1 split points
+    bounds: list[tuple[int, int]]    # layer range of every stage
+    dtype: torch.dtype
+    in_shape: tuple[int, ...]        # one sample
+    out_shapes: list[tuple[int, ...]] = field(default_factory=list)  # per stage, one sample
+    costs: list[float] | None = None
+
+    @property
+    def stages(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @property
+    def total_iterations(self) -> int:
+        """Global batches of the whole run (epochs x batches, capped by max_steps)."""
+        total = self.config.epochs * self.batches_per_epoch
+        if self.config.max_steps is not None:
+            total = min(total, int(self.config.max_steps))
+        return total
+
+    def stage_layers(self, model: nn.Sequential, stage: int) -> nn.Sequential:
+        a, b = self.bounds[stage]
+        return nn.Sequential(*list(model.children())[a:b])
+
+    def batch(self, epoch: int, batch: int, replica: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (cast to the run's dtype) and labels of one replica's share of a batch."""
+        from .data import get_batch
+
+        x, y = get_batch(self.train, self.sampler, epoch, batch, replica, train=True)
+        return x.to(self.dtype), y
+
+    def labels(self, epoch: int, batch: int, replica: int) -> torch.Tensor:
+        """The labels of `batch` alone (what get_batch returns as y: augmentation changes
+        only inputs), so the last stage needs no input data."""
+        return self.train.y[self.sampler.indices(epoch, batch, replica)]
+
+    def drop_inputs(self) -> None:
+        """Forget the input tensors (train and test x) on a rank that never reads them:
+        every stage but the first. Replaces the Dataset objects, never mutates them."""
+        import dataclasses
+
+        for name in ("train", "test"):
+            ds = getattr(self, name)
+            if not dataclasses.is_dataclass(ds):
+                continue
+            empty = ds.x.new_empty((0, *ds.x.shape[1:]))
+            setattr(self, name, dataclasses.replace(ds, x=empty))
+
+
+def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, Any] | None = None,
+            costs: Sequence[float] | None = None, profile: bool = True) -> Setup:
+    """Data, seeded full model and split for `config`.
+
+    model/data override config.model/config.dataset (embedding, tests). A given `model` is
+    used as is (the caller seeds it identically on every rank). `costs` (per layer) fixes the
+    balance; without them and with balance='time', layers are profiled here if `profile`
+    (the trainer profiles on rank 0 only and broadcasts the costs instead).
+    """
+    from .data import BatchSampler, load_dataset
+
+    dtype = torch_dtype(config.dtype)
+    if config.stages < 1 or config.replicas < 1:
+        raise ValueError(f"stages and replicas must be >= 1, got K={config.stages}, "
+                         f"N={config.replicas}")
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, tuple(config.synthetic_shape),
+                            config.synthetic_samples, config.seed)
+    train, test = data
+    in_shape = tuple(train.x.shape[1:])
+    num_classes = config.num_classes or train.num_classes
+    if model is None:
+        from .models import build_model
+
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, in_shape, num_classes)
+    model = model.to(dtype)
+    layers = list(model.children())
+    K = config.stages
+    if config.split:
+        split = check_split(config.split, len(layers), K)
+    else:
+        if K > len(layers):
+            raise ValueError(f"model {config.model!r} has {len(layers)} blocks, cannot make "
+                             f"{K} stages (each stage needs at least one block)")
+        if costs is None and not (config.balance == "time" and not profile):
+            sample = train.x[:config.batch_size].to(dtype)
+            costs = layer_costs(model, config.balance, sample)
+        from .partition import balance as balance_costs
+
+        split = balance_costs(costs if costs is not None else [1.0] * len(layers), K)
+    bounds = stage_bounds(split, len(layers))
+    shapes = boundary_shapes(model, in_shape, dtype)
+    out_shapes = [shapes[b - 1] for _, b in bounds]
+    sampler = BatchSampler(len(train), config.batch_size, config.replicas, config.seed,
+                           drop_last=config.drop_last)
+    return Setup(config, train, test, sampler, model, split, bounds, dtype, in_shape,
+                 out_shapes, list(costs) if costs is not None else None)
+
+
+def segments(setup: Setup, start_epoch: int = 0) -> list[list[tuple[int, int]]]:
+    """The run as pipeline segments, each a list of (epoch, batch); the pipeline is flushed
+    after every segment. flush_every_epoch: one segment per epoch; else a single segment."""
+    nb = setup.batches_per_epoch
+    total = setup.total_iterations
+    segs = []
+    for epoch in range(start_epoch, setup.config.epochs):
+        seg = [(epoch, b) for b in range(nb) if epoch * nb + b < total]
+        if seg:
+            segs.append(seg)
+    if not setup.config.flush_every_epoch and segs:
+        segs = [[eb for seg in segs for eb in seg]]
+    return segs
+
+
+def eval_batches(n: int, batch_size: int, replicas: int, replica: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of the test set that `replica` evaluates: contiguous batches of
+    `batch_size` (the last may be partial) dealt round-robin over the replicas."""
+    spans = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+    return spans[replica::replicas]

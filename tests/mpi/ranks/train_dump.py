@@ -1,0 +1,45 @@
+"""Rank program: train the toy model under several configs in one launch and dump, per
+config, every rank's losses, observed staleness and final parameters to OUT/NAME.pt.
+
+    mpirun -n P python -m mpi4py train_dump.py OUT TRANSPORT '[{"name": .., <TrainConfig>}]'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from mpi4py import MPI
+
+from dpsgs.trainer import Trainer
+from toy import toy_config, toy_data, toy_model
+
+torch.set_num_threads(1)
+
+
+def main() -> None:
+    out, transport, specs = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    comm = MPI.COMM_WORLD
+    for spec in specs:
+        spec = dict(spec)
+        name, bn = spec.pop("name"), spec.pop("bn", False)
+        cfg = toy_config(**spec)
+        t = Trainer(cfg, comm, model=toy_model(bn=bn), data=toy_data(), transport=transport)
+        summary = t.fit()
+        w = t.worker
+        mine = {"rank": t.rank, "replica": t.replica, "stage": t.stage,
+                "losses": dict(w.losses), "staleness": list(w.staleness),
+                "params": [p.detach().clone() for p in w.compute.params],
+                "buffers": [b.detach().clone() for b in w.compute.module.buffers()],
+                "stash_peak_bytes": w.compute.peak_stash_bytes}
+        everyone = comm.gather(mine, root=0)
+        if comm.rank == 0:
+            torch.save({"ranks": everyone, "summary": summary}, out / f"{name}.pt")
+            keys = ("steps", "iterations", "staleness", "test_accuracy")
+            print(f"{name}: {json.dumps({k: summary[k] for k in keys})}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Rank program: trainer behaviours under real ranks, one CASE per launch.
+
+    world_size   call train() with K*N != world size; every rank prints its ValueError
+    embedded     ranks 0-1 train K=2 x N=1 on a split of COMM_WORLD while rank 2 works alone
+    bad_peer     stage 1 builds a model with another boundary shape: the header check fails
+                 on the receiver, train() reports rank/stage and aborts the whole job
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dpsgs.trainer import train
+from toy import toy_config, toy_data, toy_model
+
+torch.set_num_threads(1)
+
+
+def main() -> None:
+    case, transport = sys.argv[1], sys.argv[2]
+    world = MPI.COMM_WORLD
+    if case == "world_size":
+        try:
+            train(toy_config(stages=2, replicas=2), world, transport=transport)
+        except ValueError as e:
+            print(f"rank {world.rank}: ValueError: {e}", flush=True)
+            return
+        raise SystemExit(f"rank {world.rank}: no error for world size {world.size}")
+    if case == "embedded":
+        sub = world.Split(0 if world.rank < 2 else 1, world.rank)
+        if world.rank < 2:
+            s = train(toy_config(stages=2, replicas=1, max_steps=6), sub,
+                      model=toy_model(), data=toy_data(), transport=transport)
+            print(f"rank {world.rank}: trained steps={s['steps']} "
+                  f"acc={s['test_accuracy']:.6f}", flush=True)
+        else:
+            time.sleep(0.5)                       # "other work" of the workflow
+            print(f"rank {world.rank}: did other work", flush=True)
+        world.Barrier()
+        assert sub.Get_size() == (2 if world.rank < 2 else 1)
+        return
+    if case == "bad_peer":
+        model = toy_model()
+        if world.rank == 1:                       # stage 1 expects 5 features, not 8
+            model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 8), nn.Tanh(),
+                                  nn.Linear(8, 3))
+        train(toy_config(stages=2, replicas=1, split=[2]), world, model=model,
+              data=toy_data(), transport=transport)
+        raise SystemExit(f"rank {world.rank}: the mismatch went unnoticed")
+    raise SystemExit(f"unknown case {case!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Partitioning an nn.Sequential into K stages: split points, balance, shapes, errors."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from dpsgs.partition import (balance, boundary_shapes, check_split, layer_costs,
+                             profile_layers, stage_bounds, stage_module)
+
+
+def _model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6),
+                         nn.Tanh(), nn.Linear(6, 3))
+
+
+def test_check_split_errors():
+    assert check_split([2, 4], 6, 3) == [2, 4]
+    with pytest.raises(ValueError, match="cannot split 6 layers into 7 stages"):
+        check_split([1, 2, 3, 4, 5, 6], 6, 7)
+    with pytest.raises(ValueError, match="3 stages need 2 split points"):
+        check_split([2], 6, 3)
+    with pytest.raises(ValueError, match=r"point 1 = 2 must be in \(4, 6\)"):
+        check_split([4, 2], 6, 3)          # unsorted
+    with pytest.raises(ValueError, match=r"point 0 = 0 must be in \(0, 6\)"):
+        check_split([0], 6, 2)             # empty first stage
+    with pytest.raises(ValueError, match=r"point 0 = 6 must be in \(0, 6\)"):
+        check_split([6], 6, 2)             # out of range
+
+
+def _brute(costs, K):
+    L = len(costs)
+    best = None
+    for cuts in itertools.combinations(range(1, L), K - 1):
+        edges = [0, *cuts, L]
+        worst = max(sum(costs[edges[i]:edges[i + 1]]) for i in range(K))
+        if best is None or worst < best:
+            best = worst
+    return best
+
+
+def test_balance_exact():
+    assert balance([1, 1, 1, 1], 2) == [2]
+    assert balance([5, 1, 1, 1, 1, 1], 2) == [1]
+    assert balance([1, 1, 1, 1, 1, 1], 3) == [2, 4]
+    assert balance([3, 1, 1, 1], 1) == []
+    assert balance([1, 2, 3], 3) == [1, 2]
+    with pytest.raises(ValueError, match="cannot split 2 layers into 3 stages"):
+        balance([1, 1], 3)
+    with pytest.raises(ValueError, match=">= 0"):
+        balance([1, -1], 2)
+
+
+def test_balance_optimal_random():
+    rng = random.Random(0)
+    for _ in range(200):
+        L = rng.randint(1, 9)
+        K = rng.randint(1, L)
+        costs = [rng.randint(0, 20) for _ in range(L)]
+        split = balance(costs, K)
+        check_split(split, L, K)
+        edges = [0, *split, L]
+        worst = max(sum(costs[edges[i]:edges[i + 1]]) for i in range(K))
+        assert worst == _brute(costs, K), (costs, K, split)
+
+
+def test_stage_module_and_bounds():
+    m = _model()
+    assert stage_bounds([2, 4], 6) == [(0, 2), (2, 4), (4, 6)]
+    parts = [stage_module(m, [2, 4], k) for k in range(3)]
+    assert [len(p) for p in parts] == [2, 2, 2]
+    assert parts[1][0] is m[2]             # shares the layers, no copy
+    x = torch.randn(5, 3, 4)
+    h = x
+    for p in parts:
+        h = p(h)
+    torch.testing.assert_close(h, m(x), rtol=0, atol=0)
+
+
+def test_costs_and_shapes():
+    m = _model()
+    assert layer_costs(m, "layers") == [1.0] * 6
+    assert layer_costs(m, "params") == [1.0, 104.0, 1.0, 54.0, 1.0, 21.0]
+    t = profile_layers(list(m.children()), torch.randn(4, 3, 4), repeats=2)
+    assert len(t) == 6 and all(v > 0 for v in t)
+    with pytest.raises(ValueError, match="sample batch"):
+        layer_costs(m, "time")
+    with pytest.raises(ValueError, match="balance must be one of"):
+        layer_costs(m, "flops")
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4))
+    before = bn[2].running_mean.clone()
+    assert boundary_shapes(bn, (3, 4), torch.float32) == [(12,), (4,), (4,)]
+    assert torch.equal(bn[2].running_mean, before) and bn.training   # untouched
