@@ -62,9 +62,12 @@ def main() -> None:
     summary = world.bcast(summary, root=0)
     pi = world.bcast(pi, root=trainers)
     acc = summary.get("test_accuracy")
-    print(f"world rank {world.Get_rank()}: {'trained' if is_trainer else 'worked'}; "
-          f"test accuracy {acc:.4f}, pi ~ {pi:.4f}", flush=True)
-    world.Barrier()
+    line = (f"world rank {world.Get_rank()}: {'trained' if is_trainer else 'worked'}; "
+            f"test accuracy {acc:.4f}, pi ~ {pi:.4f}")
+    # One printer: lines from several ranks can interleave mid-line in the launcher's output.
+    lines = world.gather(line, root=0)
+    if world.Get_rank() == 0:
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+// The dpsgs._C module: exceptions, build info, the MPI-library check, and the core classes.
+#include <mpi.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "bindings/core_bindings.h"
+#include "bindings/nccl_bindings.h"
+#include "common/error.h"
+#include "communicator.h"
+
+namespace py = pybind11;
+
+namespace dpsgs {
+
+namespace {
+
+std::string strip(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ' || s.back() == '\0' || s.back() == '\t')) s.pop_back();
+  return s;
+}
+
+// The libmpi this extension linked; compared against mpi4py's at import.
+std::string our_library_version() {
+  char text[MPI_MAX_LIBRARY_VERSION_STRING + 1] = {0};
+  int len = 0;
+  MPI_Get_library_version(text, &len);
+  return strip(std::string(text, size_t(len)));
+}
+
+void check_same_mpi() {
+  std::string theirs = strip(py::module_::import("mpi4py.MPI").attr("Get_library_version")().cast<std::string>());
+  std::string ours = our_library_version();
+  if (theirs != ours) {
+    throw py::import_error(
+        "dpsgs._C was built against a different MPI library than the one mpi4py loaded; rebuild dpsgs "
+        "(python setup.py build_ext --inplace) in this environment.\n--- dpsgs._C links:\n" + ours +
+        "\n--- mpi4py uses:\n" + theirs);
+  }
+}
+
+py::dict build_info() {
+  py::dict d;
+  std::string lib = our_library_version();
+  d["mpi_library"] = lib.substr(0, lib.find('\n'));
+  int major = 0, minor = 0;
+  MPI_Get_version(&major, &minor);
+  d["mpi_version"] = std::to_string(major) + "." + std::to_string(minor);
+#ifdef DPSGS_WITH_NCCL
+  d["nccl"] = true;
+  d["nccl_version"] = nccl_version();
+  d["cuda_version"] = cuda_version();
+#else
+  d["nccl"] = false;
+  d["nccl_version"] = py::none();
+  d["cuda_version"] = py::none();
+#endif
+  return d;
+}
+
+}  // namespace
+
+}  // namespace dpsgs
+
+PYBIND11_MODULE(_C, m) {
+  using namespace dpsgs;
+  m.doc() = "dpsgs communication core: Communicator, Channel, Reducer over MPI (and NCCL when built)";
+  check_same_mpi();
+
+  static py::handle comm_error = PyErr_NewException("dpsgs._C.CommError", PyExc_RuntimeError, nullptr);
+  py::tuple timeout_bases = py::make_tuple(comm_error, py::handle(PyExc_TimeoutError));
+  static py::handle comm_timeout = PyErr_NewException("dpsgs._C.CommTimeout", timeout_bases.ptr(), nullptr);
+  m.attr("CommError") = comm_error;
+  m.attr("CommTimeout") = comm_timeout;
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CommTimeout& e) {
+      PyErr_SetString(comm_timeout.ptr(), e.what());
+    } catch (const CommError& e) {
+      PyErr_SetString(comm_error.ptr(), e.what());
+    } catch (const ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def("build_info", &build_info, "MPI library/version, whether NCCL is compiled in, NCCL/CUDA versions");
+  m.def("mpi_library_version", &our_library_version, "MPI_Get_library_version of the libmpi this extension links");
+  bind_core(m);
+#ifdef DPSGS_WITH_NCCL
+  bind_nccl(m);
+#endif
+  // Stop progress threads before mpi4py finalizes MPI (atexit runs last-registered first).
+  m.def("_shutdown", &shutdown_all_communicators, "stop every communicator's progress thread (atexit)");
+  py::module_::import("atexit").attr("register")(m.attr("_shutdown"));
+}

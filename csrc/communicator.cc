@@ -1,0 +1,227 @@
+// Communicator: dup'd MPI communicators, split/barrier/abort, the FIFO progress thread.
+#include "communicator.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+
+#include "common/backoff.h"
+#include "common/error.h"
+
+namespace dpsgs {
+
+namespace {
+std::mutex g_live_mu;
+std::set<Communicator*> g_live;
+
+const char* thread_level_name(int level) {
+  switch (level) {
+    case MPI_THREAD_SINGLE: return "MPI_THREAD_SINGLE";
+    case MPI_THREAD_FUNNELED: return "MPI_THREAD_FUNNELED";
+    case MPI_THREAD_SERIALIZED: return "MPI_THREAD_SERIALIZED";
+    case MPI_THREAD_MULTIPLE: return "MPI_THREAD_MULTIPLE";
+  }
+  return "unknown";
+}
+
+bool mpi_alive() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  return init && !fin;
+}
+}  // namespace
+
+void wait_request(MPI_Request* req, const Communicator& comm, const std::function<std::string()>& what,
+                  int peer, double timeout_s, double yield_s, double spin_s) {
+  double t = timeout_s < 0 ? comm.timeout() : timeout_s;
+  int rank = comm.rank();
+  poll_until(
+      [&] {
+        int flag = 0;
+        DPSGS_CHECK_MPI(MPI_Test(req, &flag, MPI_STATUS_IGNORE), rank, peer);
+        return flag != 0;
+      },
+      t, comm.warn_after(), what, yield_s, spin_s);
+}
+
+Communicator::Communicator(MPI_Comm parent, double timeout_s, double warn_after_s)
+    : timeout_s_(timeout_s), warn_after_s_(warn_after_s) {
+  DPSGS_CHECK_ARG(parent != MPI_COMM_NULL, "Communicator: got MPI_COMM_NULL");
+  int wr = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &wr);
+  world_rank_ = wr;
+  int level = MPI_THREAD_SINGLE;
+  DPSGS_CHECK_MPI(MPI_Query_thread(&level), world_rank_, kNoPeer);
+  DPSGS_CHECK_ARG(level == MPI_THREAD_MULTIPLE, "dpsgs needs MPI initialised with MPI_THREAD_MULTIPLE "
+                  "(mpi4py's default) but MPI provides ", thread_level_name(level),
+                  "; do not lower mpi4py.rc.thread_level (world rank ", world_rank_, ")");
+  int prank = 0;
+  DPSGS_CHECK_MPI(MPI_Comm_rank(parent, &prank), world_rank_, kNoPeer);
+  // An Ibarrier with a deadline first: MPI_Comm_dup itself would block forever if a rank never comes.
+  MPI_Request req;
+  DPSGS_CHECK_MPI(MPI_Ibarrier(parent, &req), prank, kNoPeer);
+  rank_ = prank;
+  wait_request(&req, *this, [&] {
+    return str_cat("rank ", prank, ": Communicator construction (barrier over the parent communicator; "
+                   "some rank did not create its Communicator)");
+  }, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_dup(parent, &p2p_), prank, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_dup(parent, &coll_), prank, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_set_errhandler(p2p_, MPI_ERRORS_RETURN), prank, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_set_errhandler(coll_, MPI_ERRORS_RETURN), prank, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_rank(p2p_, &rank_), prank, kNoPeer);
+  DPSGS_CHECK_MPI(MPI_Comm_size(p2p_, &size_), prank, kNoPeer);
+  thread_ = std::thread([this] { progress_loop(); });
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  g_live.insert(this);
+}
+
+Communicator::~Communicator() {
+  {
+    std::lock_guard<std::mutex> lock(g_live_mu);
+    g_live.erase(this);
+  }
+  shutdown();
+  free_comms();
+}
+
+void Communicator::free_comms() noexcept {
+  if (!mpi_alive()) return;  // MPI already finalized: the handles are gone with it
+  if (p2p_ != MPI_COMM_NULL) MPI_Comm_free(&p2p_);
+  if (coll_ != MPI_COMM_NULL) MPI_Comm_free(&coll_);
+}
+
+void Communicator::shutdown() noexcept {
+  std::deque<std::function<void()>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!thread_.joinable()) return;
+    stop_ = true;
+    dropped.swap(tasks_);
+  }
+  cv_.notify_all();
+  if (!dropped.empty()) {
+    std::fprintf(stderr, "[dpsgs] rank %d: ERROR: communicator shut down with %zu queued all-reduce(s) "
+                 "never issued; their Work handles report failure\n", rank_, dropped.size());
+    std::fflush(stderr);
+  }
+  // Run the dropped tasks in cancelled mode: each sees cancelled() and fails its Work.
+  for (auto& t : dropped) {
+    try { t(); } catch (...) {}
+  }
+  if (thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  else thread_.detach();
+  release_adopted();
+}
+
+void Communicator::adopt(std::shared_ptr<Work> work, Owner owner) {
+  std::lock_guard<std::mutex> lock(adopted_mu_);
+  adopted_.emplace_back(std::move(work), std::move(owner));
+}
+
+void Communicator::release_adopted() noexcept {
+  std::vector<Owner> release;  // dropped outside the lock (deleters may take the GIL)
+  {
+    std::lock_guard<std::mutex> lock(adopted_mu_);
+    bool stopped = stop_;
+    for (size_t i = 0; i < adopted_.size();) {
+      bool done = stopped;
+      try {
+        done = done || adopted_[i].first->is_completed();
+      } catch (...) {
+        done = true;  // failed: its requests were cancelled/freed
+      }
+      if (done) {
+        release.push_back(std::move(adopted_[i].second));
+        adopted_[i] = std::move(adopted_.back());
+        adopted_.pop_back();
+      } else {
+        ++i;
+      }
+    }
+  }
+}
+
+size_t Communicator::queued() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return tasks_.size() + (running_task_ ? 1 : 0);
+}
+
+void Communicator::enqueue(std::function<void()> task) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stop_) {
+      tasks_.push_back(std::move(task));
+      cv_.notify_one();
+      return;
+    }
+  }
+  task();  // cancelled: the task fails its own Work
+}
+
+void Communicator::progress_loop() {
+  for (;;) {
+    std::function<void()> task;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      running_task_ = false;
+      cv_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+      if (stop_) return;
+      task = std::move(tasks_.front());
+      tasks_.pop_front();
+      running_task_ = true;
+    }
+    try {
+      task();
+    } catch (const std::exception& e) {  // tasks catch their own errors; this is a last resort
+      std::fprintf(stderr, "[dpsgs] rank %d: progress thread task failed: %s\n", rank_, e.what());
+    } catch (...) {
+      std::fprintf(stderr, "[dpsgs] rank %d: progress thread task failed (unknown)\n", rank_);
+    }
+  }
+}
+
+std::shared_ptr<Communicator> Communicator::split(int color, int key) {
+  barrier();  // bounded arrival check: MPI_Comm_split itself has no deadline
+  MPI_Comm out = MPI_COMM_NULL;
+  DPSGS_CHECK_MPI(MPI_Comm_split(p2p_, color < 0 ? MPI_UNDEFINED : color, key, &out), rank_, kNoPeer);
+  if (out == MPI_COMM_NULL) return nullptr;
+  std::shared_ptr<Communicator> sub;
+  try {
+    sub = std::make_shared<Communicator>(out, timeout_s_, warn_after_s_);
+  } catch (...) {
+    MPI_Comm_free(&out);
+    throw;
+  }
+  MPI_Comm_free(&out);
+  return sub;
+}
+
+void Communicator::barrier() {
+  MPI_Request req;
+  DPSGS_CHECK_MPI(MPI_Ibarrier(p2p_, &req), rank_, kNoPeer);
+  wait_request(&req, *this, [this] {
+    return str_cat("rank ", rank_, ": barrier over ", size_, " ranks (some rank has not reached it)");
+  }, kNoPeer);
+}
+
+void Communicator::abort(int code, const std::string& message) {
+  std::fprintf(stderr, "[dpsgs] rank %d (world rank %d): aborting the job (code %d): %s\n", rank_,
+               world_rank_, code, message.c_str());
+  std::fflush(stderr);
+  std::fflush(stdout);
+  MPI_Abort(p2p_ != MPI_COMM_NULL ? p2p_ : MPI_COMM_WORLD, code);
+  std::_Exit(code);  // MPI_Abort should not return
+}
+
+void shutdown_all_communicators() noexcept {
+  std::set<Communicator*> live;
+  {
+    std::lock_guard<std::mutex> lock(g_live_mu);
+    live = g_live;
+  }
+  for (auto* c : live) c->shutdown();
+}
+
+}  // namespace dpsgs

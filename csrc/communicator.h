@@ -1,0 +1,92 @@
+// Communicator: duplicates of the caller's MPI communicator plus one progress thread for collectives.
+#pragma once
+
+#include <mpi.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "buffer.h"
+#include "common/backoff.h"
+#include "work.h"
+
+namespace dpsgs {
+
+// Owns two duplicates of the caller's communicator, both MPI_ERRORS_RETURN:
+//  - p2p_:  used by the caller's thread (channels, barrier, split);
+//  - coll_: used only by the progress thread (the reducer's all-reduces),
+// so the two streams of traffic can never match each other's messages.
+// Construction, split() and barrier() are collective over the communicator. Never calls
+// MPI_Init/MPI_Finalize. Requires MPI_THREAD_MULTIPLE (two threads call MPI).
+class Communicator : public std::enable_shared_from_this<Communicator> {
+ public:
+  Communicator(MPI_Comm parent, double timeout_s, double warn_after_s);
+  ~Communicator();  // never throws; reports queued tasks it drops
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  double timeout() const { return timeout_s_; }
+  double warn_after() const { return warn_after_s_; }
+  void set_timeout(double t) { timeout_s_ = t; }
+  MPI_Comm p2p() const { return p2p_; }
+  MPI_Comm coll() const { return coll_; }
+  // Rank of this process in MPI_COMM_WORLD (for messages: "world rank").
+  int world_rank() const { return world_rank_; }
+
+  // Collective. color < 0: this rank joins no group and gets nullptr.
+  std::shared_ptr<Communicator> split(int color, int key);
+  void barrier();
+  [[noreturn]] void abort(int code, const std::string& message);
+
+  // Queues a task for the progress thread; tasks run one at a time in FIFO order. A task
+  // reports its own errors (it owns a StateWork); it may poll cancelled() to give up early.
+  void enqueue(std::function<void()> task);
+  bool cancelled() const { return stop_; }
+  // Stops the progress thread (pending tasks are reported on stderr and dropped). Idempotent.
+  void shutdown() noexcept;
+  size_t queued() const;
+
+  // Keeps `owner` alive until `work` completes (for a Reducer destroyed with work in flight,
+  // without blocking its destructor). Released by release_adopted() on a caller's thread.
+  void adopt(std::shared_ptr<Work> work, Owner owner);
+  void release_adopted() noexcept;
+
+ private:
+  void progress_loop();
+  void free_comms() noexcept;
+
+  MPI_Comm p2p_ = MPI_COMM_NULL;
+  MPI_Comm coll_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1, world_rank_ = 0;
+  double timeout_s_, warn_after_s_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  std::atomic<bool> stop_{false};
+  bool running_task_ = false;
+  std::thread thread_;
+  std::mutex adopted_mu_;
+  std::vector<std::pair<std::shared_ptr<Work>, Owner>> adopted_;
+};
+
+// Waits (politely, with this communicator's deadline) for an MPI request issued on `comm`.
+// `what` names the operation for timeout/stall messages. Cancels nothing on timeout.
+void wait_request(MPI_Request* req, const Communicator& comm, const std::function<std::string()>& what,
+                  int peer, double timeout_s = -1.0, double yield_s = Backoff::kDefaultYieldSeconds,
+                  double spin_s = Backoff::kDefaultSpinSeconds);
+
+// Live communicators are shut down by _C's atexit hook before mpi4py finalizes MPI.
+void shutdown_all_communicators() noexcept;
+
+}  // namespace dpsgs

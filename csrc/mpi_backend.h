@@ -1,0 +1,45 @@
+// Host-memory collectives over MPI: datatype/op mapping and the "mpi" all-reduce (MPI_Iallreduce).
+#pragma once
+
+#include <mpi.h>
+
+#include <atomic>
+#include <functional>
+#include <mutex>
+#include <string>
+
+#include "buffer.h"
+#include "work.h"
+
+namespace dpsgs {
+
+class Communicator;
+
+MPI_Datatype mpi_datatype(DType dtype);
+// MPI_SUM, or a user op that sums float16/bfloat16 through float32.
+MPI_Op mpi_sum_op(DType dtype);
+
+// In-place sum via MPI_Iallreduce on `comm` (polled politely until the deadline), then the
+// division by `divisor` (1 = plain sum). `what` names the operation for errors.
+// Non-blocking variant issued from the caller's thread: MPI_Iallreduce now, the division when
+// a test first finds it complete. Polled by is_completed()/wait() (and by any MPI progress).
+class MpiAllreduceWork : public Work {
+ public:
+  MpiAllreduceWork(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor, std::string what);
+  ~MpiAllreduceWork() override;
+  bool is_completed() override;
+  std::string describe() const override { return what_; }
+
+ private:
+  std::mutex mu_;
+  MPI_Request req_ = MPI_REQUEST_NULL;
+  bool done_ = false;
+  Buffer buf_;
+  int divisor_, rank_;
+  std::string what_;
+};
+
+void mpi_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
+                   const std::function<std::string()>& what);
+
+}  // namespace dpsgs

@@ -1,0 +1,132 @@
+// Reducer: validates, queues each all-reduce to the communicator's progress thread, keeps owners alive.
+#include "reducer.h"
+
+#include <cstdio>
+#include <mutex>
+
+#include "common/backoff.h"
+#include "common/error.h"
+#include "mpi_backend.h"
+#include "reduce_kernels.h"
+
+namespace dpsgs {
+
+Algorithm parse_algorithm(const std::string& name) {
+  if (name == "auto") return Algorithm::Auto;
+  if (name == "ring") return Algorithm::Ring;
+  if (name == "mpi") return Algorithm::Mpi;
+  throw ValueError("Reducer: unknown algorithm '" + name + "' (choose auto, ring or mpi)");
+}
+
+const char* algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::Auto: return "auto";
+    case Algorithm::Ring: return "ring";
+    case Algorithm::Mpi: return "mpi";
+  }
+  return "?";
+}
+
+// Touched only by the progress thread once tasks run.
+struct Reducer::Shared {
+  std::mutex mu;
+  std::string failed;  // first failure; later all-reduces fail at once
+  std::string get() {
+    std::lock_guard<std::mutex> l(mu);
+    return failed;
+  }
+  void set(const std::string& e) {
+    std::lock_guard<std::mutex> l(mu);
+    if (failed.empty()) failed = e;
+  }
+};
+
+Reducer::Reducer(std::shared_ptr<Communicator> comm, ReducerOptions opt)
+    : comm_(std::move(comm)), opt_(opt), shared_(std::make_shared<Shared>()) {
+  DPSGS_CHECK_ARG(comm_ != nullptr, "Reducer: communicator is None");
+  DPSGS_CHECK_ARG(opt_.ring.chunk_bytes >= 64, "Reducer: chunk_bytes ", opt_.ring.chunk_bytes, " < 64");
+}
+
+Reducer::~Reducer() {
+  // Never blocks: work still in flight is handed to the communicator, which keeps the buffers
+  // alive until it completes (the progress thread does not need this object).
+  for (auto& [work, owner] : pending_) {
+    bool done;
+    try {
+      done = work->is_completed();
+    } catch (...) {
+      done = true;
+    }
+    if (!done) comm_->adopt(work, std::move(owner));
+  }
+}
+
+Algorithm Reducer::choose(const Buffer& buf) const {
+  if (opt_.algorithm != Algorithm::Auto) return opt_.algorithm;
+  return buf.bytes < opt_.mpi_below_bytes ? Algorithm::Mpi : Algorithm::Ring;
+}
+
+void Reducer::release_completed() {
+  while (!pending_.empty()) {
+    bool done;
+    try {
+      done = pending_.front().first->is_completed();
+    } catch (...) {
+      done = true;  // failed: MPI no longer reads the buffer (requests were cancelled/freed)
+    }
+    if (!done) break;
+    pending_.pop_front();
+  }
+}
+
+std::shared_ptr<Work> Reducer::allreduce(const Buffer& buf, Owner owner, bool average) {
+  const int rank = comm_->rank(), n = comm_->size();
+  uint64_t id = issued_;
+  auto name = [&] {
+    return str_cat("rank ", rank, ": all-reduce #", id, " (", buf.bytes, " bytes ", dtype_name(buf.dtype), " ",
+                   buf.shape_string(), ") over ", n, " ranks");
+  };
+  DPSGS_CHECK_ARG(buf.device == Device::CPU, name(), ": CUDA buffer given to the MPI reducer; use the NCCL backend");
+  DPSGS_CHECK_ARG(reducible(buf.dtype), name(), ": dtype ", dtype_name(buf.dtype), " cannot be summed");
+  release_completed();
+  comm_->release_adopted();
+  ++issued_;
+  if (buf.bytes == 0 || n == 1) {
+    return std::make_shared<CompletedWork>(name());  // averaging over one rank is the identity
+  }
+  Algorithm algo = choose(buf);
+  int divisor = average ? n : 1;
+  std::string what = algo == Algorithm::Mpi
+                         ? str_cat(name(), " [mpi]")
+                         : str_cat(name(), " [ring: from rank ", (rank + n - 1) % n, ", to rank ", (rank + 1) % n, "]");
+  if (algo == Algorithm::Mpi) {
+    // Issued now from this thread (MPI orders collectives per communicator; the progress
+    // thread's ring traffic is point-to-point and cannot match it).
+    auto work = std::make_shared<MpiAllreduceWork>(*comm_, comm_->coll(), buf, divisor, what);
+    pending_.emplace_back(work, std::move(owner));
+    return work;
+  }
+  auto work = std::make_shared<StateWork>(what, comm_->timeout(), comm_->warn_after());
+  pending_.emplace_back(work, std::move(owner));
+  auto comm = comm_;
+  auto shared = shared_;
+  RingOptions ring = opt_.ring;
+  Buffer b = buf;
+  comm_->enqueue([comm, shared, work, b, divisor, ring] {
+    try {
+      if (comm->cancelled()) throw CommError(work->describe() + ": cancelled (communicator shut down)");
+      std::string earlier = shared->get();
+      if (!earlier.empty())
+        throw CommError(work->describe() + ": not run because an earlier all-reduce failed: " + earlier);
+      auto what = [&] { return work->describe(); };
+      ring_allreduce(*comm, comm->coll(), b, divisor, ring, what);
+      work->set_done();
+    } catch (const std::exception& e) {
+      shared->set(e.what());
+      work->set_error(std::current_exception());
+    }
+  });
+  return work;
+}
+
+}  // namespace dpsgs

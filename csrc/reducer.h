@@ -1,0 +1,55 @@
+// Reducer: ordered, asynchronous averaging all-reduce of host buffers on the progress thread.
+#pragma once
+
+#include <deque>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "buffer.h"
+#include "communicator.h"
+#include "ring_allreduce.h"
+#include "work.h"
+
+namespace dpsgs {
+
+enum class Algorithm { Auto, Ring, Mpi };
+Algorithm parse_algorithm(const std::string& name);
+const char* algorithm_name(Algorithm a);
+
+struct ReducerOptions {
+  Algorithm algorithm = Algorithm::Auto;
+  RingOptions ring;
+  // "auto" uses MPI_Iallreduce below this many bytes: MPICH is as fast or faster there
+  // (2 ranks, this machine: ring wins from ~256 KiB-1 MiB up).
+  size_t mpi_below_bytes = 256 * 1024;
+};
+
+// Contract: every rank calls allreduce() with buffers of the same dtype and size in the same
+// order (the progress thread issues them FIFO). The buffer must stay untouched until its Work
+// completes; the Reducer keeps its owner alive until then. After a failed all-reduce the
+// communicator's collective stream is unusable: later all-reduces fail at once (abort the job).
+class Reducer {
+ public:
+  Reducer(std::shared_ptr<Communicator> comm, ReducerOptions opt);
+  ~Reducer();  // waits (bounded) for its queued all-reduces; reports any dropped
+  Reducer(const Reducer&) = delete;
+  Reducer& operator=(const Reducer&) = delete;
+
+  std::shared_ptr<Work> allreduce(const Buffer& buf, Owner owner, bool average);
+  Algorithm choose(const Buffer& buf) const;
+  const ReducerOptions& options() const { return opt_; }
+  uint64_t issued() const { return issued_; }
+  // Releases owners of completed all-reduces (the caller's thread; bindings hold the GIL).
+  void release_completed();
+
+ private:
+  struct Shared;  // state the progress thread uses (outlives the Reducer while tasks run)
+  std::shared_ptr<Communicator> comm_;
+  ReducerOptions opt_;
+  std::shared_ptr<Shared> shared_;
+  std::deque<std::pair<std::shared_ptr<Work>, Owner>> pending_;
+  uint64_t issued_ = 0;
+};
+
+}  // namespace dpsgs
