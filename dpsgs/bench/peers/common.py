@@ -1,0 +1,116 @@
+"""What every peer runner shares: workload arguments, model, synthetic batches, timer, result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Workload", "add_workload_args", "workload_from_args", "make_model", "make_batches",
+           "make_optimizer", "StepTimer", "write_result", "mpi_rank_size", "set_threads"]
+
+
+@dataclass
+class Workload:
+    model: str
+    in_shape: tuple[int, ...]
+    num_classes: int
+    batch: int                 # global samples per step, the same for every configuration
+    steps: int                 # timed steps
+    warmup: int                # untimed steps first (allocator, caches, lazy connections)
+    seed: int = 0
+    pool: int = 4              # distinct synthetic batches cycled through
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--in-shape", default="3,32,32")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch", type=int, required=True, help="global samples per step")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    p.add_argument("--out", required=True, help="result JSON (written by rank 0)")
+
+
+def workload_from_args(a: argparse.Namespace) -> Workload:
+    shape = tuple(int(v) for v in a.in_shape.split(","))
+    return Workload(a.model, shape, a.num_classes, a.batch, a.steps, a.warmup, a.seed)
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    # interop threads can only be set before any parallel work; ignore if too late
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+def make_model(w: Workload) -> nn.Sequential:
+    """The same weights on every rank and in every runner (seeded before building)."""
+    from dpsgs.models import build_model
+
+    torch.manual_seed(w.seed)
+    return build_model(w.model, w.in_shape, w.num_classes)
+
+
+def make_batches(w: Workload, batch: int,
+                 offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`pool` synthetic (x, y) batches of `batch` samples; `offset` picks a replica's slice
+    so data-parallel ranks see different samples of the same global batch."""
+    g = torch.Generator().manual_seed(w.seed + 1)
+    out = []
+    for _ in range(w.pool):
+        x = torch.randn(w.batch, *w.in_shape, generator=g)
+        y = torch.randint(0, w.num_classes, (w.batch,), generator=g)
+        out.append((x[offset:offset + batch].contiguous(), y[offset:offset + batch].contiguous()))
+    return out
+
+
+def make_optimizer(params: Any) -> torch.optim.Optimizer:
+    # The trainer's defaults (SGD, momentum 0.9, wd 5e-4); a small lr keeps synthetic runs finite.
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+@dataclass
+class StepTimer:
+    """Wall seconds of every step (warm-up included; the report drops it)."""
+    times: list[float] = field(default_factory=list)
+    _t0: float = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        dt = time.perf_counter() - self._t0
+        self.times.append(dt)
+        return dt
+
+
+def mpi_rank_size() -> tuple[int, int]:
+    """Rank and size from the launcher's environment (MPICH/Hydra, Open MPI, Slurm), so a
+    runner that talks gloo needs no MPI library."""
+    for r, s in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                 ("SLURM_PROCID", "SLURM_NTASKS"), ("RANK", "WORLD_SIZE")):
+        if r in os.environ and s in os.environ:
+            return int(os.environ[r]), int(os.environ[s])
+    return 0, 1
+
+
+def write_result(path: str | Path, record: dict[str, Any]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
