@@ -2,7 +2,10 @@
 
 A transport makes `channel(peer, tag, sending, name)` objects with `send(tensor) -> work`
 and `recv(dtype, shape) -> tensor` (a tensor the caller owns: it may be stashed), and
-`reducer(params)` objects with `zero_grad() / start_all() / wait()` that leave the replica mean in every `p.grad`.
+`reducer(params[, buffers=2])` objects with `zero_grad() / start_all() / wait()` that leave
+the replica mean in every `p.grad`. `buffers=2` asks for two gradient sets (see
+`dpsgs.comm.GradientReducer`); a reducer whose `buffers` attribute is not 2 has one, and the
+worker then never backpropagates while it reduces.
 `Mpi4pyTransport` is the plain-MPI baseline (no progress thread, no buckets, no overlap):
 tests use it to check the trainer's algorithm independently of the C++ core, benchmarks to
 show what the core adds.
@@ -30,12 +33,13 @@ class CoreTransport:
 
         return TensorChannel(self.comm, peer, tag, sending, name)
 
-    def reducer(self, params: list[torch.nn.Parameter]) -> Any:
+    def reducer(self, params: list[torch.nn.Parameter], buffers: int = 1) -> Any:
         from .comm import GradientReducer
 
         c = self.config
         return GradientReducer(params, self.stage_comm, bucket_cap_mb=c.bucket_cap_mb,
-                               first_bucket_mb=c.first_bucket_mb, algorithm=c.allreduce)
+                               first_bucket_mb=c.first_bucket_mb, algorithm=c.allreduce,
+                               buffers=buffers)
 
 
 def _poll(req: Any, timeout: float, what: str) -> None:
@@ -119,6 +123,7 @@ class Mpi4pyTransport:
     def channel(self, peer: int, tag: int, sending: bool, name: str) -> _Mpi4pyChannel:
         return _Mpi4pyChannel(self.comm, peer, tag, sending, name, self.timeout)
 
-    def reducer(self, params: list[torch.nn.Parameter]) -> _Mpi4pyReducer:
+    def reducer(self, params: list[torch.nn.Parameter], buffers: int = 1) -> _Mpi4pyReducer:
+        """One gradient set whatever `buffers` asks: the baseline does not overlap."""
         return _Mpi4pyReducer(params, self.stage_comm, self.timeout)
 

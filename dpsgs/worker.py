@@ -55,9 +55,19 @@ class StageWorker:
                                              f"act r{r} s{stage}->s{stage + 1}")
             self.grad_in = transport.channel(rank + 1, GRAD_TAG, False,
                                              f"grad r{r} s{stage + 1}->s{stage}")
-        # a parameterless stage has nothing to reduce; one replica has nothing to average
-        self.reducer = (transport.reducer(self.compute.params)
-                        if self.compute.params and self.N > 1 else None)
+        # overlap=step may wait for last step's reduce after this step's backward only where
+        # the backward reads no live weight (stashed weights, not the last stage): the
+        # numbers stay those of the plan, and the reduce overlaps a whole step of compute
+        late = (cfg.schedule == "fdg" and cfg.overlap == "step" and cfg.stash == "weights"
+                and stage < self.K - 1)
+        # a parameterless stage has nothing to reduce; one replica has nothing to average.
+        # `buffers` is passed only when wanted, so transports that predate it still work.
+        self.reducer = None
+        if self.compute.params and self.N > 1:
+            extra = {"buffers": 2} if late else {}
+            self.reducer = transport.reducer(self.compute.params, **extra)
+        # the backward may only run during a reduce if it writes the other gradient set
+        self._apply_late = late and getattr(self.reducer, "buffers", 1) == 2
         self._sends: list[Any] = []
         self.losses: dict[int, tuple[float, int, int]] = {}   # global batch -> loss, correct, n
         self.staleness: list[tuple[int, int, int]] = []       # (stage, global batch, steps)
@@ -141,7 +151,7 @@ class StageWorker:
                     x = self.setup.batch(*seg[s.forward], self.replica)[0]
             if s.backward is not None and not last:
                 g = self._recv(self.grad_in, B, self.out_shape, f"grad b{s.backward}")
-            if overlap == "step" and s.apply is not None:
+            if overlap == "step" and s.apply is not None and not self._apply_late:
                 self._apply(self._global(seg[s.apply]))
                 self.staleness.append((k, self._global(seg[s.apply]), t - fwd_at.pop(s.apply)))
             if last and s.forward is not None:
@@ -163,7 +173,7 @@ class StageWorker:
                 if k > 0:
                     self._send(self.grad_out, gi, f"grad b{s.backward}")
                 self._start_reduce()
-            if overlap == "backward" and s.apply is not None:
+            if s.apply is not None and (overlap == "backward" or self._apply_late):
                 self._apply(self._global(seg[s.apply]))
                 self.staleness.append((k, self._global(seg[s.apply]), t - fwd_at.pop(s.apply)))
             if not last and s.forward is not None:

@@ -82,3 +82,9 @@ def test_torch_gradient_reducer_and_tensor_channel(nprocs: int) -> None:
     pytest.importorskip("torch")
     run = run_ranks(nprocs, "comm_torch_ranks.py", timeout=90)
     assert "PASS" in run.stdout, run.tail()
+
+
+def test_two_gradient_sets_overlap_the_next_backward() -> None:
+    pytest.importorskip("torch")
+    run = run_ranks(2, "reducer_two_sets_ranks.py", timeout=90)
+    assert "two gradient sets" in run.stdout and "PASS" in run.stdout, run.tail()

@@ -33,7 +33,8 @@ def main() -> None:
                 "losses": dict(w.losses), "staleness": list(w.staleness),
                 "params": [p.detach().clone() for p in w.compute.params],
                 "buffers": [b.detach().clone() for b in w.compute.module.buffers()],
-                "stash_peak_bytes": w.compute.peak_stash_bytes}
+                "stash_peak_bytes": w.compute.peak_stash_bytes,
+                "grad_sets": getattr(w.reducer, "buffers", 1) if w.reducer else 0}
         everyone = comm.gather(mine, root=0)
         if comm.rank == 0:
             torch.save({"ranks": everyone, "summary": summary}, out / f"{name}.pt")
