@@ -1,0 +1,9 @@
+"""Benchmarks: communication microbenchmarks (dpsgs vs raw mpi4py) and training throughput.
+
+Communication (`python -m dpsgs.bench.comm`): `harness` (sizes, timing, tables, JSON,
+verification), `p2p` (channel latency and bandwidth), `allreduce` (time/algbw/busbw),
+`overlap` (OSU overlap %), `report` (side-by-side tables, summary), `comm` (entry point).
+Training (`python -m dpsgs.bench.train`): the `train*` and `tta` modules.
+"""
+
+__all__ = ["allreduce", "comm", "harness", "overlap", "p2p", "report"]

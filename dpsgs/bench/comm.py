@@ -1,0 +1,150 @@
+"""Communication benchmark entry point: p2p, all-reduce and overlap, dpsgs vs raw mpi4py.
+
+    mpirun -n 2 python -m dpsgs.bench.comm                      # 8 B .. 64 MiB, x4
+    mpirun -n 2 python -m dpsgs.bench.comm -b 8 -e 64M -f 4 -n 20 -w 5 --check --out FILE
+    mpirun -n 2 python -m dpsgs.bench.comm --raw-only -e 1M     # mpi4py side only
+    python -m dpsgs bench comm ...                              # the same, via the CLI
+
+Prints nccl-tests/OSU-style tables with dpsgs and raw side by side and ratio columns,
+then summary lines; rank 0 writes JSON (machine info, command line, every row) to --out
+(default bench/results/comm-<np>ranks.json). Exit 1 when --check finds wrong data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .harness import MIB, BenchContext, add_common_args, command_line, machine_info, \
+    parse_size, size_sweep, write_json
+from .report import print_tables, summarize, summary_lines
+
+__all__ = ["SECTIONS", "build_parser", "default_out", "main"]
+
+SECTIONS = ("p2p", "allreduce", "overlap")
+SUMMARY_SIZES = (8, MIB, 64 * MIB)
+
+
+def default_out(nprocs: int) -> Path:
+    """bench/results/comm-<np>ranks.json in the repository when run from a checkout,
+    else under the current directory."""
+    repo = Path(__file__).resolve().parents[2]
+    root = repo if (repo / "bench").is_dir() else Path.cwd()
+    return root / "bench" / "results" / f"comm-{nprocs}ranks.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpsgs.bench.comm",
+                                description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("-d", "--dtype", default="float32",
+                   choices=("float32", "float64", "int32", "int64"),
+                   help="all-reduce element type (default float32)")
+    p.add_argument("--algorithms", default="auto,ring,mpi",
+                   help="dpsgs Reducer algorithms to time (default auto,ring,mpi)")
+    p.add_argument("--window", type=int, default=64, help="osu_bw window (default 64)")
+    p.add_argument("--window-bytes", type=parse_size, default=parse_size("128M"),
+                   help="cap on bytes per window; window >= 2 (default 128M)")
+    p.add_argument("--compute", default="numpy", choices=("numpy", "sleep"),
+                   help="overlap dummy compute: numpy = fixed NumPy work on the core (OSU-like, "
+                        "default); sleep = time.sleep, leaves the core free (diagnostic)")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run (default {','.join(SECTIONS)})")
+    p.add_argument("--raw-only", action="store_true",
+                   help="skip dpsgs (its extension is not built); raw mpi4py side only")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="dpsgs wait deadline in seconds (default 120)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default bench/results/comm-<np>ranks.json); '-' for none")
+    return p
+
+
+def _open_dpsgs(comm: Any, timeout: float) -> tuple[Any, dict[str, Any]]:
+    from dpsgs import _C
+    return _C.Communicator(comm, timeout=timeout), dict(_C.build_info())
+
+
+def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    dp, dp_info = None, None
+    if not args.raw_only:
+        try:
+            dp, dp_info = _open_dpsgs(comm, args.timeout)
+        except ImportError as e:
+            if comm.Get_rank() == 0:
+                print(f"dpsgs bench: cannot import dpsgs._C ({e}). Build it first "
+                      "(pip install --no-build-isolation -e .) or pass --raw-only.",
+                      file=sys.stderr, flush=True)
+            return 2
+    ctx = BenchContext(comm, dp, args.iters, args.warmup, args.check)
+    sizes = size_sweep(args.minbytes, args.maxbytes, args.stepfactor, SUMMARY_SIZES)
+    algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
+    info = machine_info(comm, dp_info)
+    ctx.log(f"# dpsgs.bench.comm: {ctx.size} ranks on {', '.join(info['hosts'])}; "
+            f"{info['cpu_model']}, {info['cpu_count']} cores, load {info['loadavg']}")
+    ctx.log(f"# {info['mpi_library']}; mpi4py {info['mpi4py']}; numpy {info['numpy']}; "
+            f"dpsgs {'on' if dp is not None else 'OFF (--raw-only)'}")
+    ctx.log(f"# sizes {args.minbytes}..{args.maxbytes} x{args.stepfactor} (+end, 1M, 64M); "
+            f"-n {args.iters} -w {args.warmup}; check {'on' if args.check else 'off'}")
+
+    results: dict[str, Any] = {}
+    if "p2p" in sections:
+        from . import p2p
+        results["p2p"] = p2p.run(ctx, sizes, args.window, args.window_bytes)
+    if "allreduce" in sections:
+        from . import allreduce
+        results["allreduce"] = allreduce.run(ctx, sizes, args.dtype, algorithms)
+    if "overlap" in sections:
+        from . import overlap
+        results["overlap"] = overlap.run(ctx, sizes, args.dtype, algorithms[0],
+                                         args.compute)
+
+    summary = summarize(results, ctx.size)
+    # p2p rows live on ranks 0 and 1 only: rank 0's count decides every rank's exit code.
+    wrong = int(comm.bcast(summary["wrong"], root=0))
+    if ctx.rank == 0:
+        print_tables(results, ctx.size, dp is not None)
+        for line in summary_lines(summary, ctx.size, args, info):
+            print(line)
+        out = args.out if args.out is not None else str(default_out(ctx.size))
+        if out != "-":
+            data = {"benchmark": "dpsgs.bench.comm", "format": 1,
+                    "command": command_line("dpsgs.bench.comm", argv, ctx.size),
+                    "argv": list(argv), "process_argv": [sys.executable, *sys.argv],
+                    "nprocs": ctx.size, "args": dict(vars(args)), "machine": info,
+                    "dpsgs": dp is not None, "checked": args.check, "sizes": sizes,
+                    **results, "summary": summary, "wrong": wrong,
+                    "ok": (wrong == 0) if args.check else None}
+            print(f"# JSON: {write_json(out, data)}", flush=True)
+    comm.Barrier()
+    return 1 if args.check and wrong else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark on COMM_WORLD; returns the exit code (1 on wrong data). Any error
+    on any rank aborts the whole job, so no peer hangs in a collective."""
+    from mpi4py import MPI
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    comm = MPI.COMM_WORLD
+    try:
+        return _run(args, argv, comm)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The comm microbenchmark runs end to end under 2 real ranks, verifies its data and writes
+the JSON the README describes (fields and ratios only: no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from launcher import run_ranks
+
+__all__: list[str] = []
+
+TINY = ["-b", "8", "-e", "64K", "-n", "3", "-w", "1", "--check"]
+
+
+def _run(tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "comm.json"
+    run = run_ranks(2, "dpsgs.bench.comm", *TINY, "--out", str(out), *extra, module=True,
+                    timeout=180.0)
+    assert out.exists(), f"no JSON written\n{run.tail()}"
+    return json.loads(out.read_text()), run.stdout
+
+
+def _common(data: dict, stdout: str) -> None:
+    assert data["benchmark"] == "dpsgs.bench.comm"
+    assert data["nprocs"] == 2 and data["checked"] is True
+    assert data["wrong"] == 0 and data["ok"] is True
+    for key in ("hostname", "date", "cpu_model", "cpu_count", "mpi_library", "mpi4py",
+                "numpy"):
+        assert data["machine"][key], key
+    assert "-m dpsgs.bench.comm" in data["command"] and "--check" in data["argv"]
+    assert data["sizes"][0] == 8 and data["sizes"][-1] == 65536
+    lat, bw = data["p2p"]["latency"], data["p2p"]["bandwidth"]
+    assert [r["size"] for r in lat] == data["sizes"] == [r["size"] for r in bw]
+    for row in lat:
+        assert row["raw"]["wrong"] == 0 and row["raw"]["median_us"] > 0
+    for row in data["allreduce"]:
+        assert row["variants"]["mpi.Allreduce"]["wrong"] == 0
+        assert {"median_us", "algbw", "busbw"} <= set(row["variants"]["mpi.Allreduce"])
+        assert row["memcpy"]["gbps"] > 0
+    assert all("mpi.Iallreduce" in r for r in data["overlap"])
+    for key in ("latency_8B_us", "channel_bw_ratio", "allreduce_busbw_ratio", "overlap_pct",
+                "busbw_over_memcpy"):
+        assert key in data["summary"], key
+    assert "Out of bounds values : 0 OK" in stdout
+
+
+def test_bench_comm_dpsgs_vs_raw(tmp_path: Path) -> None:
+    data, stdout = _run(tmp_path)
+    _common(data, stdout)
+    assert data["dpsgs"] is True and data["machine"]["dpsgs"]
+    for row in data["p2p"]["latency"]:
+        assert row["dpsgs"]["wrong"] == 0 and row["ratio"] > 0 and "diff_us" in row
+    for row in data["p2p"]["bandwidth"]:
+        assert row["ratio"] > 0
+    for row in data["allreduce"]:
+        for name in ("dpsgs.auto", "dpsgs.ring", "dpsgs.mpi"):
+            assert row["variants"][name]["wrong"] == 0, (name, row["size"])
+        assert row["ratio"] > 0
+    for row in data["overlap"]:
+        assert 0 <= row["dpsgs.auto"]["overlap_pct"] <= 100
+    assert data["summary"]["latency_8B_us"]["diff"] is not None
+    assert "ratio" in stdout and "dpsgs Channel" in stdout
+
+
+def test_bench_comm_raw_only(tmp_path: Path) -> None:
+    """The raw mpi4py side alone (no extension needed): same fields, dpsgs columns N/A."""
+    data, stdout = _run(tmp_path, "--raw-only")
+    _common(data, stdout)
+    assert data["dpsgs"] is False
+    assert all("dpsgs" not in r for r in data["p2p"]["latency"])
