@@ -381,6 +381,9 @@ def train(config: Any, comm: Any = None, **kwargs: Any) -> dict[str, Any]:
             # peers would wait forever (docs/reliability.md).
             from mpi4py import MPI
 
+            # let mpirun forward the message first: an abort tears the job down at once and
+            # output still in the pipe is lost (seen in the fault matrix)
+            time.sleep(0.5)
             MPI.COMM_WORLD.Abort(1)
         raise
 

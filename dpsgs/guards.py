@@ -1,0 +1,88 @@
+"""NaN/Inf guard: find the first non-finite loss or gradient and report step, stage, tensor."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["POLICIES", "NonFiniteError", "first_nonfinite", "FiniteGuard"]
+
+POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped because a loss or gradient was NaN or Inf (policy `stop`)."""
+
+
+def _kind(t: torch.Tensor) -> str:
+    nan, inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
+    return "NaN and Inf" if nan and inf else ("NaN" if nan else "Inf")
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor | None]]) -> tuple[str, str] | None:
+    """(name, "NaN" | "Inf" | "NaN and Inf") of the first tensor holding a non-finite value.
+
+    Fast path: one float64 sum per tensor and a single finiteness test of the total (NaN and
+    Inf survive a sum; float64 keeps finite float32 values from overflowing to Inf), so a
+    healthy step costs one host sync. Only when the total is non-finite are tensors scanned.
+    """
+    tensors = [(n, t) for n, t in named if t is not None and t.is_floating_point()]
+    if not tensors:
+        return None
+    total = torch.stack([t.detach().sum(dtype=torch.float64) for _, t in tensors]).sum()
+    if bool(torch.isfinite(total)):
+        return None
+    for name, t in tensors:
+        if not bool(torch.isfinite(t.detach()).all()):
+            return name, _kind(t.detach())
+    return None
+
+
+class FiniteGuard:
+    """Per-rank guard. `check` reports a non-finite value once per step and returns False.
+
+    Policy `skip`: the caller skips this optimizer update. Gradients are checked after the
+    all-reduce, when every replica of a stage holds the same values, so the replicas of a
+    stage skip together without extra communication; a NaN loss makes NaN input-gradients,
+    so earlier stages skip that batch at their own (later) step. Policy `stop`: the report is
+    kept in `pending` until the step-boundary vote (dpsgs.agree) stops every rank together.
+    """
+
+    def __init__(self, policy: str, rank: int, stage: int) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"on_nonfinite={policy!r}: choose from {POLICIES}")
+        self.policy, self.rank, self.stage = policy, rank, stage
+        self.pending: str | None = None      # first report not yet acted on (policy stop)
+        self.skipped = 0                     # updates skipped so far (policy skip)
+
+    def check(self, step: int, what: str,
+              named: Iterable[tuple[str, torch.Tensor | None]]) -> bool:
+        """True when every tensor is finite; otherwise print a report and return False.
+        `what` names the kind of tensor ("loss", "gradient", "activation")."""
+        found = first_nonfinite(named)
+        if found is None:
+            return True
+        name, kind = found
+        report = (f"non-finite {what} ({kind}) at step {step}, stage {self.stage} "
+                  f"(rank {self.rank}), tensor '{name}'")
+        if self.policy == "skip":
+            self.skipped += 1
+            # the first few, then every 100th: a diverged run must not flood the log
+            if self.skipped <= 5 or self.skipped % 100 == 0:
+                print(f"dpsgs: {report}: skipping this update (--on-nonfinite skip; "
+                      f"{self.skipped} skipped on this rank)", file=sys.stderr, flush=True)
+        elif self.pending is None:
+            self.pending = report
+            print(f"dpsgs: {report}: stopping all ranks (--on-nonfinite stop)",
+                  file=sys.stderr, flush=True)
+        return False
+
+    def error(self, step: int, culprit_rank: int) -> NonFiniteError:
+        """The error every rank raises after the vote found a non-finite value somewhere."""
+        if self.pending is not None:
+            return NonFiniteError(f"{self.pending}; training stopped "
+                                  "(use --on-nonfinite skip to skip such updates)")
+        return NonFiniteError(f"rank {culprit_rank} found a non-finite loss or gradient by "
+                              f"step {step}; training stopped on every rank")

@@ -1,0 +1,103 @@
+"""Preemption: SIGTERM/SIGUSR1 set a flag; the trainer stops at the next agreed step boundary.
+
+Batch systems send SIGTERM (or a chosen signal such as SIGUSR1) some time before the
+walltime; hydra's mpirun forwards both to every rank. The handler does nothing but record
+the signal: no MPI, no I/O, no allocation, because it runs between two arbitrary bytecodes
+of the training loop (possibly inside a communication call). The ranks then agree on it in
+the step-boundary vote (dpsgs.agree), flush the pipeline, write a checkpoint and exit 0;
+`--resume auto` continues from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+__all__ = ["DEFAULT_SIGNALS", "PreemptionHandler", "signal_name", "save_preempted",
+           "skip_done"]
+
+DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class PreemptionHandler:
+    """Installs handlers for `signals` on the main thread; `signum` is the first one received
+    (0 = none). `uninstall` restores the previous handlers. Use as a context manager."""
+
+    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.signum:         # keep the first: a second SIGTERM must not re-trigger
+            self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def install(self) -> "PreemptionHandler":
+        # signal.signal works only on the main thread; an embedding that trains in another
+        # thread gets no handler (and no preemption) rather than an error.
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for s, prev in self._previous.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+def save_preempted(trainer: Any, seg: list[tuple[int, int]], iterations: int) -> None:
+    """Collective: checkpoint a job stopped by a signal after (flushed) segment `seg`.
+
+    The tag names the position (`preempt-e{epoch}b{batch}`), never an epoch tag, so it can
+    not overwrite (and, while saving, un-commit) the last complete epoch checkpoint. The
+    state records the epoch and the next batch inside it; `skip_done` resumes there."""
+    from dpsgs.checkpoint import save_checkpoint
+
+    cfg = trainer.config
+    epoch, batch = seg[-1][0], seg[-1][1] + 1
+    nb = trainer.setup.batches_per_epoch
+    if batch == nb:
+        epoch, batch = epoch + 1, 0
+    done = getattr(trainer, "start_iterations", 0) + iterations
+    meta = {"model": cfg.model, "epoch": epoch, "batch": batch, "step": done,
+            "schedule": cfg.schedule, "dtype": cfg.dtype, "split": trainer.setup.split,
+            "preempted": True}
+    state = {**trainer.worker.state(), "epoch": epoch, "batch": batch, "iterations": done}
+    tag = f"preempt-e{epoch}b{batch}"
+    folder = save_checkpoint(cfg.run_dir, tag, trainer.grid, trainer.rank, state, meta,
+                             trainer.control.bounded(trainer.pycomm, f"checkpoint {tag}"))
+    if trainer.rank == 0:
+        print(f"dpsgs: stopped by {trainer.control.stop_signal} at epoch {epoch}, batch "
+              f"{batch}: checkpoint {folder} written; resume with --resume auto",
+              file=sys.stderr, flush=True)
+
+
+def skip_done(segs: list[list[tuple[int, int]]], start_batch: int) -> list[list[tuple[int, int]]]:
+    """Drop the first `start_batch` batches of the first segment (a mid-epoch resume)."""
+    if start_batch <= 0 or not segs:
+        return segs
+    first = segs[0][start_batch:]
+    return ([first] if first else []) + segs[1:]
