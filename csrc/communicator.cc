@@ -211,7 +211,10 @@ void Communicator::abort(int code, const std::string& message) {
                world_rank_, code, message.c_str());
   std::fflush(stderr);
   std::fflush(stdout);
-  MPI_Abort(p2p_ != MPI_COMM_NULL ? p2p_ : MPI_COMM_WORLD, code);
+  // The whole job, not just this communicator's group: under `mpirun -disable-auto-cleanup`
+  // MPICH aborting a dup'd or split communicator ends only its members, and a peer outside
+  // it (blocked on another communicator) would wait forever.
+  MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);  // MPI_Abort should not return
 }
 
