@@ -304,8 +304,6 @@ Channel::Received Channel::recv(std::optional<DType> expect_dtype,
     out.ptr = s.head.get() + kHeaderBytes;
     out.storage = s.head;
   } else {
-    MPI_Status st;
-    int flag = 0;
     // The header is here, so the payload is in flight and moves only while this thread drives
     // MPI progress (the receiver copies, single-copy CMA).
     wait_req(&s.preq, "recv payload", seq, h->flags == kSeparate ? size_t(h->nbytes) : 1);
@@ -318,8 +316,6 @@ Channel::Received Channel::recv(std::optional<DType> expect_dtype,
                       rank_, peer_);
       wait_req(&big, "recv oversize payload", seq, size_t(h->nbytes));
     }
-    (void)st;
-    (void)flag;
     out.ptr = s.data.get();
     out.storage = s.data;
   }

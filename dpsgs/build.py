@@ -87,13 +87,15 @@ class Setup:
 
 
 def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, Any] | None = None,
-            costs: Sequence[float] | None = None, profile: bool = True) -> Setup:
+            costs: Sequence[float] | None = None, profile: bool = True,
+            split: Sequence[int] | None = None) -> Setup:
     """Data, seeded full model and split for `config`.
 
     model/data override config.model/config.dataset (embedding, tests). A given `model` is
     used as is (the caller seeds it identically on every rank). `costs` (per layer) fixes the
     balance; without them and with balance='time', layers are profiled here if `profile`
-    (the trainer profiles on rank 0 only and broadcasts the costs instead).
+    (the trainer profiles on rank 0 only and broadcasts the costs instead). `split`
+    overrides config.split (a resumed run keeps its checkpoint's split).
     """
     from .data import BatchSampler, load_dataset
 
@@ -115,8 +117,9 @@ def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, An
     model = model.to(dtype)
     layers = list(model.children())
     K = config.stages
-    if config.split:
-        split = check_split(config.split, len(layers), K)
+    split = split or config.split
+    if split:
+        split = check_split(split, len(layers), K)
     else:
         if K > len(layers):
             raise ValueError(f"model {config.model!r} has {len(layers)} blocks, cannot make "

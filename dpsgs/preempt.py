@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 __all__ = ["DEFAULT_SIGNALS", "PreemptionHandler", "signal_name", "save_preempted",
-           "skip_done"]
+           "next_position", "skip_done"]
 
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -74,25 +74,18 @@ def save_preempted(trainer: Any, seg: list[tuple[int, int]], iterations: int) ->
     The tag names the position (`preempt-e{epoch}b{batch}`), never an epoch tag, so it can
     not overwrite (and, while saving, un-commit) the last complete epoch checkpoint. The
     state records the epoch and the next batch inside it; `skip_done` resumes there."""
-    from dpsgs.checkpoint import save_checkpoint
-
-    cfg = trainer.config
-    epoch, batch = seg[-1][0], seg[-1][1] + 1
-    nb = trainer.setup.batches_per_epoch
-    if batch == nb:
-        epoch, batch = epoch + 1, 0
-    done = getattr(trainer, "start_iterations", 0) + iterations
-    meta = {"model": cfg.model, "epoch": epoch, "batch": batch, "step": done,
-            "schedule": cfg.schedule, "dtype": cfg.dtype, "split": trainer.setup.split,
-            "preempted": True}
-    state = {**trainer.worker.state(), "epoch": epoch, "batch": batch, "iterations": done}
-    tag = f"preempt-e{epoch}b{batch}"
-    folder = save_checkpoint(cfg.run_dir, tag, trainer.grid, trainer.rank, state, meta,
-                             trainer.control.bounded(trainer.pycomm, f"checkpoint {tag}"))
+    folder = trainer._checkpoint(seg, iterations, preempted=True)
+    epoch, batch = next_position(seg, trainer.setup.batches_per_epoch)
     if trainer.rank == 0:
         print(f"dpsgs: stopped by {trainer.control.stop_signal} at epoch {epoch}, batch "
               f"{batch}: checkpoint {folder} written; resume with --resume auto",
               file=sys.stderr, flush=True)
+
+
+def next_position(seg: list[tuple[int, int]], batches_per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch) of the first batch after segment `seg`: where a resume starts."""
+    epoch, batch = seg[-1][0], seg[-1][1] + 1
+    return (epoch + 1, 0) if batch == batches_per_epoch else (epoch, batch)
 
 
 def skip_done(segs: list[list[tuple[int, int]]], start_batch: int) -> list[list[tuple[int, int]]]:

@@ -33,7 +33,7 @@ from .topology import Grid
 from .worker import StageWorker
 from . import faults
 from .control import StepControl
-from .preempt import save_preempted, skip_done
+from .preempt import next_position, save_preempted, skip_done
 from .whois import announce_ranks
 
 __all__ = ["Trainer", "train"]
@@ -82,6 +82,10 @@ class Trainer:
         self.rank = self.pycomm.Get_rank()
         self.replica, self.stage = self.grid.coords(self.rank)
         self.core = None
+        from .checkpoint import resolve_resume
+
+        # resolved before the split is chosen: a resumed run keeps the checkpoint's
+        self.resume_from = resolve_resume(config.resume, config.run_dir)
         self.setup = self._prepare(model, data)
         if self.stage > 0:          # only stage 0 reads inputs; the last stage reads labels
             self.setup.drop_inputs()
@@ -102,9 +106,10 @@ class Trainer:
         self.log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.rank == 0 else None)
         self.rank_log = MetricsLog(run_dir / f"metrics.rank{self.rank}.jsonl" if run_dir else None)
         self.start_epoch = 0
-        self.start_batch = 0          # > 0 after a preemption checkpoint taken mid-epoch
+        self.start_batch = 0          # > 0 after a checkpoint taken mid-epoch
         self.start_iterations = 0     # batches trained before this process (resume)
         self.global_step = 0
+        self.start_step = 0           # global_step of the checkpoint resumed from
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self._bar = None
@@ -115,8 +120,15 @@ class Trainer:
     # -- construction --------------------------------------------------------------------
     def _prepare(self, model: nn.Sequential | None, data: tuple[Any, Any] | None) -> Setup:
         cfg = self.config
-        if cfg.split or cfg.balance != "time":
-            return prepare(cfg, model, data)
+        # its shards hold the checkpoint's stages (a fresh time profile may split elsewhere);
+        # an explicit --split that differs fails the metadata check in _resume
+        stored = None
+        if self.resume_from is not None and not cfg.split:
+            from .checkpoint import read_manifest
+
+            stored = read_manifest(self.resume_from)["meta"].get("split")
+        if stored or cfg.split or cfg.balance != "time":
+            return prepare(cfg, model, data, split=stored)
         # timing differs between ranks: rank 0 profiles, everyone uses its numbers
         costs = None
         if self.rank == 0:
@@ -272,7 +284,7 @@ class Trainer:
                                           test_acc=f"{test['test_accuracy']:.3f}")
             if cfg.run_dir and (is_final or (epoch_done and cfg.checkpoint_every
                                              and (epoch + 1) % cfg.checkpoint_every == 0)):
-                self._checkpoint(epoch + 1 if epoch_done else epoch, iterations)
+                self._checkpoint(seg, iterations)
         seconds = time.perf_counter() - t0
         if self._bar is not None:
             self._bar.close()
@@ -297,7 +309,9 @@ class Trainer:
         samples = iterations * cfg.batch_size * cfg.replicas
         last = self.pycomm.bcast(getattr(self, "last_train", {}), root=0)
         return {"mode": "mpi", "schedule": cfg.schedule, "stages": cfg.stages,
-                "replicas": cfg.replicas, "steps": self.global_step, "iterations": iterations,
+                "replicas": cfg.replicas,
+                "steps": self.global_step - self.start_step,   # this process's, like iterations
+                "iterations": iterations,
                 "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0,
                 "final_train_loss": last.get("loss"),
                 "staleness": {m["stage"]: m["staleness"] for m in per_stage},
@@ -305,23 +319,35 @@ class Trainer:
                 "stage_params": [m["params"] for m in per_stage],
                 "split": self.setup.split, "run_dir": cfg.run_dir, **test}
 
-    def _checkpoint(self, epoch: int, iterations: int) -> None:
+    def _checkpoint(self, seg: list[tuple[int, int]], iterations: int,
+                    preempted: bool = False) -> Path:
+        """Collective: checkpoint the position after (flushed) segment `seg`; the folder.
+
+        An epoch's end is tagged `epoch{E}`; a stop inside epoch E before batch B gets a tag
+        of its own (`e{E}b{B}`, `preempt-e{E}b{B}` for a signal), so saving it never
+        un-commits the epoch checkpoint. The state records the next batch; `skip_done`
+        resumes there."""
         from .checkpoint import save_checkpoint
 
-        iterations += self.start_iterations   # manifests count from the run's start
-        meta = {"model": self.config.model, "epoch": epoch, "step": iterations,
-                "schedule": self.config.schedule, "dtype": self.config.dtype,
-                "split": self.setup.split}
-        state = {**self.worker.state(), "epoch": epoch, "iterations": iterations}
-        save_checkpoint(self.config.run_dir, f"epoch{epoch}", self.grid, self.rank, state,
-                        meta, self.control.bounded(self.pycomm, f"checkpoint epoch{epoch}"))
+        cfg = self.config
+        epoch, batch = next_position(seg, self.setup.batches_per_epoch)
+        done = self.start_iterations + iterations   # manifests count from the run's start
+        meta = {"model": cfg.model, "epoch": epoch, "batch": batch, "step": done,
+                "schedule": cfg.schedule, "dtype": cfg.dtype, "split": self.setup.split}
+        if preempted:
+            meta["preempted"] = True
+            tag = f"preempt-e{epoch}b{batch}"
+        else:
+            tag = f"epoch{epoch}" if batch == 0 else f"e{epoch}b{batch}"
+        state = {**self.worker.state(), "epoch": epoch, "batch": batch, "iterations": done,
+                 "global_step": self.global_step}
+        return save_checkpoint(cfg.run_dir, tag, self.grid, self.rank, state, meta,
+                               self.control.bounded(self.pycomm, f"checkpoint {tag}"))
 
     def _resume(self) -> None:
-        from .checkpoint import load_checkpoint, resolve_resume
+        from .checkpoint import load_checkpoint
 
-        if not self.config.resume:
-            return
-        path = resolve_resume(self.config.resume, self.config.run_dir)
+        path = self.resume_from
         if path is None:
             return
         state = load_checkpoint(path, self.grid, self.stage,
@@ -330,6 +356,8 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.start_batch = int(state.get("batch", 0))
         self.start_iterations = int(state.get("iterations", 0))
+        # metrics continue the resumed run's step numbers (older checkpoints: from 0)
+        self.start_step = self.global_step = int(state.get("global_step", 0))
         if self.rank == 0:
             print(f"dpsgs: resumed from {path} at epoch {self.start_epoch}", file=sys.stderr)
 

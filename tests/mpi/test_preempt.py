@@ -104,7 +104,8 @@ def _assert_same(a: object, b: object, where: str = "state") -> None:
 
 def _losses(run_dir: Path) -> dict[int, list[float]]:
     """epoch -> its training losses in order, from rank 0's metrics.jsonl. A resumed run
-    numbers its steps afresh, so a block that restarts an epoch replaces the older one."""
+    numbers its steps from its checkpoint's, so a block that repeats steps of an epoch
+    (redone after a kill) replaces the older one."""
     out: dict[int, list[float]] = {}
     last_step: dict[int, int] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

@@ -36,8 +36,10 @@ def main() -> None:
         if world.rank < 2:
             s = train(toy_config(stages=2, replicas=1, max_steps=6), sub,
                       model=toy_model(), data=toy_data(), transport=transport)
+            # one write with its newline: hydra may splice another rank's output between
+            # print's two writes (text, then end), merging two lines
             print(f"rank {world.rank}: trained steps={s['steps']} "
-                  f"acc={s['test_accuracy']:.6f}", flush=True)
+                  f"acc={s['test_accuracy']:.6f}\n", end="", flush=True)
         else:
             time.sleep(0.5)                       # "other work" of the workflow
             print(f"rank {world.rank}: did other work", flush=True)

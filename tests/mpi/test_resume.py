@@ -1,0 +1,63 @@
+"""Resume with real ranks: step numbering continues, the checkpoint's split is kept, and a
+final checkpoint cut mid-epoch by --max-steps gets its own tag and batch offset."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_preempt import _tail, _train  # noqa: E402
+
+from dpsgs.checkpoint import latest_checkpoint, read_manifest  # noqa: E402
+from dpsgs.metrics import read_metrics  # noqa: E402
+
+
+def test_resumed_run_continues_the_step_numbering(tmp_path: Path) -> None:
+    k, n = 2, 1
+    first = _train(k, n, tmp_path, epochs=2)
+    assert first.returncode == 0, _tail(first)
+    files = ["metrics.jsonl", *(f"metrics.rank{r}.jsonl" for r in range(k * n))]
+    before = {f: read_metrics(tmp_path / f) for f in files}
+    resumed = _train(k, n, tmp_path, "--resume", "auto", epochs=3)
+    assert resumed.returncode == 0, _tail(resumed)
+    for f in files:
+        old, new = before[f], read_metrics(tmp_path / f)[len(before[f]):]
+        # 2 epochs x (8 batches + 2 flush steps) = steps 0..19; the 3rd epoch is 20..29
+        steps = [m["step"] for m in new if "test_loss" not in m]   # evals repeat a step
+        assert old[-1]["step"] == 19 and steps == list(range(20, 30)), (f, steps)
+
+
+def test_resume_keeps_the_checkpoints_split_under_balance_time(tmp_path: Path) -> None:
+    k, n = 2, 1
+    # [3] leaves only the tiny output layer to stage 1: a time balance never picks it
+    first = _train(k, n, tmp_path, "--split", "3", epochs=1)
+    assert first.returncode == 0, _tail(first)
+    resumed = _train(k, n, tmp_path, "--balance", "time", "--resume", "auto", epochs=2)
+    assert resumed.returncode == 0, _tail(resumed)
+    assert json.loads((tmp_path / "summary.json").read_text())["split"] == [3]
+    assert read_manifest(latest_checkpoint(tmp_path))["meta"]["split"] == [3]
+    clash = _train(k, n, tmp_path, "--split", "2", "--resume", "auto", epochs=3)
+    assert clash.returncode != 0
+    assert "was saved with split=[3], this run has split=[2]" in clash.stderr, _tail(clash)
+
+
+def test_final_checkpoint_mid_epoch_gets_its_own_tag(tmp_path: Path) -> None:
+    k, n = 2, 1
+    epoch_end = _train(k, n, tmp_path, "--max-steps", "8")       # 8 batches per epoch
+    assert epoch_end.returncode == 0, _tail(epoch_end)
+    epoch1 = tmp_path / "checkpoints" / "epoch1" / "manifest.json"
+    saved = epoch1.read_bytes()
+    mid = _train(k, n, tmp_path, "--resume", "auto", "--max-steps", "12")
+    assert mid.returncode == 0, _tail(mid)
+    assert epoch1.read_bytes() == saved
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt == tmp_path / "checkpoints" / "e1b4", (ckpt, _tail(mid))
+    meta = read_manifest(ckpt)["meta"]
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 4, 12), meta
+    rest = _train(k, n, tmp_path, "--resume", "auto")
+    assert rest.returncode == 0, _tail(rest)
+    assert f"resumed from {ckpt}" in rest.stderr, _tail(rest)
+    assert json.loads((tmp_path / "summary.json").read_text())["iterations"] == 3 * 8 - 12
+    assert read_manifest(latest_checkpoint(tmp_path))["meta"]["step"] == 3 * 8
