@@ -126,7 +126,10 @@ class Trainer:
         if self.resume_from is not None and not cfg.split:
             from .checkpoint import read_manifest
 
-            stored = read_manifest(self.resume_from)["meta"].get("split")
+            manifest = read_manifest(self.resume_from)
+            # a checkpoint of another K has no usable split: _resume names both grids
+            if manifest["stages"] == cfg.stages:
+                stored = manifest["meta"].get("split")
         if stored or cfg.split or cfg.balance != "time":
             return prepare(cfg, model, data, split=stored)
         # timing differs between ranks: rank 0 profiles, everyone uses its numbers
