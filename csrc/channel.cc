@@ -18,6 +18,7 @@
 
 #include "common/backoff.h"
 #include "common/error.h"
+#include "common/mpi_lifecycle.h"
 
 namespace dpsgs {
 
@@ -34,13 +35,6 @@ std::shared_ptr<uint8_t> alloc_bytes(size_t n) {
   void* p = nullptr;
   if (posix_memalign(&p, 64, n ? n : 64) != 0) throw std::bad_alloc();
   return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p), [](uint8_t* q) { std::free(q); });
-}
-
-bool mpi_alive() {
-  int init = 0, fin = 0;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  return init && !fin;
 }
 
 std::string shape_str(const std::vector<int64_t>& shape) {

@@ -7,6 +7,7 @@
 
 #include "common/backoff.h"
 #include "common/error.h"
+#include "common/mpi_lifecycle.h"
 
 namespace dpsgs {
 
@@ -24,12 +25,6 @@ const char* thread_level_name(int level) {
   return "unknown";
 }
 
-bool mpi_alive() {
-  int init = 0, fin = 0;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  return init && !fin;
-}
 }  // namespace
 
 void wait_request(MPI_Request* req, const Communicator& comm, const std::function<std::string()>& what,
@@ -209,8 +204,7 @@ void Communicator::barrier() {
 void Communicator::abort(int code, const std::string& message) {
   std::fprintf(stderr, "[dpsgs] rank %d (world rank %d): aborting the job (code %d): %s\n", rank_,
                world_rank_, code, message.c_str());
-  std::fflush(stderr);
-  std::fflush(stdout);
+  wait_for_output_drain();
   // The whole job, not just this communicator's group: under `mpirun -disable-auto-cleanup`
   // MPICH aborting a dup'd or split communicator ends only its members, and a peer outside
   // it (blocked on another communicator) would wait forever.

@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from dpsgs.abort import abort_job
 from dpsgs.config import TrainConfig
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -262,9 +263,8 @@ def _train(args: argparse.Namespace) -> int:
             import traceback
 
             traceback.print_exc()
-        sys.stderr.flush()
         if comm.Get_size() > 1:
-            comm.Abort(1)
+            abort_job(1)
         return 1
     if comm.Get_rank() == 0:
         _report(summary, config)

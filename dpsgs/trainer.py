@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .abort import abort_job
 from .build import Setup, prepare, segments
 from .metrics import MetricsLog, Timeline
 from .schedule import fdg_plan
@@ -407,14 +408,6 @@ def train(config: Any, comm: Any = None, **kwargs: Any) -> dict[str, Any]:
             except Exception:
                 pass
         if comm.Get_size() > 1:
-            # Abort COMM_WORLD, not a duplicate: under `mpirun -disable-auto-cleanup` MPICH's
-            # MPI_Abort on any other communicator ends only the caller (measured), and the
-            # peers would wait forever (docs/reliability.md).
-            from mpi4py import MPI
-
-            # let mpirun forward the message first: an abort tears the job down at once and
-            # output still in the pipe is lost (seen in the fault matrix)
-            time.sleep(0.5)
-            MPI.COMM_WORLD.Abort(1)
+            abort_job(1)
         raise
 

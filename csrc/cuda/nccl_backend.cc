@@ -8,19 +8,13 @@
 
 #include "common/backoff.h"
 #include "common/error.h"
+#include "common/mpi_lifecycle.h"
 #include "cuda/cuda_check.h"
 
 namespace dpsgs {
 
 namespace {
 constexpr size_t kScratchBytes = 4096;  // warm-up bytes: 64 for the all-reduce, 8 per channel
-
-bool mpi_alive() {
-  int init = 0, fin = 0;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  return init && !fin;
-}
 
 // Polls a CUDA stream until it is idle, checking NCCL's asynchronous error on every poll.
 void poll_stream(cudaStream_t stream, NcclHandle& handle, const char* what, int peer) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/mpi_lifecycle.h"
 #include "cuda/cuda_check.h"
 
 namespace dpsgs {
@@ -20,12 +21,6 @@ std::string shape_str(const int64_t* shape, int ndim) {
   return s + (ndim == 1 ? ",)" : ")");
 }
 
-bool mpi_alive() {
-  int init = 0, fin = 0;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  return init && !fin;
-}
 }  // namespace
 
 NcclChannel::NcclChannel(std::shared_ptr<NcclCommunicator> comm, int peer, int tag, bool is_sender,

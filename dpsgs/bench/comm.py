@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ..abort import abort_job
 from .harness import MIB, BenchContext, add_common_args, command_line, machine_info, \
     parse_size, size_sweep, write_json
 from .report import print_tables, summarize, summary_lines
@@ -140,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BaseException:
         traceback.print_exc()
-        sys.stderr.flush()
         if comm.Get_size() > 1:
-            comm.Abort(1)
+            abort_job(1)
         return 1
 
 

@@ -14,6 +14,7 @@ import time
 import torch
 from mpi4py import MPI
 
+from dpsgs.abort import abort_job
 from dpsgs.agree import StepVote, VoteTimeout
 from dpsgs.control import StepControl
 from dpsgs.guards import NonFiniteError
@@ -67,7 +68,7 @@ elif mode == "stall":
             ctl.end_of_step(step)
         except VoteTimeout as e:
             print(f"dpsgs: {e}", file=sys.stderr, flush=True)
-            comm.Abort(3)           # what the CLI does with any error: end the whole job
+            abort_job(3)            # what the CLI does with any error: end the whole job
 else:
     raise SystemExit(f"unknown mode {mode}")
 
