@@ -21,6 +21,7 @@ constexpr int kMaxDims = 8;
 constexpr size_t kHeaderBytes = 128;          // header padded so an inline payload is 64-byte aligned
 constexpr size_t kInlineBytes = 8192;         // payloads up to this size travel inside the header message
 constexpr size_t kDefaultSlotCapacity = 65536;
+constexpr size_t kPageBytes = 4096;
 
 // Wire header. flags says how the payload travels (see channel.cc).
 struct MsgHeader {
@@ -30,6 +31,8 @@ struct MsgHeader {
   int32_t dtype;
   int32_t ndim;
   uint64_t nbytes;
+  uint32_t src_page_offset;  // payload address mod kPageBytes on the sender (see channel.cc)
+  uint32_t reserved;
   int64_t shape[kMaxDims];
 };
 static_assert(sizeof(MsgHeader) <= kHeaderBytes, "header must fit its padded size");
@@ -79,6 +82,7 @@ class Channel {
     std::shared_ptr<uint8_t> head;   // header + inline payload
     std::shared_ptr<uint8_t> data;   // separate payload
     size_t cap = 0;
+    size_t offset = 0;               // the payload receive was posted at data + offset
     MPI_Request hreq = MPI_REQUEST_NULL;
     MPI_Request preq = MPI_REQUEST_NULL;
     bool need_repost_head = false;
@@ -102,6 +106,7 @@ class Channel {
   std::deque<std::shared_ptr<SendOp>> inflight_;
   Slot slots_[2];
   int held_ = -1;                        // receiver: slot whose view the user holds
+  size_t expect_page_offset_ = 0;        // receiver: the sender's last payload page offset
   uint64_t sent_ = 0, received_ = 0;
   std::mutex mu_;
 };

@@ -20,6 +20,7 @@
 
 #include "common/backoff.h"
 #include "common/error.h"
+#include "common/host_memory.h"
 #include "communicator.h"
 #include "reduce_kernels.h"
 
@@ -27,6 +28,7 @@ namespace dpsgs {
 
 namespace {
 constexpr int kRingTag = 7;
+constexpr size_t kPage = 4096;
 constexpr double kRingSpinSeconds = 200e-6;
 constexpr double kRingYieldSeconds = 2e-3;
 
@@ -43,7 +45,7 @@ void* scratch_for_this_thread(size_t n) {
     std::free(s.p);
     s.p = nullptr;
     s.size = 0;
-    if (posix_memalign(&s.p, 4096, n) != 0) throw std::bad_alloc();
+    s.p = host_alloc(n);
     s.size = n;
   }
   return s.p;
@@ -83,13 +85,22 @@ void ring_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int
   // At least ~4 chunks per segment so transfers pipeline with reductions even for mid-size
   // buffers, but not below 64 KiB (per-message costs) unless the caller asks for smaller.
   size_t chunk_bytes = std::min(opt.chunk_bytes, std::max<size_t>(max_seg * es / 4, 64 * 1024));
+  if (chunk_bytes >= kPage) chunk_bytes -= chunk_bytes % kPage;  // chunks keep their page offset
   size_t chunk = chunk_bytes / es;
   if (chunk == 0) chunk = 1;
   const size_t C = (max_seg + chunk - 1) / chunk;
   const int steps = 2 * (n - 1);
   const size_t Q = size_t(steps) * C;
   const int W = opt.window > 0 ? opt.window : 1;
-  uint8_t* scratch = static_cast<uint8_t*>(scratch_for_this_thread(size_t(W) * chunk * es));
+  // A scratch slot per window entry, with a page of slack: each chunk lands at the page
+  // offset it has in the sender's buffer (assumed to be this buffer's: same allocator), so
+  // MPICH's single kernel copy runs page-aligned (~1.7x faster; see channel.cc).
+  const size_t slot_stride = chunk * es + kPage;
+  uint8_t* scratch = static_cast<uint8_t*>(scratch_for_this_thread(size_t(W) * slot_stride));
+  const uintptr_t base_addr = reinterpret_cast<uintptr_t>(buf.ptr);
+  auto scratch_at = [&](size_t w, size_t elem_off) {
+    return scratch + w * slot_stride + (base_addr + elem_off * es) % kPage;
+  };
 
   auto send_seg = [&](int s) { return s < n - 1 ? mod(r - s, n) : mod(r + 1 - (s - (n - 1)), n); };
   auto recv_seg = [&](int s) { return s < n - 1 ? mod(r - s - 1, n) : mod(r - (s - (n - 1)), n); };
@@ -133,7 +144,7 @@ void ring_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int
       if (len > 0) {
         void* dst;
         if (s < n - 1) {
-          dst = scratch + w * chunk * es;
+          dst = scratch_at(w, off);
         } else {
           if (!send_done(size_t(s - (n - 1)) * C + j)) break;  // region still being sent
           dst = base + off * es;
@@ -169,7 +180,7 @@ void ring_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int
       if (s < n - 1 && recv_len[w] > 0) {
         size_t off;
         chunk_of(recv_seg(s), next_proc % C, &off);
-        reduce_add(buf.dtype, base + off * es, scratch + w * chunk * es, recv_len[w],
+        reduce_add(buf.dtype, base + off * es, scratch_at(w, off), recv_len[w],
                    s == n - 2 ? divisor : 1);
       }
       ++next_proc;
