@@ -12,6 +12,7 @@
 namespace dpsgs {
 
 namespace {
+constexpr auto kWatchdogPeriod = std::chrono::milliseconds(250);  // idle wake-up: blocking-call deadlines
 std::mutex g_live_mu;
 std::set<Communicator*> g_live;
 
@@ -161,7 +162,11 @@ void Communicator::progress_loop() {
     {
       std::unique_lock<std::mutex> lock(mu_);
       running_task_ = false;
-      cv_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+      while (!cv_.wait_for(lock, kWatchdogPeriod, [this] { return stop_ || !tasks_.empty(); })) {
+        lock.unlock();
+        check_blocking_call();
+        lock.lock();
+      }
       if (stop_) return;
       task = std::move(tasks_.front());
       tasks_.pop_front();
@@ -175,6 +180,31 @@ void Communicator::progress_loop() {
       std::fprintf(stderr, "[dpsgs] rank %d: progress thread task failed (unknown)\n", rank_);
     }
   }
+}
+
+Communicator::BlockingCallGuard::BlockingCallGuard(Communicator& c, std::function<std::string()> what) : c_(c) {
+  std::lock_guard<std::mutex> lock(c_.watch_mu_);
+  c_.watching_ = c_.timeout_s_ > 0;
+  c_.watch_deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                          std::chrono::duration<double>(c_.timeout_s_));
+  c_.watch_what_ = std::move(what);
+}
+
+Communicator::BlockingCallGuard::~BlockingCallGuard() {
+  std::lock_guard<std::mutex> lock(c_.watch_mu_);
+  c_.watching_ = false;
+  c_.watch_what_ = nullptr;
+}
+
+void Communicator::check_blocking_call() {
+  std::string what;
+  {
+    std::lock_guard<std::mutex> lock(watch_mu_);
+    if (!watching_ || Clock::now() < watch_deadline_) return;
+    what = watch_what_();
+  }
+  // The caller's thread is inside MPI and cannot raise: end the job, naming the call.
+  abort(1, timeout_message(what, timeout_s_));
 }
 
 std::shared_ptr<Communicator> Communicator::split(int color, int key) {

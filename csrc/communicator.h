@@ -4,6 +4,7 @@
 #include <mpi.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -56,6 +57,21 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   void shutdown() noexcept;
   size_t queued() const;
 
+  // A deadline for a blocking MPI call on the caller's thread (MPI itself has none). While a
+  // guard lives, the progress thread, which wakes every kWatchdogPeriod when idle, checks it;
+  // once the call is overdue by the communicator's timeout it prints what() and aborts the
+  // job. Registering costs an uncontended lock, no wake-up. One guard at a time per thread.
+  class BlockingCallGuard {
+   public:
+    BlockingCallGuard(Communicator& c, std::function<std::string()> what);
+    ~BlockingCallGuard();
+    BlockingCallGuard(const BlockingCallGuard&) = delete;
+    BlockingCallGuard& operator=(const BlockingCallGuard&) = delete;
+
+   private:
+    Communicator& c_;
+  };
+
   // Keeps `owner` alive until `work` completes (for a Reducer destroyed with work in flight,
   // without blocking its destructor). Released by release_adopted() on a caller's thread.
   void adopt(std::shared_ptr<Work> work, Owner owner);
@@ -63,6 +79,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
  private:
   void progress_loop();
+  void check_blocking_call();  // the watchdog: aborts the job when the guarded call is overdue
   void free_comms() noexcept;
 
   MPI_Comm p2p_ = MPI_COMM_NULL;
@@ -76,6 +93,10 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   std::atomic<bool> stop_{false};
   bool running_task_ = false;
   std::thread thread_;
+  std::mutex watch_mu_;                  // the guarded blocking call, if any
+  bool watching_ = false;
+  std::chrono::steady_clock::time_point watch_deadline_;
+  std::function<std::string()> watch_what_;
   std::mutex adopted_mu_;
   std::vector<std::pair<std::shared_ptr<Work>, Owner>> adopted_;
 };

@@ -80,6 +80,18 @@ bool MpiAllreduceWork::is_completed() {
   return true;
 }
 
+void mpi_allreduce_blocking(Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
+                            const std::function<std::string()>& what) {
+  size_t n = buf.numel();
+  DPSGS_CHECK_ARG(n <= size_t(INT_MAX), what(), ": ", n, " elements exceed MPI's int count; use algorithm 'ring'");
+  {
+    Communicator::BlockingCallGuard deadline(c, what);
+    DPSGS_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf.ptr, int(n), mpi_datatype(buf.dtype), mpi_sum_op(buf.dtype),
+                                  comm), c.rank(), kNoPeer);
+  }
+  scale_div(buf.dtype, buf.ptr, n, divisor);
+}
+
 void mpi_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
                    const std::function<std::string()>& what) {
   size_t n = buf.numel();

@@ -39,6 +39,11 @@ class MpiAllreduceWork : public Work {
   std::string what_;
 };
 
+// MPI_Allreduce in place on the caller's thread, under c's BlockingCallGuard (the job is
+// aborted, naming what(), if it overruns c's timeout), then the division by `divisor`.
+void mpi_allreduce_blocking(Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
+                            const std::function<std::string()>& what);
+
 void mpi_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
                    const std::function<std::string()>& what);
 

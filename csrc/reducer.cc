@@ -66,6 +66,11 @@ Algorithm Reducer::choose(const Buffer& buf) const {
   return buf.bytes < opt_.mpi_below_bytes ? Algorithm::Mpi : Algorithm::Ring;
 }
 
+bool Reducer::blocks(const Buffer& buf) const {
+  return buf.bytes > 0 && buf.bytes < opt_.blocking_below_bytes && comm_->size() > 1 &&
+         buf.device == Device::CPU && choose(buf) == Algorithm::Mpi;
+}
+
 void Reducer::release_completed() {
   while (!pending_.empty()) {
     bool done;
@@ -96,6 +101,14 @@ std::shared_ptr<Work> Reducer::allreduce(const Buffer& buf, Owner owner, bool av
   }
   Algorithm algo = choose(buf);
   int divisor = average ? n : 1;
+  if (blocks(buf)) {
+    auto what = [rank, id, n, bytes = buf.bytes, dtype = buf.dtype] {
+      return str_cat("rank ", rank, ": all-reduce #", id, " (", bytes, " bytes ", dtype_name(dtype), ") over ", n,
+                     " ranks [mpi, blocking]");
+    };
+    mpi_allreduce_blocking(*comm_, comm_->coll(), buf, divisor, what);
+    return std::make_shared<CompletedWork>(std::function<std::string()>(what));
+  }
   std::string what = algo == Algorithm::Mpi
                          ? str_cat(name(), " [mpi]")
                          : str_cat(name(), " [ring: from rank ", (rank + n - 1) % n, ", to rank ", (rank + 1) % n, "]");

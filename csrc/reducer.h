@@ -23,6 +23,12 @@ struct ReducerOptions {
   // "auto" uses MPI_Iallreduce below this many bytes: MPICH is as fast or faster there
   // (2 ranks, this machine: ring wins from ~256 KiB-1 MiB up).
   size_t mpi_below_bytes = 256 * 1024;
+  // Opt-in: MPI buffers below this many bytes are reduced with a blocking MPI_Allreduce on
+  // the caller's thread (GIL released; the communicator's watchdog enforces the deadline) and
+  // come back complete. MPICH's MPI_Iallreduce costs 1-2 us more per call (10-25 % at these
+  // sizes), so callers that wait at once gain. Off by default: allreduce() then returns
+  // before its peers arrive, a contract that programs rely on (a rank may issue and go on).
+  size_t blocking_below_bytes = 0;
 };
 
 // Contract: every rank calls allreduce() with buffers of the same dtype and size in the same
@@ -38,6 +44,8 @@ class Reducer {
 
   std::shared_ptr<Work> allreduce(const Buffer& buf, Owner owner, bool average);
   Algorithm choose(const Buffer& buf) const;
+  // True when allreduce(buf) blocks until done (the bindings release the GIL around it).
+  bool blocks(const Buffer& buf) const;
   const ReducerOptions& options() const { return opt_; }
   uint64_t issued() const { return issued_; }
   // Releases owners of completed all-reduces (the caller's thread; bindings hold the GIL).

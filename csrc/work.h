@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -57,15 +58,17 @@ class StateWork : public Work {
   std::exception_ptr error_;
 };
 
-// Already complete (zero-size transfers, world size 1).
+// Already complete (zero-size transfers, world size 1, blocking small all-reduces).
+// The description is formatted only if asked for.
 class CompletedWork : public Work {
  public:
-  explicit CompletedWork(std::string what) : Work(0, 0), what_(std::move(what)) {}
+  explicit CompletedWork(std::string what) : Work(0, 0), what_([w = std::move(what)] { return w; }) {}
+  explicit CompletedWork(std::function<std::string()> what) : Work(0, 0), what_(std::move(what)) {}
   bool is_completed() override { return true; }
-  std::string describe() const override { return what_; }
+  std::string describe() const override { return what_(); }
 
  private:
-  std::string what_;
+  std::function<std::string()> what_;
 };
 
 }  // namespace dpsgs

@@ -61,6 +61,7 @@ void bind_core(py::module_& m) {
   py::class_<Work, std::shared_ptr<Work>>(m, "Work", "Handle of one asynchronous operation.")
       .def("is_completed", &Work::is_completed, py::call_guard<py::gil_scoped_release>())
       .def("wait", [](Work& w, std::optional<double> timeout) {
+             if (w.is_completed()) return;  // cheap test first: no GIL round trip for finished work
              py::gil_scoped_release nogil;
              w.wait(timeout ? *timeout : -1.0);
            }, py::arg("timeout") = py::none(),
@@ -112,21 +113,27 @@ void bind_core(py::module_& m) {
   py::class_<Reducer, std::shared_ptr<Reducer>>(m, "Reducer",
       "Ordered asynchronous averaging all-reduce of host buffers (issued FIFO by the progress thread).")
       .def(py::init([](std::shared_ptr<Communicator> comm, const std::string& algorithm, size_t chunk_bytes,
-                       size_t mpi_below_bytes) {
+                       size_t mpi_below_bytes, size_t blocking_below_bytes) {
              ReducerOptions o;
              o.algorithm = parse_algorithm(algorithm);
              o.ring.chunk_bytes = chunk_bytes;
              o.mpi_below_bytes = mpi_below_bytes;
+             o.blocking_below_bytes = blocking_below_bytes;
              return std::make_shared<Reducer>(std::move(comm), o);
            }),
            py::arg("comm"), py::arg("algorithm") = "auto", py::arg("chunk_bytes") = RingOptions().chunk_bytes,
-           py::arg("mpi_below_bytes") = ReducerOptions().mpi_below_bytes)
+           py::arg("mpi_below_bytes") = ReducerOptions().mpi_below_bytes,
+           py::arg("blocking_below_bytes") = ReducerOptions().blocking_below_bytes)
       .def("allreduce", [](Reducer& r, py::object array, bool average, std::optional<int> dtype_code) {
              BufferRequest req;
              req.dtype_code = dtype_code;
              req.writable = true;
              req.where = "Reducer.allreduce";
              auto [buf, owner] = to_buffer(array, req);
+             if (r.blocks(buf)) {
+               py::gil_scoped_release nogil;  // a blocking MPI_Allreduce: let Python threads run
+               return r.allreduce(buf, nullptr, average);
+             }
              return r.allreduce(buf, std::move(owner), average);
            }, py::arg("array"), py::arg("average") = true, py::arg("dtype_code") = py::none(),
            "Queue an in-place all-reduce (mean when average) of a contiguous array; returns its Work.")
@@ -135,6 +142,12 @@ void bind_core(py::module_& m) {
              b.bytes = nbytes;
              return std::string(algorithm_name(r.choose(b)));
            }, py::arg("nbytes"), "the algorithm 'auto' picks for a buffer of nbytes")
+      .def("blocks_for", [](Reducer& r, size_t nbytes) {
+             Buffer b;
+             b.bytes = nbytes;
+             return r.blocks(b);
+           }, py::arg("nbytes"), "True when an all-reduce of nbytes runs as a blocking MPI_Allreduce "
+           "(returns complete; the communicator's watchdog enforces the deadline)")
       .def_property_readonly("issued", &Reducer::issued)
       .def_property_readonly("algorithm", [](Reducer& r) { return std::string(algorithm_name(r.options().algorithm)); });
 }

@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dtype", default="float32",
                    choices=("float32", "float64", "int32", "int64"),
                    help="all-reduce element type (default float32)")
-    p.add_argument("--algorithms", default="auto,ring,mpi",
-                   help="dpsgs Reducer algorithms to time (default auto,ring,mpi)")
+    p.add_argument("--algorithms", default="auto,ring,mpi,auto+blocking",
+                   help="dpsgs Reducer algorithms to time; auto+blocking = auto with the "
+                        "opt-in blocking MPI_Allreduce below 256 KiB (default "
+                        "auto,ring,mpi,auto+blocking)")
     p.add_argument("--window", type=int, default=64, help="osu_bw window (default 64)")
     p.add_argument("--window-bytes", type=parse_size, default=parse_size("128M"),
                    help="cap on bytes per window; window >= 2 (default 128M)")

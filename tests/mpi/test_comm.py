@@ -69,6 +69,19 @@ def test_stuck_peer_times_out_naming_it_and_aborts_the_job(op: str) -> None:
     assert "aborting the job" in out, run.tail()
 
 
+def test_blocking_small_allreduce_with_a_stuck_peer_aborts_the_job_at_the_deadline() -> None:
+    # MPI_Allreduce has no deadline of its own; the communicator's watchdog ends the job.
+    timeout = 2.0
+    run = run_ranks(2, "comm_dead_peer_ranks.py", "allreduce-small", str(timeout), timeout=60,
+                    expect_ok=False, env={"DEAD_HOW": "hang"})
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, run.tail()
+    assert run.seconds < timeout + 8, run.tail()    # not the peer's 60 s sleep
+    assert ("rank 0: all-reduce #0 (64 bytes float32) over 2 ranks [mpi, blocking] did not "
+            "complete within 2 s") in out, run.tail()
+    assert "aborting the job" in out, run.tail()
+
+
 def test_peer_that_exits_early_times_out_naming_it() -> None:
     run = run_ranks(2, "comm_dead_peer_ranks.py", "recv", "3", timeout=60, expect_ok=False,
                     env={"DEAD_HOW": "exit"})       # rank 1 finalizes and leaves

@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from dpsgs import _C
 
-OP = sys.argv[1]                 # "recv" | "allreduce"
+OP = sys.argv[1]                 # "recv" | "allreduce" | "allreduce-small" (blocking path)
 TIMEOUT = float(sys.argv[2])
 comm = _C.Communicator(MPI.COMM_WORLD, timeout=TIMEOUT, warn_after=TIMEOUT / 3)
 if comm.rank == 1:
@@ -25,8 +25,12 @@ try:
     if OP == "recv":
         ch = _C.Channel(comm, 1, 3, False, "act s0<-s1")
         ch.recv(2, (10,))
-    else:
+    elif OP == "allreduce":
         _C.Reducer(comm, "ring").allreduce(np.ones(1 << 20, np.float32)).wait()
+    else:   # a blocking MPI_Allreduce: MPI cannot time out, the watchdog aborts the job
+        reducer = _C.Reducer(comm, "auto", blocking_below_bytes=1024)
+        assert reducer.blocks_for(64), "64 bytes should take the blocking path"
+        reducer.allreduce(np.ones(16, np.float32))
 except _C.CommTimeout as e:
     took = time.monotonic() - t0
     print(f"rank 0: CommTimeout after {took:.1f}s: {e}", flush=True)
