@@ -1,6 +1,9 @@
 // Communicator: dup'd MPI communicators, split/barrier/abort, the FIFO progress thread.
 #include "communicator.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <set>
@@ -89,7 +92,7 @@ void Communicator::free_comms() noexcept {
 }
 
 void Communicator::shutdown() noexcept {
-  std::deque<std::function<void()>> dropped;
+  std::deque<QueuedTask> dropped;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!thread_.joinable()) return;
@@ -104,7 +107,7 @@ void Communicator::shutdown() noexcept {
   }
   // Run the dropped tasks in cancelled mode: each sees cancelled() and fails its Work.
   for (auto& t : dropped) {
-    try { t(); } catch (...) {}
+    try { t.run(); } catch (...) {}
   }
   if (thread_.get_id() != std::this_thread::get_id()) thread_.join();
   else thread_.detach();
@@ -144,11 +147,11 @@ size_t Communicator::queued() const {
   return tasks_.size() + (running_task_ ? 1 : 0);
 }
 
-void Communicator::enqueue(std::function<void()> task) {
+void Communicator::enqueue(std::function<void()> task, const void* key) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stop_) {
-      tasks_.push_back(std::move(task));
+      tasks_.push_back({std::move(task), key});
       cv_.notify_one();
       return;
     }
@@ -156,29 +159,60 @@ void Communicator::enqueue(std::function<void()> task) {
   task();  // cancelled: the task fails its own Work
 }
 
+namespace {
+void run_task(const std::function<void()>& task, int rank) {
+  try {
+    task();
+  } catch (const std::exception& e) {  // tasks catch their own errors; this is a last resort
+    std::fprintf(stderr, "[dpsgs] rank %d: queued task failed: %s\n", rank, e.what());
+  } catch (...) {
+    std::fprintf(stderr, "[dpsgs] rank %d: queued task failed (unknown)\n", rank);
+  }
+}
+}  // namespace
+
+bool Communicator::run_now_if_next(const void* key) {
+  std::function<void()> task;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ || running_task_ || tasks_.empty() || tasks_.front().key != key) return false;
+    task = std::move(tasks_.front().run);
+    tasks_.pop_front();
+    running_task_ = true;
+  }
+  run_task(task, rank_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    running_task_ = false;
+  }
+  cv_.notify_one();  // the progress thread may take the next task
+  return true;
+}
+
 void Communicator::progress_loop() {
+  // SCHED_BATCH: a woken progress thread must not preempt the Python thread that just queued
+  // work for it (wakeup preemption cost that thread a whole time slice on a full machine, so
+  // it could not even start its compute: no overlap). It still runs on any free core.
+  sched_param batch{};
+  pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch);
   for (;;) {
     std::function<void()> task;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      running_task_ = false;
-      while (!cv_.wait_for(lock, kWatchdogPeriod, [this] { return stop_ || !tasks_.empty(); })) {
+      auto ready = [this] { return stop_ || (!tasks_.empty() && !running_task_); };
+      while (!cv_.wait_for(lock, kWatchdogPeriod, ready)) {
         lock.unlock();
         check_blocking_call();
         lock.lock();
       }
       if (stop_) return;
-      task = std::move(tasks_.front());
+      task = std::move(tasks_.front().run);
       tasks_.pop_front();
       running_task_ = true;
     }
-    try {
-      task();
-    } catch (const std::exception& e) {  // tasks catch their own errors; this is a last resort
-      std::fprintf(stderr, "[dpsgs] rank %d: progress thread task failed: %s\n", rank_, e.what());
-    } catch (...) {
-      std::fprintf(stderr, "[dpsgs] rank %d: progress thread task failed (unknown)\n", rank_);
-    }
+    run_task(task, rank_);
+    std::lock_guard<std::mutex> lock(mu_);
+    running_task_ = false;  // a waiting caller may now run the next task itself
   }
 }
 

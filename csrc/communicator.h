@@ -21,10 +21,11 @@
 
 namespace dpsgs {
 
-// Owns two duplicates of the caller's communicator, both MPI_ERRORS_RETURN:
-//  - p2p_:  used by the caller's thread (channels, barrier, split);
-//  - coll_: used only by the progress thread (the reducer's all-reduces),
-// so the two streams of traffic can never match each other's messages.
+// Owns two duplicates of the caller's communicator, both MPI_ERRORS_RETURN, one per thread:
+//  - p2p_:  used by the caller's thread (channels, barrier, split, small all-reduces);
+//  - coll_: used only by the progress thread (the reducer's queued all-reduces),
+// so the two streams never match each other's messages, and the collectives on each are
+// issued by one thread in program order (the same on every rank, as MPI requires).
 // Construction, split() and barrier() are collective over the communicator. Never calls
 // MPI_Init/MPI_Finalize. Requires MPI_THREAD_MULTIPLE (two threads call MPI).
 class Communicator : public std::enable_shared_from_this<Communicator> {
@@ -51,7 +52,13 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
   // Queues a task for the progress thread; tasks run one at a time in FIFO order. A task
   // reports its own errors (it owns a StateWork); it may poll cancelled() to give up early.
-  void enqueue(std::function<void()> task);
+  // `key` identifies the task for run_now_if_next (e.g. the Work it completes).
+  void enqueue(std::function<void()> task, const void* key = nullptr);
+  // If the task queued with `key` is next and nothing is running, runs it on the calling
+  // thread (FIFO order and one-task-at-a-time are kept) and returns true. A caller that waits
+  // right after queuing thus skips the hand-off to the progress thread, which on a full
+  // machine costs a wake-up and a time slice.
+  bool run_now_if_next(const void* key);
   bool cancelled() const { return stop_; }
   // Stops the progress thread (pending tasks are reported on stderr and dropped). Idempotent.
   void shutdown() noexcept;
@@ -89,9 +96,13 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> tasks_;
+  struct QueuedTask {
+    std::function<void()> run;
+    const void* key;
+  };
+  std::deque<QueuedTask> tasks_;
   std::atomic<bool> stop_{false};
-  bool running_task_ = false;
+  bool running_task_ = false;            // a task runs (on the progress thread or a caller)
   std::thread thread_;
   std::mutex watch_mu_;                  // the guarded blocking call, if any
   bool watching_ = false;

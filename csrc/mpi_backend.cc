@@ -106,7 +106,7 @@ void mpi_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int 
         DPSGS_CHECK_MPI(MPI_Test(&req, &flag, MPI_STATUS_IGNORE), c.rank(), kNoPeer);
         return flag != 0;
       },
-      c.timeout(), c.warn_after(), what);
+      c.timeout(), c.warn_after(), what, Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
   scale_div(buf.dtype, buf.ptr, n, divisor);
 }
 

@@ -19,8 +19,6 @@ MPI_Datatype mpi_datatype(DType dtype);
 // MPI_SUM, or a user op that sums float16/bfloat16 through float32.
 MPI_Op mpi_sum_op(DType dtype);
 
-// In-place sum via MPI_Iallreduce on `comm` (polled politely until the deadline), then the
-// division by `divisor` (1 = plain sum). `what` names the operation for errors.
 // Non-blocking variant issued from the caller's thread: MPI_Iallreduce now, the division when
 // a test first finds it complete. Polled by is_completed()/wait() (and by any MPI progress).
 class MpiAllreduceWork : public Work {
@@ -44,6 +42,9 @@ class MpiAllreduceWork : public Work {
 void mpi_allreduce_blocking(Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
                             const std::function<std::string()>& what);
 
+// In-place sum via MPI_Iallreduce on `comm`, polled until done or the deadline (the progress
+// thread's MPI all-reduce), then the division by `divisor` (1 = plain sum). `what` names the
+// operation for errors.
 void mpi_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
                    const std::function<std::string()>& what);
 

@@ -11,6 +11,25 @@
 
 namespace dpsgs {
 
+namespace {
+// A queued all-reduce's handle: waiting on it first offers to run it on the waiting thread if
+// the progress thread has not started it yet (Communicator::run_now_if_next), so an
+// all-reduce waited on at once pays no thread hand-off; one queued earlier has progressed
+// in the background meanwhile.
+class QueuedWork : public StateWork {
+ public:
+  QueuedWork(std::weak_ptr<Communicator> comm, std::string what, double timeout_s, double warn_after_s)
+      : StateWork(std::move(what), timeout_s, warn_after_s), comm_(std::move(comm)) {}
+  void wait(double timeout_s = -1.0) override {
+    if (auto c = comm_.lock()) c->run_now_if_next(this);
+    StateWork::wait(timeout_s);
+  }
+
+ private:
+  std::weak_ptr<Communicator> comm_;
+};
+}  // namespace
+
 Algorithm parse_algorithm(const std::string& name) {
   if (name == "auto") return Algorithm::Auto;
   if (name == "ring") return Algorithm::Ring;
@@ -106,39 +125,44 @@ std::shared_ptr<Work> Reducer::allreduce(const Buffer& buf, Owner owner, bool av
       return str_cat("rank ", rank, ": all-reduce #", id, " (", bytes, " bytes ", dtype_name(dtype), ") over ", n,
                      " ranks [mpi, blocking]");
     };
-    mpi_allreduce_blocking(*comm_, comm_->coll(), buf, divisor, what);
+    mpi_allreduce_blocking(*comm_, comm_->p2p(), buf, divisor, what);
     return std::make_shared<CompletedWork>(std::function<std::string()>(what));
   }
   std::string what = algo == Algorithm::Mpi
                          ? str_cat(name(), " [mpi]")
                          : str_cat(name(), " [ring: from rank ", (rank + n - 1) % n, ", to rank ", (rank + 1) % n, "]");
-  if (algo == Algorithm::Mpi) {
-    // Issued now from this thread (MPI orders collectives per communicator; the progress
-    // thread's ring traffic is point-to-point and cannot match it).
-    auto work = std::make_shared<MpiAllreduceWork>(*comm_, comm_->coll(), buf, divisor, what);
+  const bool on_progress_thread = algo == Algorithm::Ring || buf.bytes >= opt_.caller_thread_below_bytes;
+  if (!on_progress_thread) {
+    // Issued now from this thread, on the caller's communicator (its collectives keep this
+    // thread's program order; the progress thread's all-reduces use coll()).
+    auto work = std::make_shared<MpiAllreduceWork>(*comm_, comm_->p2p(), buf, divisor, what);
     pending_.emplace_back(work, std::move(owner));
     return work;
   }
-  auto work = std::make_shared<StateWork>(what, comm_->timeout(), comm_->warn_after());
+  auto work = std::make_shared<QueuedWork>(comm_, what, comm_->timeout(), comm_->warn_after());
   pending_.emplace_back(work, std::move(owner));
   auto comm = comm_;
   auto shared = shared_;
   RingOptions ring = opt_.ring;
   Buffer b = buf;
-  comm_->enqueue([comm, shared, work, b, divisor, ring] {
+  const void* key = work.get();
+  comm_->enqueue([comm, shared, work, b, divisor, ring, algo] {
     try {
       if (comm->cancelled()) throw CommError(work->describe() + ": cancelled (communicator shut down)");
       std::string earlier = shared->get();
       if (!earlier.empty())
         throw CommError(work->describe() + ": not run because an earlier all-reduce failed: " + earlier);
       auto what = [&] { return work->describe(); };
-      ring_allreduce(*comm, comm->coll(), b, divisor, ring, what);
+      if (algo == Algorithm::Ring)
+        ring_allreduce(*comm, comm->coll(), b, divisor, ring, what);
+      else
+        mpi_allreduce(*comm, comm->coll(), b, divisor, what);
       work->set_done();
     } catch (const std::exception& e) {
       shared->set(e.what());
       work->set_error(std::current_exception());
     }
-  });
+  }, key);
   return work;
 }
 

@@ -20,9 +20,14 @@ const char* algorithm_name(Algorithm a);
 struct ReducerOptions {
   Algorithm algorithm = Algorithm::Auto;
   RingOptions ring;
-  // "auto" uses MPI_Iallreduce below this many bytes: MPICH is as fast or faster there
-  // (2 ranks, this machine: ring wins from ~256 KiB-1 MiB up).
-  size_t mpi_below_bytes = 256 * 1024;
+  // "auto" uses MPI's own all-reduce below this many bytes and the ring from here up: MPICH
+  // is as fast or faster below (2 ranks, this machine: the ring wins from 4-8 MiB).
+  size_t mpi_below_bytes = 4 * 1024 * 1024;
+  // MPI all-reduces below this many bytes are issued at once from the caller's thread
+  // (MPI_Iallreduce, progressed when tested): a hand-off to the progress thread would cost
+  // more than the operation. From here up they are queued FIFO to the progress thread with
+  // the ring ones, so they progress while Python computes.
+  size_t caller_thread_below_bytes = 256 * 1024;
   // Opt-in: MPI buffers below this many bytes are reduced with a blocking MPI_Allreduce on
   // the caller's thread (GIL released; the communicator's watchdog enforces the deadline) and
   // come back complete. MPICH's MPI_Iallreduce costs 1-2 us more per call (10-25 % at these

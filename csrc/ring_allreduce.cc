@@ -29,8 +29,6 @@ namespace dpsgs {
 namespace {
 constexpr int kRingTag = 7;
 constexpr size_t kPage = 4096;
-constexpr double kRingSpinSeconds = 200e-6;
-constexpr double kRingYieldSeconds = 2e-3;
 
 // Scratch for incoming reduce-scatter chunks, kept per progress thread across calls so its
 // pages stay mapped and warm (a fresh allocation would page-fault on every all-reduce).
@@ -127,7 +125,7 @@ void ring_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int
 
   // While chunks flow (progress within the last ~200 us) re-test at full speed: this thread's
   // MPI_Test performs the copies. A late peer gets yields, then sleeps.
-  auto fresh_backoff = [] { return Backoff(kRingYieldSeconds, kRingSpinSeconds); };
+  auto fresh_backoff = [] { return Backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds); };
   Backoff backoff = fresh_backoff();
   bool warned = false;
   unsigned idle = 0;

@@ -113,16 +113,18 @@ void bind_core(py::module_& m) {
   py::class_<Reducer, std::shared_ptr<Reducer>>(m, "Reducer",
       "Ordered asynchronous averaging all-reduce of host buffers (issued FIFO by the progress thread).")
       .def(py::init([](std::shared_ptr<Communicator> comm, const std::string& algorithm, size_t chunk_bytes,
-                       size_t mpi_below_bytes, size_t blocking_below_bytes) {
+                       size_t mpi_below_bytes, size_t caller_thread_below_bytes, size_t blocking_below_bytes) {
              ReducerOptions o;
              o.algorithm = parse_algorithm(algorithm);
              o.ring.chunk_bytes = chunk_bytes;
              o.mpi_below_bytes = mpi_below_bytes;
+             o.caller_thread_below_bytes = caller_thread_below_bytes;
              o.blocking_below_bytes = blocking_below_bytes;
              return std::make_shared<Reducer>(std::move(comm), o);
            }),
            py::arg("comm"), py::arg("algorithm") = "auto", py::arg("chunk_bytes") = RingOptions().chunk_bytes,
            py::arg("mpi_below_bytes") = ReducerOptions().mpi_below_bytes,
+           py::arg("caller_thread_below_bytes") = ReducerOptions().caller_thread_below_bytes,
            py::arg("blocking_below_bytes") = ReducerOptions().blocking_below_bytes)
       .def("allreduce", [](Reducer& r, py::object array, bool average, std::optional<int> dtype_code) {
              BufferRequest req;

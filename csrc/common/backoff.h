@@ -20,6 +20,10 @@ class Backoff {
       : start_(Clock::now()), yield_s_(yield_s), spin_s_(spin_s) {}
   static constexpr double kDefaultYieldSeconds = 1e-3;
   static constexpr double kDefaultSpinSeconds = 20e-6;
+  // For a collective in progress on the progress thread: its MPI_Test calls move the data,
+  // so re-test at full speed while chunks flow, then yield; a late peer gets sleeps.
+  static constexpr double kTransferSpinSeconds = 200e-6;
+  static constexpr double kTransferYieldSeconds = 2e-3;
   void pause();
   double elapsed() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
 

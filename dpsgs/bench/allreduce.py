@@ -66,7 +66,7 @@ def _reducer(C: Any, dp: Any, name: str) -> Any:
     """A dpsgs Reducer by bench name: an algorithm, or "auto+blocking": auto whose MPI-sized
     buffers (below 256 KiB) take the opt-in blocking MPI_Allreduce (returns complete)."""
     if name == "auto+blocking":
-        return C.Reducer(dp, "auto", mpi_below_bytes=256 * 1024, blocking_below_bytes=256 * 1024)
+        return C.Reducer(dp, "auto", blocking_below_bytes=256 * 1024)
     return C.Reducer(dp, name)
 
 

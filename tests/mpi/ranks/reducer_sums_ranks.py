@@ -72,9 +72,14 @@ for name, red in reducers.items():
                                     f"at {bad.tolist()} got {got[bad]} want {ref[bad]}")
                 digest.update(a.tobytes())
                 checked += 1
-# Ordered async use: many in flight at once, waited in reverse.
+# Ordered async use: many in flight at once, waited in reverse, over all three paths of
+# "auto": MPI issued from this thread (< 256 KiB), MPI queued to the progress thread
+# (256 KiB - 4 MiB) and the ring (>= 4 MiB), interleaved.
 red = reducers["auto"]
-arrays = [np.full(s, float(r + 1), np.float32) for s in (10, 70000, 3, 200000, 0)]
+paths = {red.algorithm_for(4 * s) for s in (10, 70000, 1 << 20, 1_300_000)}
+assert paths == {"mpi", "ring"}, paths
+arrays = [np.full(s, float(r + 1), np.float32)
+          for s in (10, 70000, 1_300_000, 3, 200000, 0, 1 << 20, 5, 1_300_000, 99)]
 works = [red.allreduce(x) for x in arrays]
 for w in reversed(works):
     w.wait()
