@@ -1,13 +1,16 @@
 """Time to accuracy: wall time and epochs of fdg, sync, dpsgs data-parallel and DDP to one accuracy.
 
     python -m dpsgs.bench.tta --dataset digits --epochs 20 --target 0.95 --out bench/results/
+    python -m dpsgs.bench.tta --dataset digits --model resnet20 --epochs 10 --target 0.95 \
+        --out bench/results/
     python -m dpsgs.bench.tta --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
         --model resnet20 --batch 128 --epochs 30 --target 0.85
 
 Every configuration trains the same model from the same seed on the same data, with the same
 global batch, optimizer and learning-rate schedule, on 2 ranks (the 1-rank backprop
 reference on one); the test set is evaluated after every epoch, and training seconds exclude
-evaluation. Writes OUT/tta-DATASET.json and OUT/tta-DATASET.png (accuracy vs wall time).
+evaluation. Writes OUT/tta-DATASET-MODEL.json and OUT/tta-DATASET-MODEL.png (accuracy vs
+wall time).
 """
 
 from __future__ import annotations
@@ -175,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                                              *(argv if argv is not None else sys.argv[1:])],
            "results": results}
     from .harness import write_json
-    path = write_json(Path(a.out) / f"tta-{a.dataset}.json", doc)
+    stem = f"tta-{a.dataset}-{model}"
+    path = write_json(Path(a.out) / f"{stem}.json", doc)
     print(f"# wrote {path}")
-    png = _plot(doc, Path(a.out) / f"tta-{a.dataset}.png")
+    png = _plot(doc, Path(a.out) / f"{stem}.png")
     if png:
         print(f"# wrote {png}")
     fdg = next((r for r in results if r["name"] == "dpsgs-fdg" and r["status"] == "ok"), None)
