@@ -49,10 +49,10 @@ MPI_Op mpi_sum_op(DType dtype) {
 }
 
 MpiAllreduceWork::MpiAllreduceWork(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
-                                   std::string what)
+                                   std::function<std::string()> what)
     : Work(c.timeout(), c.warn_after()), buf_(buf), divisor_(divisor), rank_(c.rank()), what_(std::move(what)) {
   size_t n = buf.numel();
-  DPSGS_CHECK_ARG(n <= size_t(INT_MAX), what_, ": ", n, " elements exceed MPI's int count; use algorithm 'ring'");
+  DPSGS_CHECK_ARG(n <= size_t(INT_MAX), what_(), ": ", n, " elements exceed MPI's int count; use algorithm 'ring'");
   DPSGS_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, buf.ptr, int(n), mpi_datatype(buf.dtype), mpi_sum_op(buf.dtype),
                                  comm, &req_), rank_, kNoPeer);
 }
@@ -63,7 +63,7 @@ MpiAllreduceWork::~MpiAllreduceWork() {
     int fin = 0;
     MPI_Finalized(&fin);
     if (!fin) {
-      std::fprintf(stderr, "[dpsgs] ERROR: %s dropped before completion\n", what_.c_str());
+      std::fprintf(stderr, "[dpsgs] ERROR: %s dropped before completion\n", what_().c_str());
       MPI_Request_free(&req_);
     }
   }

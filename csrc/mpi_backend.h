@@ -23,10 +23,12 @@ MPI_Op mpi_sum_op(DType dtype);
 // a test first finds it complete. Polled by is_completed()/wait() (and by any MPI progress).
 class MpiAllreduceWork : public Work {
  public:
-  MpiAllreduceWork(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor, std::string what);
+  // `what` is called only for messages (errors, repr): issuing stays cheap.
+  MpiAllreduceWork(const Communicator& c, MPI_Comm comm, const Buffer& buf, int divisor,
+                   std::function<std::string()> what);
   ~MpiAllreduceWork() override;
   bool is_completed() override;
-  std::string describe() const override { return what_; }
+  std::string describe() const override { return what_(); }
 
  private:
   std::mutex mu_;
@@ -34,7 +36,7 @@ class MpiAllreduceWork : public Work {
   bool done_ = false;
   Buffer buf_;
   int divisor_, rank_;
-  std::string what_;
+  std::function<std::string()> what_;
 };
 
 // MPI_Allreduce in place on the caller's thread, under c's BlockingCallGuard (the job is

@@ -106,39 +106,39 @@ void Reducer::release_completed() {
 std::shared_ptr<Work> Reducer::allreduce(const Buffer& buf, Owner owner, bool average) {
   const int rank = comm_->rank(), n = comm_->size();
   uint64_t id = issued_;
-  auto name = [&] {
-    return str_cat("rank ", rank, ": all-reduce #", id, " (", buf.bytes, " bytes ", dtype_name(buf.dtype), " ",
-                   buf.shape_string(), ") over ", n, " ranks");
+  // Names this all-reduce in messages; formatted only when one is needed (errors, stall
+  // reports, repr), so issuing a small all-reduce stays cheap.
+  auto name_for = [rank, id, n, b = buf](const std::string& how) {
+    return str_cat("rank ", rank, ": all-reduce #", id, " (", b.bytes, " bytes ", dtype_name(b.dtype), " ",
+                   b.shape_string(), ") over ", n, " ranks", how);
   };
-  DPSGS_CHECK_ARG(buf.device == Device::CPU, name(), ": CUDA buffer given to the MPI reducer; use the NCCL backend");
-  DPSGS_CHECK_ARG(reducible(buf.dtype), name(), ": dtype ", dtype_name(buf.dtype), " cannot be summed");
+  DPSGS_CHECK_ARG(buf.device == Device::CPU, name_for(""), ": CUDA buffer given to the MPI reducer; use the NCCL backend");
+  DPSGS_CHECK_ARG(reducible(buf.dtype), name_for(""), ": dtype ", dtype_name(buf.dtype), " cannot be summed");
   release_completed();
   comm_->release_adopted();
   ++issued_;
-  if (buf.bytes == 0 || n == 1) {
-    return std::make_shared<CompletedWork>(name());  // averaging over one rank is the identity
+  if (buf.bytes == 0 || n == 1) {  // averaging over one rank is the identity
+    return std::make_shared<CompletedWork>(std::function<std::string()>([name_for] { return name_for(""); }));
   }
   Algorithm algo = choose(buf);
   int divisor = average ? n : 1;
   if (blocks(buf)) {
-    auto what = [rank, id, n, bytes = buf.bytes, dtype = buf.dtype] {
-      return str_cat("rank ", rank, ": all-reduce #", id, " (", bytes, " bytes ", dtype_name(dtype), ") over ", n,
-                     " ranks [mpi, blocking]");
-    };
+    std::function<std::string()> what = [name_for] { return name_for(" [mpi, blocking]"); };
     mpi_allreduce_blocking(*comm_, comm_->p2p(), buf, divisor, what);
-    return std::make_shared<CompletedWork>(std::function<std::string()>(what));
+    return std::make_shared<CompletedWork>(what);
   }
-  std::string what = algo == Algorithm::Mpi
-                         ? str_cat(name(), " [mpi]")
-                         : str_cat(name(), " [ring: from rank ", (rank + n - 1) % n, ", to rank ", (rank + 1) % n, "]");
   const bool on_progress_thread = algo == Algorithm::Ring || buf.bytes >= opt_.caller_thread_below_bytes;
   if (!on_progress_thread) {
     // Issued now from this thread, on the caller's communicator (its collectives keep this
     // thread's program order; the progress thread's all-reduces use coll()).
-    auto work = std::make_shared<MpiAllreduceWork>(*comm_, comm_->p2p(), buf, divisor, what);
+    auto work = std::make_shared<MpiAllreduceWork>(*comm_, comm_->p2p(), buf, divisor,
+                                                   [name_for] { return name_for(" [mpi]"); });
     pending_.emplace_back(work, std::move(owner));
     return work;
   }
+  std::string what = algo == Algorithm::Mpi
+                         ? name_for(" [mpi]")
+                         : name_for(str_cat(" [ring: from rank ", (rank + n - 1) % n, ", to rank ", (rank + 1) % n, "]"));
   auto work = std::make_shared<QueuedWork>(comm_, what, comm_->timeout(), comm_->warn_after());
   pending_.emplace_back(work, std::move(owner));
   auto comm = comm_;

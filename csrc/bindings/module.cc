@@ -8,6 +8,7 @@
 #include "bindings/core_bindings.h"
 #include "bindings/nccl_bindings.h"
 #include "common/error.h"
+#include "common/mpi_lifecycle.h"
 #include "communicator.h"
 
 namespace py = pybind11;
@@ -87,6 +88,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("build_info", &build_info, "MPI library/version, whether NCCL is compiled in, NCCL/CUDA versions");
   m.def("mpi_library_version", &our_library_version, "MPI_Get_library_version of the libmpi this extension links");
+  m.def("wait_for_output_drain", [](double drain_s) {
+          py::gil_scoped_release nogil;
+          wait_for_output_drain(drain_s);
+        }, py::arg("drain_s") = 2.0,
+        "flush stdio, then wait (bounded) until mpirun's proxy has read this rank's stdout/stderr pipes");
   bind_core(m);
 #ifdef DPSGS_WITH_NCCL
   bind_nccl(m);

@@ -16,34 +16,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from .launch import launch, runner_command
 from .train_configs import WORKLOADS, BenchConfig, Workload, bench_configs, unavailable_reason
 from .train_stats import derive
 
 __all__ = ["main", "run_workload", "run_config", "bench_profile", "pipeline_split", "headline"]
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _mpirun() -> str:
-    beside = Path(sys.executable).parent / "mpirun"
-    return str(beside) if beside.exists() else "mpirun"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_profile(w: Workload, configs: list[BenchConfig]) -> Any:
@@ -104,30 +89,14 @@ def run_config(cfg: BenchConfig, w: Workload, steps: int, warmup: int, split: li
             "--threads", str(cfg.threads), "--out", str(out), *cfg.args]
     if cfg.pipeline and split:
         args += ["--split", ",".join(map(str, split))]
-    module = f"dpsgs.bench.peers.{cfg.runner}"
-    py = [sys.executable, *(["-m", "mpi4py"] if cfg.mpi4py else []), "-m", module, *args]
-    cmd = py if cfg.ranks == 1 and not cfg.mpi4py else [_mpirun(), "-n", str(cfg.ranks), *py]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL, cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]
-        return {**base, "status": "timeout", "reason": f"no result after {timeout:.0f}s",
-                "command": cmd, "stderr_tail": tail}
-    wall = time.monotonic() - t0
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout)[-1500:]
-        last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
-        return {**base, "status": "failed", "reason": f"exit {proc.returncode}: {last[:300]}",
-                "command": cmd, "stderr_tail": tail, "wall_s": wall}
-    raw = json.loads(out.read_text())
+    cmd = runner_command(cfg.runner, args, cfg.ranks, cfg.mpi4py)
+    run = launch(cmd, out, cfg.threads, timeout)
+    if run["status"] != "ok":
+        return {**base, **run}
+    raw = run["result"]
     return {**base, **raw, "impl": raw.get("runner"), "runner": cfg.runner, "name": cfg.name,
             "plan": cfg.plan, "cores": cfg.cores,
-            "status": "ok", "command": cmd, "wall_s": wall}
+            "status": "ok", "command": cmd, "wall_s": run["wall_s"]}
 
 
 def machine() -> dict[str, Any]:

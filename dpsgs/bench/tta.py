@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .train import REPO, _free_port, _mpirun, machine
+from .launch import launch, runner_command
+from .train import machine
 
 __all__ = ["main", "TtaConfig", "tta_configs", "time_to_target"]
 
@@ -77,29 +75,17 @@ def _run(cfg: TtaConfig, train_cfg: dict[str, Any], timeout: float, tmp: Path) -
             if importlib.util.find_spec(mod) is None:
                 return {**base, "status": "unavailable", "reason": f"{mod} not importable"}
     out = tmp / f"{cfg.name}.json"
-    py = [sys.executable, *(["-m", "mpi4py"] if cfg.runner == "tta_dpsgs" else []), "-m",
-          f"dpsgs.bench.peers.{cfg.runner}", "--config", json.dumps(train_cfg), "--out", str(out)]
-    cmd = [_mpirun(), "-n", str(cfg.ranks), *py] if cfg.ranks > 1 or "mpi4py" in py else py
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {**base, "status": "timeout", "reason": f"no result after {timeout:.0f}s"}
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout)[-1500:]
-        last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
-        return {**base, "status": "failed", "reason": f"exit {proc.returncode}: {last[:300]}",
-                "stderr_tail": tail}
-    raw = json.loads(out.read_text())
+    cmd = runner_command(cfg.runner, ["--config", json.dumps(train_cfg), "--out", str(out)],
+                         cfg.ranks, mpi4py=cfg.runner == "tta_dpsgs")
+    run = launch(cmd, out, 1, timeout)
+    if run["status"] != "ok":
+        return {**base, **run}
+    raw = run["result"]
     if not raw.get("epochs"):
         return {**base, **raw, "status": "failed",
                 "reason": "the run logged no test accuracy (no evaluation records found)"}
     return {**base, **raw, "name": cfg.name, "runner": cfg.runner, "status": "ok",
-            "wall_s": time.monotonic() - t0, "command": cmd[:-4] + ["--config", "..."]}
+            "wall_s": run["wall_s"], "command": cmd[:-4] + ["--config", "..."]}
 
 
 def _plot(doc: dict[str, Any], path: Path) -> Path | None:

@@ -77,8 +77,8 @@ def test_blocking_small_allreduce_with_a_stuck_peer_aborts_the_job_at_the_deadli
     out = run.stdout + run.stderr
     assert run.returncode != 0, run.tail()
     assert run.seconds < timeout + 8, run.tail()    # not the peer's 60 s sleep
-    assert ("rank 0: all-reduce #0 (64 bytes float32) over 2 ranks [mpi, blocking] did not "
-            "complete within 2 s") in out, run.tail()
+    assert ("rank 0: all-reduce #0 (64 bytes float32 (16,)) over 2 ranks [mpi, blocking] did "
+            "not complete within 2 s") in out, run.tail()
     assert "aborting the job" in out, run.tail()
 
 

@@ -1,4 +1,4 @@
-"""What every peer runner shares: workload arguments, model, synthetic batches, timer, result."""
+"""What the peer runners share: arguments, model, synthetic batches, gloo setup, timer, result."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Workload", "add_workload_args", "workload_from_args", "make_model", "make_batches",
-           "make_optimizer", "StepTimer", "write_result", "mpi_rank_size", "set_threads"]
+__all__ = ["Workload", "add_workload_args", "workload_from_args", "config_args", "make_model",
+           "make_batches", "make_optimizer", "StepTimer", "write_result", "mpi_rank_size",
+           "init_gloo", "slowest_per_step", "set_threads"]
 
 
 @dataclass
@@ -48,6 +50,15 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 def workload_from_args(a: argparse.Namespace) -> Workload:
     shape = tuple(int(v) for v in a.in_shape.split(","))
     return Workload(a.model, shape, a.num_classes, a.batch, a.steps, a.warmup, a.seed)
+
+
+def config_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """--config, --threads and --out of the time-to-accuracy runners."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="TrainConfig fields as JSON")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
 
 
 def set_threads(n: int) -> None:
@@ -108,6 +119,26 @@ def mpi_rank_size() -> tuple[int, int]:
         if r in os.environ and s in os.environ:
             return int(os.environ[r]), int(os.environ[s])
     return 0, 1
+
+
+def init_gloo(rank: int, size: int, port: int) -> None:
+    """The gloo process group, rendezvousing at MASTER_ADDR/PORT when the launcher set them,
+    else at 127.0.0.1:`port`."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
+
+
+def slowest_per_step(times: list[float], size: int) -> list[float]:
+    """Every rank's step times (a collective: all ranks call it); per step the slowest
+    rank's, since the slowest rank sets the pace."""
+    import torch.distributed as dist
+
+    all_times = [None] * size
+    dist.all_gather_object(all_times, times)
+    return [max(ts[i] for ts in all_times) for i in range(len(times))]
 
 
 def write_result(path: str | Path, record: dict[str, Any]) -> None:

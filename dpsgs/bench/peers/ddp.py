@@ -11,18 +11,17 @@ the compute-only step time, so exposed communication = step time - compute-only 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .common import (StepTimer, add_workload_args, make_batches, make_model, make_optimizer,
-                     mpi_rank_size, set_threads, workload_from_args, write_result)
+from .common import (StepTimer, add_workload_args, init_gloo, make_batches, make_model,
+                     make_optimizer, mpi_rank_size, set_threads, slowest_per_step,
+                     workload_from_args, write_result)
 
 __all__ = ["main"]
 
@@ -55,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(a.threads)
     w = workload_from_args(a)
     rank, size = mpi_rank_size()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
+    init_gloo(rank, size, 29512)
     if w.batch % size:
         raise ValueError(f"global batch {w.batch} does not split over {size} ranks")
     local = w.batch // size
@@ -87,11 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             step(i)
             nosync.stop()
     calib = _allreduce_curve(sum(p.numel() for p in model.parameters()))
-    # Every rank's step time: the slowest rank sets the pace, report rank 0's and the max.
-    all_times = [None] * size
-    dist.all_gather_object(all_times, timer.times)
+    steps = slowest_per_step(timer.times, size)
     if rank == 0:
-        steps = [max(ts[i] for ts in all_times) for i in range(w.total_steps)]
         compute = statistics.median(nosync.times[1:])
         write_result(a.out, {"runner": "ddp", "ranks": size, "threads": a.threads,
                              "backend": "gloo", "bucket_cap_mb": a.bucket_cap_mb,

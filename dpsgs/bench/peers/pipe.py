@@ -11,16 +11,15 @@ comparison with dpsgs `sync` uses the same kind of partition.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .common import (StepTimer, add_workload_args, make_batches, make_model, make_optimizer,
-                     mpi_rank_size, set_threads, workload_from_args, write_result)
+from .common import (StepTimer, add_workload_args, init_gloo, make_batches, make_model,
+                     make_optimizer, mpi_rank_size, set_threads, slowest_per_step,
+                     workload_from_args, write_result)
 
 __all__ = ["main", "balanced_splits"]
 
@@ -45,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(a.threads)
     w = workload_from_args(a)
     rank, size = mpi_rank_size()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29513")
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
+    init_gloo(rank, size, 29513)
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     full = make_model(w).train()
@@ -85,12 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         timer.stop()
     # Stage 0 finishes each step last (its backward of the last micro-batch), so its clock
     # is the pipeline's; gather everyone's anyway and take the slowest.
-    all_times = [None] * size
-    dist.all_gather_object(all_times, timer.times)
+    steps = slowest_per_step(timer.times, size)
     all_losses = [None] * size
     dist.all_gather_object(all_losses, losses)
     if rank == 0:
-        steps = [max(ts[i] for ts in all_times) for i in range(w.total_steps)]
         write_result(a.out, {"runner": "torch.distributed.pipelining", "ranks": size,
                              "threads": a.threads, "schedule": a.schedule,
                              "micro_batches": a.micro_batches, "splits": splits,

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import shutil
@@ -14,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .common import set_threads, write_result
+from .common import config_args, set_threads, write_result
 
 __all__ = ["main", "epoch_curve"]
 
@@ -44,11 +43,7 @@ def epoch_curve(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="TrainConfig fields as JSON")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
+    a = config_args(__doc__.splitlines()[0], argv)
     set_threads(a.threads)
     from mpi4py import MPI
 

@@ -11,18 +11,15 @@ evaluation. One JSON record per epoch: epoch, train_seconds, test_accuracy, test
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .common import mpi_rank_size, set_threads, write_result
+from .common import config_args, init_gloo, mpi_rank_size, set_threads, write_result
 
 __all__ = ["main", "evaluate"]
 
@@ -42,11 +39,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="TrainConfig fields as JSON")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
+    a = config_args(__doc__.splitlines()[0], argv)
     set_threads(a.threads)
     from dpsgs.config import TrainConfig
     from dpsgs.data import BatchSampler, get_batch, load_dataset
@@ -58,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if size != cfg.replicas:
         raise ValueError(f"launched {size} ranks for N = {cfg.replicas} replicas")
     if size > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29514")
-        dist.init_process_group("gloo", rank=rank, world_size=size,
-                                timeout=timedelta(seconds=120))
+        init_gloo(rank, size, 29514)
     train, test = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_shape,
                                cfg.synthetic_samples, cfg.seed)
     torch.manual_seed(cfg.seed)
