@@ -79,6 +79,9 @@ class Trainer:
         self.config = config
         self.grid = Grid(config.stages, config.replicas)
         self.grid.check_world(comm.Get_size())   # same on every rank: all fail alike
+        # Every start-up collective waits behind a deadline: a rank killed before it must
+        # not leave the others blocked (MPI's own Dup/bcast/allgather have no timeout).
+        _wait_all(comm, config.timeout)
         self.pycomm = comm.Dup()                   # metadata: bcast/gather/losses
         self.rank = self.pycomm.Get_rank()
         self.replica, self.stage = self.grid.coords(self.rank)
@@ -94,12 +97,15 @@ class Trainer:
         self.timeline = Timeline(self.rank, config.trace)
         self.worker = StageWorker(self.setup, self.replica, self.stage, self.rank,
                                   self.transport, self.timeline)
-        # reliability hooks (docs/reliability.md): rank->pid map, step-boundary vote
-        # (preemption signals, NaN/Inf policy), fault points (only when DPSGS_FAULT is set)
-        announce_ranks(self.pycomm, config.stages, config.run_dir)
+        # reliability hooks (docs/reliability.md): step-boundary vote (preemption signals,
+        # NaN/Inf policy) with deadline-checked collectives, rank->pid map, fault points
+        # (only when DPSGS_FAULT is set)
+        _wait_all(self.pycomm, config.timeout)      # the vote's Dup has no deadline
         self.control = StepControl(self.pycomm, rank=self.rank, stages=config.stages,
                                    timeout=config.timeout, warn_after=config.warn_after,
                                    on_nonfinite=config.on_nonfinite)
+        announce_ranks(self.control.bounded(self.pycomm, "start-up rank map"), config.stages,
+                       config.run_dir)
         self.control.attach(self.worker)
         faults.instrument(self.worker, self.rank, config.stages)
         run_dir = Path(config.run_dir) if config.run_dir else None
@@ -204,7 +210,7 @@ class Trainer:
     def _segment_metrics(self, seg: list[tuple[int, int]], first_step: int) -> None:
         """Gather the last stages' per-step losses to rank 0; one metrics line per step."""
         mine = {s: v for s, v in self.worker.step_losses.items() if s >= first_step}
-        everyone = self.pycomm.gather(mine, root=0)
+        everyone = self.control.bounded(self.pycomm, "per-step loss gather").gather(mine, root=0)
         if self.rank != 0:
             return
         per_step: dict[int, list[tuple[float, int, int]]] = {}
@@ -307,11 +313,12 @@ class Trainer:
                 "staleness": observed_staleness(w.staleness).get(self.stage, []),
                 "stash_peak_bytes": w.compute.peak_stash_bytes,
                 "params": sum(p.numel() for p in w.compute.params)}
-        everyone = self.pycomm.allgather(mine)
+        bounded = self.control.bounded(self.pycomm, "run summary")
+        everyone = bounded.allgather(mine)
         per_stage = [next(m for m in everyone if m["stage"] == k and m["replica"] == 0)
                      for k in range(cfg.stages)]
         samples = iterations * cfg.batch_size * cfg.replicas
-        last = self.pycomm.bcast(getattr(self, "last_train", {}), root=0)
+        last = bounded.bcast(getattr(self, "last_train", {}), root=0)
         return {"mode": "mpi", "schedule": cfg.schedule, "stages": cfg.stages,
                 "replicas": cfg.replicas,
                 "steps": self.global_step - self.start_step,   # this process's, like iterations
