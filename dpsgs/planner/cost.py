@@ -109,6 +109,8 @@ def predict(profile: ModelProfile, cluster: Cluster, config: Config, batch: int)
         if sched == "fdg" and config.stash == "weights" and tau > 0:
             compute += sum(lays[i].snapshot for i in range(s, e))   # weight copy per forward
         update = sum(lays[i].update for i in range(s, e))
+        if sync:    # micro-batches 2..M add into the gradients the first one wrote
+            compute += sum(lays[i].accumulate for i in range(s, e)) * (M - 1) / M
         # Channel messages this stage receives per forward/backward call: the activation
         # from stage k-1 and the gradient from stage k+1 (a link carries both directions at
         # once, so a receiver's count covers the sender's cost). Replica 0's ranks stand for

@@ -98,6 +98,20 @@ def test_fdg_has_no_bubble_and_sync_has_the_gpipe_bubble() -> None:
         assert sync.step_time == pytest.approx((M + K - 1) * per_stage / M)
 
 
+def test_micro_batches_after_the_first_pay_the_gradient_accumulation() -> None:
+    prof = synthetic()
+    for lay in prof.layers:
+        lay.accumulate = 5e-3
+    cl = Cluster(4, 4, intra_bw=1e30, alpha_intra=0.0)
+    batch, K, M = 32, 4, 8
+    per_stage = 2 * 3e-3 * batch
+    sync = predict(prof, cl, Config(K, 1, "gpipe", micro_batches=M), batch)
+    slot = per_stage / M + 2 * 5e-3 * (M - 1) / M        # 2 layers per stage accumulate
+    assert sync.step_time == pytest.approx((M + K - 1) * slot)
+    fdg = predict(prof, cl, Config(K, 1, "fdg"), batch)   # one backward per step: none
+    assert fdg.step_time == pytest.approx(per_stage)
+
+
 def test_recompute_adds_a_forward_except_on_the_last_stage() -> None:
     prof = synthetic()
     cl = Cluster(2, 2, intra_bw=1e30, alpha_intra=0.0)
