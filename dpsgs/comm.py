@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import _C
+from .channel_end import ChannelEnd
 
 __all__ = [
     "CommError", "CommTimeout", "Communicator", "DTYPE_CODES", "GradientReducer",
@@ -86,7 +87,7 @@ def as_communicator(comm: Any, timeout: float = 300.0, warn_after: float = 60.0)
     return _C.Communicator(comm, timeout=timeout, warn_after=warn_after)
 
 
-class TensorChannel:
+class TensorChannel(ChannelEnd):
     """Directed channel of torch CPU tensors between two ranks (one end per rank).
 
     send(tensor) is zero-copy (non-contiguous tensors are sent from a contiguous copy); the
@@ -109,22 +110,6 @@ class TensorChannel:
         a = self._ch.recv(dtype_code(dtype), tuple(int(s) for s in shape))
         t = _to_tensor(a, dtype)
         return t.clone() if copy else t
-
-    @property
-    def in_flight(self) -> int:
-        return self._ch.in_flight
-
-    @property
-    def sent(self) -> int:
-        return self._ch.sent
-
-    @property
-    def received(self) -> int:
-        return self._ch.received
-
-    @property
-    def name(self) -> str:
-        return self._ch.name
 
 
 def assign_buckets(sizes: Sequence[int], cap_bytes: int, first_cap_bytes: int,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .channel_end import ChannelEnd
 from .device import select_device
 
 __all__ = ["DTYPE_CODES", "TensorChannel", "TensorReducer", "available", "describe", "init",
@@ -156,7 +157,7 @@ def _current_stream(x: Any) -> int:
     return cupy.cuda.get_current_stream().ptr
 
 
-class TensorChannel:
+class TensorChannel(ChannelEnd):
     """One end of an NcclChannel for torch CUDA tensors or CuPy arrays.
 
     send(x) returns a Work; x stays alive in the channel until its transfer completes.
@@ -184,26 +185,6 @@ class TensorChannel:
 
         out = torch.empty(shape, dtype=dtype, device=f"cuda:{self.comm.device}")
         return self.recv_into(out)
-
-    @property
-    def in_flight(self) -> int:
-        return self._ch.in_flight
-
-    @property
-    def sent(self) -> int:
-        return self._ch.sent
-
-    @property
-    def received(self) -> int:
-        return self._ch.received
-
-    @property
-    def name(self) -> str:
-        return self._ch.name
-
-    @property
-    def raw(self) -> Any:
-        return self._ch
 
 
 class TensorReducer:
