@@ -8,6 +8,10 @@ MPI flags come from the `mpicc` beside the running Python (the `mpich` wheel), s
 extension links the very libmpi that mpi4py loads; `MPICC` overrides. CUDA comes from
 CUDA_HOME (or /usr/local/cuda), NCCL from NCCL_HOME or the `nvidia-nccl-cu12` wheel.
 NCCL and CUDA streams are host APIs: g++ plus -lcudart and libnccl is enough, no nvcc.
+
+The module exports only PyInit__C (csrc/bindings/exports.map), whatever the toolchain: some
+compilers (module-built GCCs on clusters) link libstdc++ statically, and an extension that
+exported those copies would hand them to torch when it is imported next.
 """
 
 from __future__ import annotations
@@ -116,9 +120,14 @@ def cuda_options() -> dict[str, list[str]] | None:
     }
 
 
+EXPORTS_MAP = ROOT / "csrc" / "bindings" / "exports.map"
+
+
 def get_extensions():
     import mpi4py
-    from pybind11.setup_helpers import Pybind11Extension
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
+
+    ParallelCompile("DPSGS_BUILD_JOBS", default=0).install()   # every core unless told
 
     sources = sorted(glob.glob("csrc/*.cc") + glob.glob("csrc/common/*.cc")
                      + glob.glob("csrc/bindings/*.cc"))
@@ -127,7 +136,8 @@ def get_extensions():
         "include_dirs": ["csrc", mpi4py.get_include(), *mpi["include_dirs"]],
         "library_dirs": mpi["library_dirs"],
         "libraries": mpi["libraries"],
-        "extra_link_args": mpi["extra_link_args"],
+        "extra_link_args": [*mpi["extra_link_args"], f"-Wl,--version-script={EXPORTS_MAP}",
+                            "-Wl,--exclude-libs,ALL"],
         "define_macros": [],
     }
     cuda = cuda_options()

@@ -2,8 +2,8 @@
 # CUDA/NCCL compile-and-link check (CI; no GPU needed). In the active venv:
 #   1. installs nvidia-nccl-cu12 (headers + libnccl.so.2) if it is missing;
 #   2. builds dpsgs._C with DPSGS_CUDA=1 into a SEPARATE dir (never the in-place module);
-#   3. checks with nm -D that the .so references the NCCL/CUDA entry points the backend uses,
-#      and with ldd that libnccl.so.2 and libcudart resolve;
+#   3. checks with nm -D that the .so references the NCCL/CUDA entry points the backend uses and
+#      exports PyInit__C alone, and with ldd that libnccl.so.2 and libcudart resolve;
 #   4. imports that build in a subprocess and checks build_info() says nccl: true + version.
 # Loading needs no GPU; only NCCL/CUDA calls would fail. Exits non-zero on any failure.
 # Usage: bash .ci/cuda-check.sh          (from the repo root or anywhere; venv active)
@@ -39,11 +39,16 @@ echo "== built $SO"
 echo "== nm -D: NCCL/CUDA symbols the backend calls"
 symbols=$(nm -D --undefined-only "$SO")
 for sym in ncclAllReduce ncclSend ncclRecv ncclGroupStart ncclGroupEnd ncclCommInitRankConfig ncclCommSplit \
-           ncclCommAbort ncclCommGetAsyncError ncclGetUniqueId ncclGetErrorString \
+           ncclCommFinalize ncclCommDestroy ncclCommAbort ncclCommGetAsyncError ncclGetUniqueId ncclGetErrorString \
            cudaStreamCreateWithFlags cudaEventRecord cudaEventQuery cudaStreamWaitEvent; do
   line=$(grep -E " U ${sym}(@|$)" <<< "$symbols") || fail "$SO does not reference $sym"
   echo "  $line"
 done
+
+echo "== nm -D --defined-only: the module exports PyInit__C alone"
+exported=$(nm -D --defined-only "$SO" | awk '{print $NF}')
+[ "$exported" = "PyInit__C" ] || fail "$SO exports $(wc -w <<< "$exported") symbols, not just PyInit__C: $(head -c 300 <<< "$exported")"
+echo "  $exported"
 
 echo "== ldd: libraries resolve"
 libs=$(ldd "$SO")
@@ -68,7 +73,7 @@ info = dict(mod.build_info())
 print("  build_info():", info)
 assert info.get("nccl") is True, "build_info() says nccl is not compiled in"
 assert info.get("nccl_version"), "no NCCL version reported"
-for name in ("NcclCommunicator", "NcclChannel", "NcclReducer", "NcclWork"):
+for name in ("NcclCommunicator", "NcclChannel", "NcclReducer", "NcclWork", "nccl_close_all"):
     assert hasattr(mod, name), f"{name} missing from the module"
 gpus = mod.cuda_device_count()
 print(f"  loaded libnccl {mod.nccl_version()} (compiled against {mod.nccl_header_version()}), "

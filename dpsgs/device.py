@@ -1,9 +1,12 @@
 """GPU choice per rank and the one-rank-per-GPU check, done before NCCL initialises.
 
 Device = local rank (from the launcher's environment, else from an allgather of host names,
-as nccl-tests does) modulo the GPUs visible to the process. Two ranks on one GPU make NCCL
-fail ("Duplicate GPU detected") or, from 2.30, hang; so every rank allgathers (host, GPU
-identity) first and all raise the same `SharedGPUError` naming both ranks and the GPU.
+as nccl-tests does) modulo the GPUs visible to the process. Two ranks on one GPU of one host
+make NCCL fail ("Duplicate GPU detected") or, from 2.30, hang; so every rank allgathers
+(host, GPU identity) first and all raise the same `SharedGPUError` naming both ranks and the
+GPU. A host is what NCCL takes it to be: `NCCL_HOSTID` where set, else the host name. So
+several ranks may share a GPU for testing when each has its own NCCL_HOSTID (NCCL then
+connects them over its network transport); dpsgs never sets it itself.
 
 The mapping and the duplicate detection are pure functions (tested without a GPU);
 `select_device` is the collective that feeds them.
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["LOCAL_RANK_VARS", "DeviceChoice", "GpuSlot", "SharedGPUError", "check_unique_gpus",
-           "device_for", "find_shared_gpus", "gpu_identity", "local_rank_from_env",
+           "device_for", "find_shared_gpus", "gpu_identity", "host_identity", "local_rank_from_env",
            "local_rank_from_hosts", "physical_gpu_id", "select_device", "visible_gpu_count"]
 
 # MPICH/Hydra, Open MPI, Slurm: the launcher's own count of this process on its node.
@@ -47,6 +50,13 @@ class DeviceChoice:
     host: str
     gpu: str           # identity used for the duplicate check
     source: str        # where local_rank came from: an env variable name or "hostnames"
+
+
+def host_identity(env: Mapping[str, str] | None = None) -> str:
+    """The host as NCCL sees it: NCCL_HOSTID when set (NCCL hashes it in place of the host
+    name), else the host name."""
+    env = os.environ if env is None else env
+    return env.get("NCCL_HOSTID", "").strip() or socket.gethostname()
 
 
 def local_rank_from_env(env: Mapping[str, str]) -> tuple[int, str] | None:
@@ -122,7 +132,8 @@ def check_unique_gpus(slots: Sequence[GpuSlot], visible: Mapping[str, int] | Non
         "two ranks on one GPU (NCCL cannot run two ranks of a communicator on one GPU):\n  "
         + "\n  ".join(lines)
         + "\nlaunch at most one rank per GPU on each host (e.g. mpirun -ppn <GPUs per node>), "
-          "or use the CPU/MPI backend")
+          "or use the CPU/MPI backend (tests may share a GPU by giving each rank its own "
+          "NCCL_HOSTID)")
 
 
 def visible_gpu_count() -> int:
@@ -182,7 +193,7 @@ def select_device(comm: Any = None, visible: int | None = None,
 
         comm = MPI.COMM_WORLD
     env = os.environ if env is None else env
-    host = socket.gethostname()
+    host = host_identity(env)
     hosts = comm.allgather(host)
     from_env = local_rank_from_env(env)
     local, source = from_env if from_env else (local_rank_from_hosts(hosts, comm.Get_rank()), "hostnames")

@@ -1,7 +1,7 @@
 """Python face of the NCCL backend: descriptors of torch CUDA tensors / CuPy arrays, and
 communicator, channel and all-reduce wrappers in the style of `dpsgs.comm`.
 
-Compiled, not run: no GPU was available where this was written (see docs/gpu.md).
+Status: see docs/gpu.md (the fixes after the first GPU run have not been run on a GPU yet).
 
     from mpi4py import MPI
     from dpsgs import nccl
@@ -13,6 +13,7 @@ Compiled, not run: no GPU was available where this was written (see docs/gpu.md)
     out.send(x)                                        # ordered after x's producer stream
     y = back.recv(torch.float32, (64, 128))            # current stream waits for it on the GPU
     nccl.TensorReducer(stage).allreduce(grad).wait()   # mean over the stage's replicas
+    stage.close(); ncomm.close()                       # or at exit: _C.nccl_close_all (atexit)
 
 Every NCCL call of a device is issued by one C++ thread in call order, so every rank must
 make its channel and all-reduce calls in the same order (the schedule does).

@@ -84,7 +84,7 @@ std::shared_ptr<NcclCommunicator> make_nccl_communicator(py::object comm, int de
   }
   DPSGS_CHECK_ARG(t >= 0, "NcclCommunicator: timeout must be >= 0 (0 = none), got ", t);
   py::gil_scoped_release nogil;  // construction waits (bounded) for every rank
-  return std::make_shared<NcclCommunicator>(raw, device, t, warn_after);
+  return NcclCommunicator::create(raw, device, t, warn_after);
 }
 
 }  // namespace
@@ -96,6 +96,11 @@ void bind_nccl(py::module_& m) {
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to this process (0 without GPU/driver)");
   m.def("nccl_version", &nccl_version_string, "version of the libnccl loaded at run time");
   m.def("nccl_header_version", &nccl_header_version_string, "NCCL version the extension was compiled against");
+  m.def("nccl_close_all", &close_all_nccl, py::call_guard<py::gil_scoped_release>(),
+        "Close every live NcclCommunicator, newest first (run at interpreter exit, before CUDA's teardown)");
+  // Python's atexit handlers run before the interpreter is torn down and before the C++/CUDA
+  // runtime's own exit handlers: communicators then die while CUDA is alive.
+  py::module_::import("atexit").attr("register")(m.attr("nccl_close_all"));
 
   py::class_<NcclWork, Work, std::shared_ptr<NcclWork>>(m, "NcclWork",
       "Handle of one NCCL operation; wait() blocks the host, wait_stream() only orders a CUDA stream.")
@@ -123,6 +128,9 @@ void bind_nccl(py::module_& m) {
       .def("connect", &NcclCommunicator::connect, py::call_guard<py::gil_scoped_release>(),
            "Collective: warm up the all-reduce and every channel created on this communicator, in one NCCL group.")
       .def("synchronize", &NcclCommunicator::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("close", &NcclCommunicator::close, py::call_guard<py::gil_scoped_release>(),
+           "Collective: finalize and destroy this communicator and its channels' (bounded); idempotent")
+      .def_property_readonly("closed", &NcclCommunicator::closed)
       .def("abort", [](NcclCommunicator& c, const std::string& why) {
              py::gil_scoped_release nogil;
              c.abort(why);

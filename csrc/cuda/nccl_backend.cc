@@ -3,8 +3,11 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <vector>
 
 #include "common/backoff.h"
 #include "common/error.h"
@@ -35,6 +38,29 @@ void poll_stream(cudaStream_t stream, NcclHandle& handle, const char* what, int 
     handle.abort(str_cat(what, " timed out"));
     throw;
   }
+}
+// Every NcclCommunicator of the process, for close_all_nccl().
+std::mutex registry_mu;
+std::vector<std::weak_ptr<NcclCommunicator>>& registry() {
+  static auto* all = new std::vector<std::weak_ptr<NcclCommunicator>>();  // never destroyed: used at exit
+  return *all;
+}
+
+void register_communicator(const std::shared_ptr<NcclCommunicator>& c) {
+  std::lock_guard<std::mutex> lock(registry_mu);
+  auto& all = registry();
+  all.erase(std::remove_if(all.begin(), all.end(), [](const auto& w) { return w.expired(); }), all.end());
+  all.push_back(c);
+}
+
+// A split that failed may still complete later on NCCL's own thread and write the new
+// communicator into its handle's slot: keep such handles forever rather than free memory
+// that NCCL may still write.
+void abandon(std::shared_ptr<NcclHandle> handle) {
+  static auto* kept = new std::vector<std::shared_ptr<NcclHandle>>();
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  kept->push_back(std::move(handle));
 }
 }  // namespace
 
@@ -115,12 +141,11 @@ NcclCommunicator::NcclCommunicator(MPI_Comm parent, int device, double timeout_s
   poll_mpi_request(&req, rank_, 0, timeout_s_, warn_after_s_,
                    [&] { return str_cat("rank ", rank_, ": MPI_Ibcast of the NCCL unique id from rank 0"); });
 
-  ncclComm_t comm = nullptr;
-  ncclConfig_t config = nccl_config(name_.c_str());
+  handle_ = std::make_shared<NcclHandle>(rank_, name_, timeout_s_, warn_after_s_);
   issuer_->run([&] {
-    DPSGS_CHECK_NCCL(ncclCommInitRankConfig(&comm, size_, id, rank_, &config), nullptr, rank_, kNoPeer);
+    DPSGS_CHECK_NCCL(ncclCommInitRankConfig(handle_->slot(), size_, id, rank_, handle_->config()), nullptr, rank_,
+                     kNoPeer);
   });
-  handle_ = std::make_shared<NcclHandle>(comm, rank_, name_, timeout_s_, warn_after_s_);
   handle_->settle("ncclCommInitRankConfig", kNoPeer);
 
   DeviceGuard guard(device_);
@@ -128,13 +153,19 @@ NcclCommunicator::NcclCommunicator(MPI_Comm parent, int device, double timeout_s
   DPSGS_CHECK_CUDA(cudaMemset(scratch_, 0, kScratchBytes), rank_, kNoPeer);
 }
 
+std::shared_ptr<NcclCommunicator> NcclCommunicator::create(MPI_Comm parent, int device, double timeout_s,
+                                                           double warn_after_s) {
+  auto comm = std::make_shared<NcclCommunicator>(parent, device, timeout_s, warn_after_s);
+  register_communicator(comm);
+  return comm;
+}
+
 NcclCommunicator::NcclCommunicator(SplitTag, MPI_Comm mpi, int device, double timeout_s, double warn_after_s,
-                                   std::shared_ptr<DeviceIssuer> issuer, ncclComm_t comm, std::string name)
-    : device_(device), timeout_s_(timeout_s), warn_after_s_(warn_after_s), name_(std::move(name)),
-      issuer_(std::move(issuer)) {
+                                   std::shared_ptr<DeviceIssuer> issuer, std::shared_ptr<NcclHandle> handle)
+    : device_(device), timeout_s_(timeout_s), warn_after_s_(warn_after_s), name_(handle->name()),
+      issuer_(std::move(issuer)), handle_(std::move(handle)) {
   init_mpi(mpi);
   stream_ = std::make_unique<CudaStream>(device_, rank_);
-  handle_ = std::make_shared<NcclHandle>(comm, rank_, name_, timeout_s_, warn_after_s_);
   DeviceGuard guard(device_);
   DPSGS_CHECK_CUDA(cudaMalloc(&scratch_, kScratchBytes), rank_, kNoPeer);
   DPSGS_CHECK_CUDA(cudaMemset(scratch_, 0, kScratchBytes), rank_, kNoPeer);
@@ -160,6 +191,7 @@ NcclCommunicator::~NcclCommunicator() {
 }
 
 std::shared_ptr<NcclCommunicator> NcclCommunicator::split(int color, int key) {
+  check_open("split");
   MPI_Request req;
   DPSGS_CHECK_MPI(MPI_Ibarrier(mpi_, &req), rank_, kNoPeer);
   poll_mpi_request(&req, rank_, kNoPeer, timeout_s_, warn_after_s_,
@@ -168,30 +200,54 @@ std::shared_ptr<NcclCommunicator> NcclCommunicator::split(int color, int key) {
   DPSGS_CHECK_MPI(MPI_Comm_split(mpi_, color < 0 ? MPI_UNDEFINED : color, key, &child_mpi), rank_, kNoPeer);
   // The parent must be idle: finish what its stream still runs before the collective split.
   synchronize();
+  // The child's handle exists before the call: NCCL writes the new communicator into its
+  // slot from the split's own thread, and keeps the name pointer of its config.
+  int child_rank = -1;
+  if (child_mpi != MPI_COMM_NULL) DPSGS_CHECK_MPI(MPI_Comm_rank(child_mpi, &child_rank), rank_, kNoPeer);
   std::string child_name = str_cat(name_, "/", color < 0 ? std::string("none") : std::to_string(color));
-  ncclComm_t child = nullptr;
-  ncclConfig_t config = nccl_config(child_name.c_str());
-  issuer_->run([&] {
-    DPSGS_CHECK_NCCL(ncclCommSplit(handle_->get(), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, &config),
-                     handle_->get(), rank_, kNoPeer);
-  });
-  handle_->settle("ncclCommSplit", kNoPeer);
-  if (color < 0 || child == nullptr) {
+  auto child = std::make_shared<NcclHandle>(child_rank, child_name, timeout_s_, warn_after_s_);
+  try {
+    issuer_->run([&] {
+      auto guard = handle_->lock("ncclCommSplit", kNoPeer);
+      DPSGS_CHECK_NCCL(ncclCommSplit(handle_->get(), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, child->slot(),
+                                     child->config()),
+                       handle_->get(), rank_, kNoPeer);
+    });
+    // Settling the parent joins the split: the child's slot is written by then.
+    handle_->settle("ncclCommSplit", kNoPeer);
+  } catch (...) {
+    abandon(child);
+    if (child_mpi != MPI_COMM_NULL) MPI_Comm_free(&child_mpi);
+    throw;
+  }
+  if (color < 0 || child->get() == nullptr) {
     if (child_mpi != MPI_COMM_NULL) MPI_Comm_free(&child_mpi);
     return nullptr;
   }
-  auto sub = std::make_shared<NcclCommunicator>(SplitTag{}, child_mpi, device_, timeout_s_, warn_after_s_,
-                                                issuer_, child, child_name);
-  sub->handle_->settle("ncclCommSplit (new communicator)", kNoPeer);
+  child->settle("ncclCommSplit (new communicator)", kNoPeer);
+  auto sub = std::make_shared<NcclCommunicator>(SplitTag{}, child_mpi, device_, timeout_s_, warn_after_s_, issuer_,
+                                                std::move(child));
+  register_communicator(sub);
   return sub;
 }
 
 void NcclCommunicator::add_pending(PendingConnect p) {
+  check_open("creating a channel");
   std::lock_guard<std::mutex> lock(mu_);
+  channel_handles_.erase(std::remove_if(channel_handles_.begin(), channel_handles_.end(),
+                                        [](const auto& w) { return w.expired(); }),
+                         channel_handles_.end());
+  channel_handles_.push_back(p.handle);
   pending_.push_back(std::move(p));
 }
 
+void NcclCommunicator::check_open(const char* what) const {
+  if (closed_) throw CommError(str_cat("rank ", rank_, ": ", what, " on NCCL communicator ", name_,
+                                       " after close()"));
+}
+
 void NcclCommunicator::connect() {
+  check_open("connect");
   std::vector<PendingConnect> pending;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -208,6 +264,11 @@ void NcclCommunicator::connect() {
   }
   char* scratch = static_cast<char*>(scratch_);
   issuer_->run([&] {
+    // Every communicator of the group is used exclusively until the group is launched (only
+    // this thread ever holds several of these locks, so no lock order can deadlock).
+    std::vector<std::unique_lock<std::mutex>> guards;
+    if (warm_collective) guards.push_back(handle_->lock("connect (all-reduce warm-up)", kNoPeer));
+    for (auto& p : pending) guards.push_back(p.handle->lock("connect (p2p warm-up)", p.peer));
     DPSGS_CHECK_NCCL(ncclGroupStart(), nullptr, rank_, kNoPeer);
     // A failed call inside the group must still close it, or every later NCCL call of this
     // thread would be swallowed by the open group.
@@ -230,6 +291,7 @@ void NcclCommunicator::connect() {
     }
     closer.open = false;
     DPSGS_CHECK_NCCL(ncclGroupEnd(), nullptr, rank_, kNoPeer);
+    guards.clear();
     // A non-blocking group is launched once every communicator in it has settled.
     if (warm_collective) handle_->settle("ncclGroupEnd (connect: all-reduce warm-up)", kNoPeer);
     for (auto& p : pending) p.handle->settle("ncclGroupEnd (connect: p2p warm-up)", p.peer);
@@ -241,6 +303,46 @@ void NcclCommunicator::connect() {
 }
 
 void NcclCommunicator::synchronize() { poll_stream(stream_->get(), *handle_, "synchronize", kNoPeer); }
+
+void NcclCommunicator::close() {
+  std::vector<std::shared_ptr<NcclHandle>> handles;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    for (auto& w : channel_handles_)
+      if (auto h = w.lock()) handles.push_back(std::move(h));
+    channel_handles_.clear();
+    pending_.clear();
+  }
+  if (handle_) handles.push_back(handle_);
+  // On the issuer: after every call queued so far, and never beside another NCCL call.
+  issuer_->run([&] {
+    for (auto& h : handles) h->close();
+  });
+  if (scratch_ != nullptr && !cuda_runtime_unloading()) {
+    DeviceGuard guard(device_);
+    cudaFree(scratch_);
+    scratch_ = nullptr;
+  }
+}
+
+void close_all_nccl() {
+  std::vector<std::shared_ptr<NcclCommunicator>> alive;
+  {
+    std::lock_guard<std::mutex> lock(registry_mu);
+    for (auto it = registry().rbegin(); it != registry().rend(); ++it)
+      if (auto c = it->lock()) alive.push_back(std::move(c));
+    registry().clear();
+  }
+  for (auto& c : alive) {
+    try {
+      c->close();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "[dpsgs] closing NcclCommunicator at exit: %s\n", e.what());
+    }
+  }
+}
 
 void NcclCommunicator::abort(const std::string& why) noexcept {
   if (handle_) handle_->abort(why);

@@ -47,12 +47,23 @@ struct PendingConnect {
 // (MPI_ERRORS_RETURN) carries this backend's bootstrap and channel headers only.
 //
 // All NCCL calls go through the device's single DeviceIssuer (see device_issuer.h).
+//
+// Lifetime: close() (collective, like MPI_Comm_free) finalizes and destroys, on the issuer
+// and after every queued call, the NCCL communicators of this object and of every channel
+// created on it, bounded in time; later use raises CommError. close_all_nccl() closes every
+// live NcclCommunicator of the process, newest first; the module runs it from a Python
+// atexit hook, so communicators die while CUDA is still alive (CUDA's own teardown runs
+// after the interpreter's). A communicator never closed is released when its last user
+// drops it, quietly skipped if CUDA is already unloading.
 // connect() warms up in ONE NCCL group every connection this rank will use: its all-reduce
 // and the p2p connection of every channel created on it so far. NCCL connects p2p lazily
 // on first use and a first send blocks until the peer's first recv; doing all of them at one
 // collective point keeps that rendezvous from deadlocking against other traffic.
 class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
  public:
+  // Collective over `parent`; registered for close_all_nccl().
+  static std::shared_ptr<NcclCommunicator> create(MPI_Comm parent, int device, double timeout_s,
+                                                  double warn_after_s);
   NcclCommunicator(MPI_Comm parent, int device, double timeout_s, double warn_after_s);
   ~NcclCommunicator();  // never throws
   NcclCommunicator(const NcclCommunicator&) = delete;
@@ -68,6 +79,7 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   DeviceIssuer& issuer() const { return *issuer_; }
   cudaStream_t stream() const { return stream_->get(); }  // the collectives' stream
   bool connected() const { return connected_; }
+  bool closed() const { return closed_; }
 
   // Collective over this communicator. color < 0: this rank joins no group (nullptr).
   std::shared_ptr<NcclCommunicator> split(int color, int key);
@@ -76,6 +88,8 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   void connect();
   // Blocks until every operation issued on the collectives' stream so far has completed.
   void synchronize();
+  // See the class comment. Idempotent; the caller must not hold the GIL.
+  void close();
 
   void add_pending(PendingConnect p);
   // Aborts every NCCL communicator of this object (bounded); for error paths.
@@ -87,10 +101,11 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
  public:
   // Used by split(): adopts an already created (still settling) communicator.
   NcclCommunicator(SplitTag, MPI_Comm mpi, int device, double timeout_s, double warn_after_s,
-                   std::shared_ptr<DeviceIssuer> issuer, ncclComm_t comm, std::string name);
+                   std::shared_ptr<DeviceIssuer> issuer, std::shared_ptr<NcclHandle> handle);
 
  private:
   void init_mpi(MPI_Comm mpi);
+  void check_open(const char* what) const;
 
   MPI_Comm mpi_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, device_;
@@ -101,8 +116,14 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   std::shared_ptr<NcclHandle> handle_;
   void* scratch_ = nullptr;  // device bytes for warm-up transfers
   bool connected_ = false;
+  bool closed_ = false;
   std::mutex mu_;
   std::vector<PendingConnect> pending_;
+  std::vector<std::weak_ptr<NcclHandle>> channel_handles_;  // closed by close(), before ours
 };
+
+// Closes every NcclCommunicator of the process still alive, newest first (children before
+// their parents). The caller must not hold the GIL.
+void close_all_nccl();
 
 }  // namespace dpsgs

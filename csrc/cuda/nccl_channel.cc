@@ -53,12 +53,11 @@ NcclChannel::NcclChannel(std::shared_ptr<NcclCommunicator> comm, int peer, int t
                      ", to construct its end)");
     });
   }
-  ncclComm_t pair = nullptr;
-  ncclConfig_t config = nccl_config(pair_name_.c_str());
+  handle_ = std::make_shared<NcclHandle>(rank_, pair_name_, timeout, warn);
   comm_->issuer().run([&] {
-    DPSGS_CHECK_NCCL(ncclCommInitRankConfig(&pair, 2, id_, is_sender_ ? 0 : 1, &config), nullptr, rank_, peer_);
+    DPSGS_CHECK_NCCL(ncclCommInitRankConfig(handle_->slot(), 2, id_, is_sender_ ? 0 : 1, handle_->config()), nullptr,
+                     rank_, peer_);
   });
-  handle_ = std::make_shared<NcclHandle>(pair, rank_, pair_name_, timeout, warn);
   stream_ = std::make_shared<CudaStream>(device_, rank_);
   connected_ = std::make_shared<std::atomic<bool>>(false);
   comm_->add_pending(PendingConnect{handle_, peer_, is_sender_, stream_,
@@ -118,6 +117,7 @@ void NcclChannel::check_buffer(const Buffer& b, const char* op) const {
                   " dimensions; at most ", kNcclMaxDims);
   DPSGS_CHECK_ARG(connected_->load(), describe_end(), ": ", op, " before NcclCommunicator.connect(); call "
                   "connect() on every rank after creating the channels");
+  if (comm_->closed()) throw CommError(str_cat(describe_end(), ": ", op, " after its NcclCommunicator was closed"));
 }
 
 void NcclChannel::post_header(int slot) {
@@ -143,7 +143,11 @@ std::shared_ptr<NcclWork> NcclChannel::issue(const char* op, uint64_t seq, uintp
                           rank = rank_, peer = peer_] {
     try {
       DPSGS_CHECK_CUDA(cudaStreamWaitEvent(stream->get(), ready->get(), 0), rank, peer);
-      ncclResult_t rc = call(handle->get(), stream->get());
+      ncclResult_t rc;
+      {
+        auto guard = handle->lock(call_name, peer);
+        rc = call(handle->get(), stream->get());
+      }
       if (rc != ncclSuccess && rc != ncclInProgress)
         DPSGS_THROW_CALL("NCCL", call_name, rank, peer, nccl_error_text(rc, handle->get()));
       handle->settle(call_name, peer);

@@ -1,5 +1,8 @@
-// NcclHandle: non-blocking NCCL communicator with bounded settle/abort (see nccl_handle.h).
+// NcclHandle: non-blocking NCCL communicator with serialised calls, bounded settle/close/abort
+// (see nccl_handle.h).
 #include "cuda/nccl_handle.h"
+
+#include <cuda_runtime.h>
 
 #include <chrono>
 #include <cstdio>
@@ -13,35 +16,50 @@
 
 namespace dpsgs {
 
-ncclConfig_t nccl_config(const char* name) {
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;
-  config.commName = name;  // callers keep `name` alive until the init/split has settled
-  return config;
-}
-
 double nccl_abort_timeout() {
   const char* env = std::getenv("DPSGS_NCCL_ABORT_TIMEOUT");
   double t = env ? std::atof(env) : 0.0;
   return t > 0 ? t : 10.0;
 }
 
-NcclHandle::NcclHandle(ncclComm_t comm, int rank, std::string name, double timeout_s, double warn_after_s)
-    : comm_(comm), rank_(rank), name_(std::move(name)), timeout_s_(timeout_s), warn_after_s_(warn_after_s) {}
+bool cuda_runtime_unloading() {
+  int device = 0;
+  if (cudaGetDevice(&device) == cudaErrorCudartUnloading) {
+    cudaGetLastError();
+    return true;
+  }
+  return false;
+}
 
-NcclHandle::~NcclHandle() {
-  if (comm_ == nullptr || aborted_.load()) return;
-  // Finalize flushes outstanding operations; bounded so a dead peer cannot hang exit.
-  try {
-    DPSGS_CHECK_NCCL(ncclCommFinalize(comm_), comm_, rank_, kNoPeer);
-    settle("ncclCommFinalize", kNoPeer, nccl_abort_timeout());
-    ncclResult_t rc = ncclCommDestroy(comm_);
-    if (rc != ncclSuccess)
-      std::fprintf(stderr, "[dpsgs] rank %d: ncclCommDestroy(%s) failed: %s\n", rank_, name_.c_str(),
-                   ncclGetErrorString(rc));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "[dpsgs] rank %d: closing NCCL communicator %s: %s\n", rank_, name_.c_str(), e.what());
-    abort("its finalize failed");  // settle() has already aborted on most paths; abort is idempotent
+NcclHandle::NcclHandle(int rank, std::string name, double timeout_s, double warn_after_s)
+    : rank_(rank), name_(std::move(name)), timeout_s_(timeout_s),
+      warn_after_s_(warn_after_s), mu_(std::make_shared<std::mutex>()) {
+  config_.blocking = 0;
+  config_.commName = name_.c_str();  // stable: name_ is never modified, the handle never moves
+}
+
+NcclHandle::~NcclHandle() { close(); }
+
+void NcclHandle::check_usable(const char* what, int peer) const {
+  if (aborted_.load())
+    throw CommError(str_cat("rank ", rank_, ": NCCL communicator ", name_, " was aborted before ", what,
+                            peer == kNoPeer ? std::string() : str_cat(" with peer ", peer)));
+  if (closed_.load())
+    throw CommError(str_cat("rank ", rank_, ": NCCL communicator ", name_, " was closed before ", what,
+                            peer == kNoPeer ? std::string() : str_cat(" with peer ", peer)));
+}
+
+std::unique_lock<std::mutex> NcclHandle::lock(const char* what, int peer) {
+  // Holders make one non-blocking NCCL call and let go, except an abort, which sets
+  // aborted_ first: so a short yield loop that re-checks the flags never waits long.
+  for (;;) {
+    check_usable(what, peer);
+    std::unique_lock<std::mutex> guard(*mu_, std::try_to_lock);
+    if (guard.owns_lock()) {
+      check_usable(what, peer);
+      return guard;
+    }
+    std::this_thread::yield();
   }
 }
 
@@ -58,10 +76,11 @@ void NcclHandle::settle(const char* call, int peer, double timeout_s) {
 }
 
 bool NcclHandle::check_async(const char* what, int peer) {
-  if (aborted_.load())
-    throw CommError(str_cat("rank ", rank_, ": NCCL communicator ", name_, " was aborted before ", what));
-  ncclResult_t state = ncclSuccess;
-  ncclResult_t rc = ncclCommGetAsyncError(comm_, &state);
+  ncclResult_t state = ncclSuccess, rc = ncclSuccess;
+  {
+    auto guard = lock(what, peer);
+    rc = ncclCommGetAsyncError(comm_, &state);
+  }
   if (rc != ncclSuccess)
     DPSGS_THROW_CALL("NCCL", "ncclCommGetAsyncError", rank_, peer, nccl_error_text(rc, comm_));
   if (state == ncclInProgress) return false;
@@ -74,15 +93,40 @@ bool NcclHandle::check_async(const char* what, int peer) {
   return true;
 }
 
+void NcclHandle::close() noexcept {
+  if (comm_ == nullptr || aborted_.load() || closing_.exchange(true)) return;
+  if (cuda_runtime_unloading()) return;  // the process is past exit(): nothing can be freed now
+  try {
+    {
+      auto guard = lock("ncclCommFinalize", kNoPeer);
+      DPSGS_CHECK_NCCL(ncclCommFinalize(comm_), comm_, rank_, kNoPeer);
+    }
+    // Finalize flushes outstanding operations; bounded so a dead peer cannot hang the exit.
+    settle("ncclCommFinalize", kNoPeer, nccl_abort_timeout());
+    auto guard = lock("ncclCommDestroy", kNoPeer);
+    ncclResult_t rc = ncclCommDestroy(comm_);
+    closed_.store(true);
+    comm_ = nullptr;
+    if (rc != ncclSuccess)
+      std::fprintf(stderr, "[dpsgs] rank %d: ncclCommDestroy(%s) failed: %s\n", rank_, name_.c_str(),
+                   ncclGetErrorString(rc));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[dpsgs] rank %d: closing NCCL communicator %s: %s\n", rank_, name_.c_str(), e.what());
+    abort("its close failed");  // settle() has already aborted on most paths; abort is idempotent
+  }
+}
+
 void NcclHandle::abort(const std::string& why) noexcept {
-  if (aborted_.exchange(true) || comm_ == nullptr) return;
+  if (aborted_.exchange(true) || closed_.load() || comm_ == nullptr) return;
   std::fprintf(stderr, "[dpsgs] rank %d: aborting NCCL communicator %s (%s)\n", rank_, name_.c_str(), why.c_str());
   // ncclCommAbort can itself hang on a broken network: run it on a helper thread and give up
-  // on it after a bound. The helper owns its state, so abandoning it is safe.
+  // on it after a bound. The helper owns what it uses (the mutex too), so abandoning it is safe.
   auto done = std::make_shared<std::promise<ncclResult_t>>();
   std::future<ncclResult_t> result = done->get_future();
-  ncclComm_t comm = comm_;
-  std::thread([comm, done] { done->set_value(ncclCommAbort(comm)); }).detach();
+  std::thread([comm = comm_, mu = mu_, done] {
+    std::lock_guard<std::mutex> guard(*mu);  // no other call is inside the communicator
+    done->set_value(ncclCommAbort(comm));
+  }).detach();
   double bound = nccl_abort_timeout();
   if (result.wait_for(std::chrono::duration<double>(bound)) != std::future_status::ready) {
     std::fprintf(stderr, "[dpsgs] rank %d: ncclCommAbort(%s) did not return within %.0f s; abandoned\n",

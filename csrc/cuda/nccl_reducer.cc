@@ -18,6 +18,7 @@ std::shared_ptr<NcclWork> NcclReducer::allreduce(const Buffer& buf, Owner owner,
   DPSGS_CHECK_ARG(buf.dtype != DType::Bool, "NcclReducer.allreduce on rank ", rank, ": cannot reduce dtype bool");
   DPSGS_CHECK_ARG(comm_->connected(), "NcclReducer.allreduce on rank ", rank,
                   " before NcclCommunicator.connect(); call connect() on every rank first");
+  if (comm_->closed()) throw CommError(str_cat("NcclReducer.allreduce on rank ", rank, " after its NcclCommunicator was closed"));
   uint64_t seq = count_++;
   auto work = std::make_shared<NcclWork>(str_cat("rank ", rank, ": NcclReducer allreduce #", seq, " (",
                                                  buf.bytes, " bytes over ", comm_->size(), " ranks)"),
@@ -39,7 +40,11 @@ std::shared_ptr<NcclWork> NcclReducer::allreduce(const Buffer& buf, Owner owner,
   comm_->issuer().submit([handle = comm_->handle(), comm = comm_, work, ready, ptr, count, type, op, stream, rank] {
     try {
       DPSGS_CHECK_CUDA(cudaStreamWaitEvent(stream, ready->get(), 0), rank, kNoPeer);
-      DPSGS_CHECK_NCCL(ncclAllReduce(ptr, ptr, count, type, op, handle->get(), stream), handle->get(), rank, kNoPeer);
+      {
+        auto guard = handle->lock("ncclAllReduce", kNoPeer);
+        DPSGS_CHECK_NCCL(ncclAllReduce(ptr, ptr, count, type, op, handle->get(), stream), handle->get(), rank,
+                         kNoPeer);
+      }
       handle->settle("ncclAllReduce", kNoPeer);
       work->done_event().record(stream, rank, kNoPeer);
       work->mark_issued();

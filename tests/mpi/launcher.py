@@ -40,9 +40,11 @@ class RankRun:
 
 def run_ranks(nprocs: int, program: str | Path, *args: str, timeout: float = 120.0,
               expect_ok: bool = True, env: dict[str, str] | None = None,
-              module: bool = False) -> RankRun:
+              module: bool = False, wrapper: list[str] | None = None) -> RankRun:
     """Launch `nprocs` ranks of `program` (a file in tests/mpi/ranks/ or a path, or a module
-    name with module=True). With expect_ok, assert that every rank exited 0."""
+    name with module=True). With expect_ok, assert that every rank exited 0. `wrapper` goes
+    between mpirun's options and the python command (e.g. a shell that sets per-rank
+    variables and execs the rest)."""
     import time
 
     if module:
@@ -52,7 +54,7 @@ def run_ranks(nprocs: int, program: str | Path, *args: str, timeout: float = 120
         if not path.is_absolute():
             path = RANKS_DIR / path
         target = ["-m", "mpi4py", str(path)]
-    cmd = [mpirun(), "-n", str(nprocs), sys.executable, *target, *args]
+    cmd = [mpirun(), "-n", str(nprocs), *(wrapper or []), sys.executable, *target, *args]
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONPATH"] = os.pathsep.join(

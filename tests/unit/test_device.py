@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dpsgs.device import (GpuSlot, SharedGPUError, check_unique_gpus, device_for, find_shared_gpus,
-                          local_rank_from_env, local_rank_from_hosts, physical_gpu_id, select_device)
+                          host_identity, local_rank_from_env, local_rank_from_hosts, physical_gpu_id,
+                          select_device)
 
 
 @pytest.mark.parametrize("env, expect", [
@@ -121,3 +122,27 @@ def test_select_device_raises_on_every_rank_when_one_has_no_gpu():
     comm = _FakeComm(0, [(host, None), ("other", other)])
     with pytest.raises(ValueError, match="rank 1 on other: no CUDA device"):
         select_device(comm, visible=1, env={})
+
+
+def test_host_identity_follows_nccl_hostid():
+    import socket
+
+    assert host_identity({}) == socket.gethostname()
+    assert host_identity({"NCCL_HOSTID": " host-3 "}) == "host-3"
+    assert host_identity({"NCCL_HOSTID": ""}) == socket.gethostname()
+
+
+def test_select_device_accepts_one_gpu_shared_by_distinct_nccl_hostids():
+    # NCCL treats ranks with different NCCL_HOSTIDs as different hosts (GPU.md's recipe for
+    # several ranks on one GPU); the guard must agree with NCCL rather than refuse.
+    peer = ("host-1", 0, "0", 1, None)
+    comm = _FakeComm(0, [("host-0", None), ("host-1", peer)])
+    choice = select_device(comm, visible=1, env={"NCCL_HOSTID": "host-0", "MPI_LOCALRANKID": "0"})
+    assert (choice.device, choice.host) == (0, "host-0")
+
+
+def test_select_device_refuses_one_gpu_under_one_nccl_hostid():
+    peer = ("host-x", 0, "0", 1, None)
+    comm = _FakeComm(0, [("host-x", None), ("host-x", peer)])
+    with pytest.raises(SharedGPUError, match="rank 1 and rank 0 both map to GPU 0 .* on host host-x"):
+        select_device(comm, visible=1, env={"NCCL_HOSTID": "host-x", "MPI_LOCALRANKID": "0"})

@@ -1,7 +1,7 @@
 """Device arrays for the GPU rank programs: torch CUDA when torch has CUDA, else CuPy.
 
 Every pattern is closed-form small integers, exact in every dtype (bfloat16 included), so a
-transfer or a mean can be checked for equality, not closeness.
+transfer can be checked for equality and a mean against its exact value.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ class Arrays:
     def equal(self, a: Any, b: Any) -> bool: ...
     def side_stream(self) -> Any: ...   # context manager making a new stream current
     def synchronize(self) -> None: ...
+    def host(self, a: Any) -> Any: ...    # numpy copy (bfloat16 widened to float32, exactly)
+    def raw(self, a: Any) -> bytes: ...   # the array's bytes, as stored
 
 
 class TorchArrays(Arrays):
@@ -55,6 +57,14 @@ class TorchArrays(Arrays):
     def synchronize(self):
         self.t.cuda.synchronize()
 
+    def host(self, a):
+        return (a.float() if a.dtype == self.t.bfloat16 else a).cpu().numpy()
+
+    def raw(self, a):
+        if a.dtype in (self.t.bfloat16, self.t.bool):
+            a = a.view(self.t.int16 if a.dtype == self.t.bfloat16 else self.t.uint8)
+        return a.contiguous().cpu().numpy().tobytes()
+
 
 class CupyArrays(Arrays):
     name = "cupy"
@@ -85,6 +95,12 @@ class CupyArrays(Arrays):
 
     def synchronize(self):
         self.cp.cuda.runtime.deviceSynchronize()
+
+    def host(self, a):
+        return self.cp.asnumpy(a)
+
+    def raw(self, a):
+        return self.cp.asnumpy(a).tobytes()
 
 
 def pick() -> Arrays:

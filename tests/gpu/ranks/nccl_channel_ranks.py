@@ -60,6 +60,7 @@ def main() -> int:
         w.wait()
     arr.synchronize()
     ok = comm.allreduce(bad == 0, op=MPI.LAND)
+    ncomm.close()
     print(f"rank {rank}: {messages} messages each way ({arr.name}), {bad} wrong: {'OK' if ok else 'FAIL'}",
           flush=True)
     return 0 if ok else 1
