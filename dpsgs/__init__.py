@@ -11,13 +11,12 @@ __version__ = "0.1.0"
 
 # Heavy submodules (torch-dependent ones in particular) load on first attribute access, so
 # `import dpsgs` and the comm core work without torch.
-_LAZY = {"comm", "topology", "schedule", "partition", "stage", "trainer", "reference", "checkpoint",
-         "models", "data", "metrics", "config", "cli"}
+_LAZY = {"comm", "pipeline", "reliability", "job", "planner", "bench", "config", "cli"}
 
 
 def build_info() -> dict[str, Any]:
     """MPI library and version, whether the NCCL backend is compiled in, NCCL/CUDA versions."""
-    from . import _C
+    from dpsgs import _C
 
     return dict(_C.build_info())
 

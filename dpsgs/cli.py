@@ -30,7 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from dpsgs.abort import abort_job
+from dpsgs.comm.abort import abort_job
 from dpsgs.config import TrainConfig
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -127,7 +127,7 @@ def _add_train(sub: Any, defaults: TrainConfig) -> None:
                    help="take the defaults from a TrainConfig JSON (e.g. a run's "
                         "config.json); options given here override them")
     p.add_argument("--simulate", action="store_true",
-                   help="run dpsgs.reference: the same schedule for K x N virtual ranks in "
+                   help="run dpsgs.pipeline.reference: the same schedule for K x N virtual ranks in "
                         "one process, no MPI")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -156,7 +156,7 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
     p = sub.add_parser("bench", help="benchmarks: 'bench comm|train ...' (arguments go to "
                        "dpsgs.bench.NAME; see 'bench comm --help')", add_help=False)
     p.add_argument("what", metavar="NAME")
-    sub.add_parser("plan", help="predict step times of K x N grids (dpsgs.plan; arguments "
+    sub.add_parser("plan", help="predict step times of K x N grids (dpsgs.planner.cli; arguments "
                    "are passed on)", add_help=False)
     return parser
 
@@ -184,8 +184,8 @@ def _base_config(argv: list[str]) -> TrainConfig:
 
 def validate(c: TrainConfig) -> None:
     """Checks that need no MPI and no data loading; each error names the option."""
-    from dpsgs.data import check_dataset
-    from dpsgs.models import check_model_name
+    from dpsgs.job.data import check_dataset
+    from dpsgs.job.models import check_model_name
 
     check_model_name(c.model)
     check_dataset(c.dataset, c.data_dir)
@@ -235,7 +235,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"dpsgs train: error: {e}", file=sys.stderr)
         return 2
     if args.simulate:
-        from dpsgs.reference import simulate
+        from dpsgs.pipeline.reference import simulate
 
         config.run_dir = config.run_dir or _timestamp_run_dir(None)
         summary = simulate(config)
@@ -250,7 +250,7 @@ def _train(args: argparse.Namespace) -> int:
     comm = MPI.COMM_WORLD
     try:
         config.run_dir = config.run_dir or _timestamp_run_dir(comm)
-        from dpsgs.trainer import train
+        from dpsgs.job.trainer import train
 
         summary = train(config, comm)
     except BaseException as e:
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # bench/plan pass everything after their name through, --help included.
     if argv and argv[0] == "plan":
-        return _dispatch("dpsgs.plan", argv[1:], "plan")
+        return _dispatch("dpsgs.planner.cli", argv[1:], "plan")
     if len(argv) >= 2 and argv[0] == "bench" and not argv[1].startswith("-"):
         name = argv[1]
         if not name.isidentifier():
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(args)
     if args.command == "plot":
-        from dpsgs.plot import plot_run
+        from dpsgs.job.plots import plot_run
 
         try:
             written = plot_run(args.run_dir, args.out)

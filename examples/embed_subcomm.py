@@ -19,7 +19,7 @@ import random
 from mpi4py import MPI
 
 from dpsgs.config import TrainConfig
-from dpsgs.trainer import train
+from dpsgs.job.trainer import train
 
 __all__ = ["main"]
 

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..abort import abort_job
+from dpsgs.comm.abort import abort_job
 from .harness import MIB, BenchContext, add_common_args, command_line, machine_info, \
     parse_size, size_sweep, write_json
 from .report import print_tables, summarize, summary_lines

@@ -37,8 +37,8 @@ def bench_profile(w: Workload, configs: list[BenchConfig]) -> Any:
     planner's validation uses it (taken under the same load as the runs)."""
     import torch
 
-    from ..models import build_model
-    from ..planner.profile import profile_model
+    from dpsgs.job.models import build_model
+    from dpsgs.planner.profile import profile_model
 
     units = {w.batch}
     for c in configs:
@@ -53,7 +53,7 @@ def bench_profile(w: Workload, configs: list[BenchConfig]) -> Any:
 def pipeline_split(prof: Any, batch: int, stages: int = 2) -> list[int]:
     """One balanced split for every K = 2 configuration (torch pipelining and dpsgs alike),
     at the full batch, so partitions do not differ between them."""
-    from ..planner.balance import balanced_split
+    from dpsgs.planner.balance import balanced_split
 
     return balanced_split([sum(lay.seconds(batch)) for lay in prof.layers], stages)
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--batch", type=int, help="global batch (default: the workload's)")
-    p.add_argument("--model", help="override the workload's model (a dpsgs.models name)")
+    p.add_argument("--model", help="override the workload's model (a dpsgs.job.models name)")
     p.add_argument("--micro-batches", type=int, default=4, help="pipeline micro-batches")
     p.add_argument("--only", help="comma-separated configuration names")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")

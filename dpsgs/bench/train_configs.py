@@ -92,7 +92,7 @@ def unavailable_reason(cfg: BenchConfig) -> str | None:
             return True
 
     if cfg.runner == "dpsgs_run":
-        for mod in ("dpsgs._C", "dpsgs.trainer"):
+        for mod in ("dpsgs._C", "dpsgs.job.trainer"):
             if missing(mod):
                 return f"{mod} is not built/importable in this tree"
     if cfg.runner == "pipe" and missing("torch.distributed.pipelining"):

@@ -71,7 +71,7 @@ def _run(cfg: TtaConfig, train_cfg: dict[str, Any], timeout: float, tmp: Path) -
     base = {"name": cfg.name, "runner": cfg.runner, "ranks": cfg.ranks, "config": train_cfg}
     if cfg.runner == "tta_dpsgs":
         import importlib.util
-        for mod in ("dpsgs._C", "dpsgs.trainer"):
+        for mod in ("dpsgs._C", "dpsgs.job.trainer"):
             if importlib.util.find_spec(mod) is None:
                 return {**base, "status": "unavailable", "reason": f"{mod} not importable"}
     out = tmp / f"{cfg.name}.json"

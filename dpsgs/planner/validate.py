@@ -93,7 +93,7 @@ def validate_doc(doc: dict[str, Any], link: dict[str, Any], reps: int = 2,
     overlap="none" (default here): on this CPU machine a rank has one core, and the
     all-reduce's copies and sums run on that same core, so backward cannot hide them; pass
     None to use each configuration's own overlap setting (the GPU assumption)."""
-    from ..plan import profile_for
+    from dpsgs.planner.cli import profile_for
 
     batch = int(doc["global_batch"])
     runs = [r for r in doc["results"] if r.get("status") == "ok" and r.get("plan")]

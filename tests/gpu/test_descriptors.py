@@ -1,11 +1,11 @@
-"""Pure checks of dpsgs.nccl.describe (no GPU needed): CUDA-array-interface parsing,
+"""Pure checks of dpsgs.comm.nccl.describe (no GPU needed): CUDA-array-interface parsing,
 contiguity, dtype codes, streams, and clear errors for host arrays."""
 
 from __future__ import annotations
 
 import pytest
 
-from dpsgs import nccl
+from dpsgs.comm import nccl
 
 
 class FakeCudaArray:

@@ -34,7 +34,7 @@ TROUBLE = re.compile(r"NCCL WARN|Cuda failure|driver shutting down|aborting NCCL
 
 _PROBE = """
 import json
-from dpsgs import nccl
+from dpsgs.comm import nccl
 ok, why = nccl.available()
 gpus, lib = 0, None
 if ok:

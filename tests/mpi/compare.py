@@ -1,4 +1,4 @@
-"""Hold a dumped distributed run (tests/mpi/ranks/train_dump.py) against dpsgs.reference."""
+"""Hold a dumped distributed run (tests/mpi/ranks/train_dump.py) against dpsgs.pipeline.reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "ranks"))
 
-from dpsgs.reference import Reference  # noqa: E402
+from dpsgs.pipeline.reference import Reference  # noqa: E402
 from toy import toy_config, toy_data, toy_model  # noqa: E402
 
 __all__ = ["compare_to_reference", "load_dump"]

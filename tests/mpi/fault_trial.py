@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from dpsgs.whois import parse_rank_map  # noqa: E402
+from dpsgs.reliability.rank_map import parse_rank_map  # noqa: E402
 
 __all__ = ["Trial", "Outcome", "run_trial", "random_trials", "train_args", "TOPOLOGIES"]
 
@@ -85,7 +85,7 @@ def train_args(stages: int, replicas: int, run_dir: str, timeout: float = TIMEOU
 
 _FAULT_LINE = re.compile(r"injected fault on rank (\d+).*wall (\d+\.\d+)")
 _HYDRA_PID = re.compile(r"BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES\s*\n=\s*PID (\d+)")
-# survivors' own reports: CommTimeout from the C++ core, VoteTimeout from dpsgs.agree
+# survivors' own reports: CommTimeout from the C++ core, VoteTimeout from dpsgs.reliability.votes
 _TIMEOUT_LINE = re.compile(
     r"^.*(timed out|did not complete within|not reached by every rank|CommTimeout|VoteTimeout)"
     r".*$", re.M)

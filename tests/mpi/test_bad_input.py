@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO, train_args  # noqa: E402
 from launcher import mpirun, run_ranks  # noqa: E402
 
-needs_trainer = pytest.mark.skipif(importlib.util.find_spec("dpsgs.trainer") is None,
-                                   reason="dpsgs.trainer not written yet")
+needs_trainer = pytest.mark.skipif(importlib.util.find_spec("dpsgs.job.trainer") is None,
+                                   reason="dpsgs.job.trainer not written yet")
 needs_core = pytest.mark.skipif(importlib.util.find_spec("dpsgs._C") is None,
                                 reason="dpsgs._C not built yet")
 

@@ -22,7 +22,7 @@ def _bench(tmp_path: Path, *args: str, timeout: float = 240.0) -> subprocess.Com
 
 
 def _needs_trainer() -> None:
-    for mod in ("dpsgs._C", "dpsgs.trainer"):
+    for mod in ("dpsgs._C", "dpsgs.job.trainer"):
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"{mod} not available yet")
 

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "ranks"))
 from checkpoint_ranks import stage_state  # noqa: E402
 from launcher import run_ranks  # noqa: E402
 
-from dpsgs.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from dpsgs.topology import Grid  # noqa: E402
+from dpsgs.job.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from dpsgs.comm.grid import Grid  # noqa: E402
 
 
 @pytest.mark.parametrize("k, n", [(2, 1), (1, 2)])

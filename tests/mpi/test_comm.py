@@ -1,4 +1,4 @@
-"""Communicator and dpsgs.comm under real ranks: GIL, sub-communicators, dead peers, torch face."""
+"""Communicator and dpsgs.comm.mpi under real ranks: GIL, sub-communicators, dead peers, torch face."""
 
 from __future__ import annotations
 

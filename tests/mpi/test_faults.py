@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import SLACK, TIMEOUT, Trial, run_trial  # noqa: E402
 from launcher import run_ranks  # noqa: E402
 
-needs_trainer = pytest.mark.skipif(importlib.util.find_spec("dpsgs.trainer") is None,
-                                   reason="dpsgs.trainer not written yet")
+needs_trainer = pytest.mark.skipif(importlib.util.find_spec("dpsgs.job.trainer") is None,
+                                   reason="dpsgs.job.trainer not written yet")
 
 
 def test_step_vote_takes_the_max_on_every_rank():

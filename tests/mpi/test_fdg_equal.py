@@ -1,4 +1,4 @@
-"""fdg under mpirun == dpsgs.reference step for step (float64, <= 1e-10), for both stash
+"""fdg under mpirun == dpsgs.pipeline.reference step for step (float64, <= 1e-10), for both stash
 modes and both overlap modes, K in {2, 3}, N in {1, 2}; observed staleness = 2(K-1-k)
 (+1 with overlap=step). One launch per world size runs all four mode combinations."""
 

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO, train_args  # noqa: E402
 from launcher import mpirun, run_ranks  # noqa: E402
 
-from dpsgs.checkpoint import latest_checkpoint, load_checkpoint, read_manifest  # noqa: E402
+from dpsgs.job.checkpoint import latest_checkpoint, load_checkpoint, read_manifest  # noqa: E402
 
-needs_trainer = pytest.mark.skipif(importlib.util.find_spec("dpsgs.trainer") is None,
-                                   reason="dpsgs.trainer not written yet")
+needs_trainer = pytest.mark.skipif(importlib.util.find_spec("dpsgs.job.trainer") is None,
+                                   reason="dpsgs.job.trainer not written yet")
 
 
 class _Grid:

@@ -10,8 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_preempt import _tail, _train  # noqa: E402
 
-from dpsgs.checkpoint import latest_checkpoint, read_manifest  # noqa: E402
-from dpsgs.metrics import read_metrics  # noqa: E402
+from dpsgs.job.checkpoint import latest_checkpoint, read_manifest  # noqa: E402
+from dpsgs.job.metrics import read_metrics  # noqa: E402
 
 
 def test_resumed_run_continues_the_step_numbering(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ from launcher import run_ranks  # noqa: E402
 from toy import toy_config, toy_data, toy_model  # noqa: E402
 from transports import TRANSPORTS  # noqa: E402
 
-from dpsgs.build import prepare  # noqa: E402
-from dpsgs.data import get_batch  # noqa: E402
-from dpsgs.optim import build_optimizer, lr_at, set_lr  # noqa: E402
+from dpsgs.job.run_setup import prepare  # noqa: E402
+from dpsgs.job.data import get_batch  # noqa: E402
+from dpsgs.job.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 
 
 def backprop(cfg, steps):

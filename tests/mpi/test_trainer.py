@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launcher import run_ranks  # noqa: E402
 from transports import TRANSPORTS  # noqa: E402
 
-from dpsgs.metrics import read_metrics  # noqa: E402
+from dpsgs.job.metrics import read_metrics  # noqa: E402
 
 CORE = TRANSPORTS[0]
 

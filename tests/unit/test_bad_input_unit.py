@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpsgs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dpsgs.job.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dpsgs.config import TrainConfig
-from dpsgs.data import BatchSampler, load_dataset
-from dpsgs.models import build_model
-from dpsgs.partition import balance, check_split
-from dpsgs.topology import Grid
+from dpsgs.job.data import BatchSampler, load_dataset
+from dpsgs.job.models import build_model
+from dpsgs.pipeline.partition import balance, check_split
+from dpsgs.comm.grid import Grid
 
 
 def test_world_size_not_k_times_n():
@@ -162,7 +162,7 @@ def test_unknown_config_key():
 
 
 def test_two_ranks_on_one_gpu():
-    from dpsgs.device import GpuSlot, SharedGPUError, check_unique_gpus
+    from dpsgs.comm.device import GpuSlot, SharedGPUError, check_unique_gpus
 
     slots = [GpuSlot(0, "node1", 0, "GPU-aaa"), GpuSlot(1, "node1", 1, "GPU-bbb"),
              GpuSlot(2, "node1", 0, "GPU-aaa")]
@@ -176,7 +176,7 @@ def test_two_ranks_on_one_gpu():
 
 
 def test_mpi_library_mismatch_message():
-    from dpsgs.comm import MPILibraryMismatch, check_mpi_match
+    from dpsgs.comm.mpi import MPILibraryMismatch, check_mpi_match
 
     with pytest.raises(MPILibraryMismatch) as e:
         check_mpi_match("MPICH Version: 4.2.0", "Open MPI v5.0.3")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpsgs.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+from dpsgs.job.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                               prune_checkpoints, read_manifest, resolve_resume, save_checkpoint)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from dpsgs import cli
 from dpsgs.config import TrainConfig
-from dpsgs.metrics import MetricsLog
+from dpsgs.job.metrics import MetricsLog
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_help_lists_every_option_with_defaults(capsys: pytest.CaptureFixture) ->
 
 
 def test_choices_agree_with_the_modules() -> None:
-    from dpsgs.data import DATASET_NAMES
+    from dpsgs.job.data import DATASET_NAMES
 
     assert cli.CHOICES["dataset"] == DATASET_NAMES   # cli keeps a copy: --help loads no torch
 
@@ -87,7 +87,7 @@ def test_options_map_onto_config(tmp_path: Path) -> None:
 
 def test_simulate_runs_without_mpi(no_mpi: None, tmp_path: Path,
                                    capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("dpsgs.reference")
+    pytest.importorskip("dpsgs.pipeline.reference")
     rc = cli.main(["train", "--simulate", "-K", "2", "--epochs", "1", "--max-steps", "6",
                    "--run-dir", str(tmp_path / "run"), "--no-progress"])
     out = capsys.readouterr().out
@@ -107,7 +107,7 @@ def test_bench_and_plan_dispatch(monkeypatch: pytest.MonkeyPatch,
     assert seen == [["-b", "8", "--help"]]
     assert cli.main(["bench", "nosuchbench"]) == 2
     assert "'bench nosuchbench' is not available" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "dpsgs.plan", None)    # as if not installed
+    monkeypatch.setitem(sys.modules, "dpsgs.planner.cli", None)    # as if not installed
     assert cli.main(["plan", "--gpus", "8"]) == 2
     assert "'plan' is not available" in capsys.readouterr().err
 
@@ -147,7 +147,7 @@ def test_plot_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_plot_series_and_ranks_in_one_file(tmp_path: Path) -> None:
-    from dpsgs.plot import series
+    from dpsgs.job.plots import series
 
     recs = [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}, {"epoch": 0, "test_accuracy": 0.9},
             {"step": 2, "loss": "nan"}]
@@ -157,6 +157,6 @@ def test_plot_series_and_ranks_in_one_file(tmp_path: Path) -> None:
         for step in range(5):
             for rank in range(3):
                 log.write({"step": step, "rank": rank, "compute": 0.1, "reduce": 0.01})
-    from dpsgs.plot import plot_run
+    from dpsgs.job.plots import plot_run
 
     assert [p.name for p in plot_run(tmp_path)] == ["time.png"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpsgs.data import (CIFAR10_MEAN, CIFAR10_STD, BatchSampler, augment_crop_flip, get_batch,
+from dpsgs.job.data import (CIFAR10_MEAN, CIFAR10_STD, BatchSampler, augment_crop_flip, get_batch,
                         load_dataset)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpsgs.device import (GpuSlot, SharedGPUError, check_unique_gpus, device_for, find_shared_gpus,
+from dpsgs.comm.device import (GpuSlot, SharedGPUError, check_unique_gpus, device_for, find_shared_gpus,
                           host_identity, local_rank_from_env, local_rank_from_hosts, physical_gpu_id,
                           select_device)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpsgs.metrics import MetricsLog, Timeline, merge_traces, rank_path, read_metrics
+from dpsgs.job.metrics import MetricsLog, Timeline, merge_traces, rank_path, read_metrics
 
 
 def test_step_totals_by_category() -> None:

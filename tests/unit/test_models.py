@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpsgs.models import MODEL_NAMES, build_model, check_model_name
+from dpsgs.job.models import MODEL_NAMES, build_model, check_model_name
 
 
 def n_params(model: torch.nn.Module) -> int:

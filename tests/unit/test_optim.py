@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpsgs.config import TrainConfig
-from dpsgs.optim import build_optimizer, lr_at, set_lr
+from dpsgs.job.optim import build_optimizer, lr_at, set_lr
 
 
 def test_build_optimizer():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpsgs.partition import (balance, boundary_shapes, check_split, layer_costs,
+from dpsgs.pipeline.partition import (balance, boundary_shapes, check_split, layer_costs,
                              profile_layers, stage_bounds, stage_module)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpsgs.plan import main as plan_main
+from dpsgs.planner.cli import main as plan_main
 from dpsgs.planner import (Cluster, Config, LayerProfile, ModelProfile, balanced_split,
                            candidates, load_layer_times, predict, profile_model, recommend,
                            stage_ranges)

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dpsgs.build import prepare
+from dpsgs.job.run_setup import prepare
 from dpsgs.config import TrainConfig
-from dpsgs.data import Dataset, get_batch
-from dpsgs.reference import Reference, simulate
+from dpsgs.job.data import Dataset, get_batch
+from dpsgs.pipeline.reference import Reference, simulate
 
 
 def _data(n=96, f=6, classes=3, seed=0):
@@ -45,7 +45,7 @@ def _single_process(cfg, data, model, steps):
     m = setup.model
     opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, foreach=False)
-    from dpsgs.optim import lr_at, set_lr
+    from dpsgs.job.optim import lr_at, set_lr
 
     nb = setup.batches_per_epoch
     for g in range(steps):
@@ -89,7 +89,7 @@ def _fdg_by_versions(cfg, data, model, num_batches):
     step's update, except the last stage, which forwards before updating); its gradient
     is the exact gradient of the composite with those weights, stage k's scaled by
     beta^(K-1-k), and stage k applies it at step j+k+2(K-1-k)."""
-    from dpsgs.optim import lr_at, set_lr
+    from dpsgs.job.optim import lr_at, set_lr
 
     setup = prepare(cfg, copy.deepcopy(model), data)
     K, beta = cfg.stages, cfg.shrink

@@ -8,10 +8,10 @@ import signal
 import pytest
 import torch
 
-from dpsgs import faults
-from dpsgs.agree import rank_label
-from dpsgs.guards import FiniteGuard, NonFiniteError, first_nonfinite
-from dpsgs.preempt import PreemptionHandler, signal_name
+from dpsgs.reliability import faults
+from dpsgs.reliability.votes import rank_label
+from dpsgs.reliability.guards import FiniteGuard, NonFiniteError, first_nonfinite
+from dpsgs.reliability.preemption import PreemptionHandler, signal_name
 
 
 # --- faults -------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class _FakeComm:
 
 
 def test_rank_map_line_maps_a_launcher_pid_to_the_rank(capsys):
-    from dpsgs.whois import announce_ranks, parse_rank_map
+    from dpsgs.reliability.rank_map import announce_ranks, parse_rank_map
 
     announce_ranks(_FakeComm([100, 101, 102, 103]), stages=2)
     line = capsys.readouterr().err
@@ -159,8 +159,8 @@ def test_rank_map_line_maps_a_launcher_pid_to_the_rank(capsys):
 
 @pytest.mark.parametrize("stages, overlap", [(2, "backward"), (3, "backward"), (3, "step")])
 def test_cut_segment_turns_the_rest_into_the_flush_of_admitted_batches(stages, overlap):
-    from dpsgs.control import cut_segment
-    from dpsgs.schedule import fdg_plan
+    from dpsgs.reliability.step_control import cut_segment
+    from dpsgs.pipeline.schedule import fdg_plan
 
     plan = fdg_plan(stages, 8, overlap)
     seg = [(0, b) for b in range(8)]

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from dpsgs.schedule import (Action, fdg_plan, fdg_steps, format_plan, staleness, sync_plan,
+from dpsgs.pipeline.schedule import (Action, fdg_plan, fdg_steps, format_plan, staleness, sync_plan,
                             update_start)
 
 # Exact plans: one line per step, per stage "forward backward apply" ('.' = none).

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpsgs.stage import StageCompute
+from dpsgs.pipeline.stage import StageCompute
 
 
 

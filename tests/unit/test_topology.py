@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpsgs.topology import Grid, local_rank, make_groups
+from dpsgs.comm.grid import Grid, local_rank, make_groups
 
 
 @pytest.mark.parametrize("K,N", [(1, 1), (1, 4), (4, 1), (2, 2), (3, 2)])

@@ -72,7 +72,7 @@ def set_threads(n: int) -> None:
 
 def make_model(w: Workload) -> nn.Sequential:
     """The same weights on every rank and in every runner (seeded before building)."""
-    from dpsgs.models import build_model
+    from dpsgs.job.models import build_model
 
     torch.manual_seed(w.seed)
     return build_model(w.model, w.in_shape, w.num_classes)

@@ -1,4 +1,4 @@
-"""dpsgs under the benchmark workload: dpsgs.trainer.train on synthetic data, then its metrics.
+"""dpsgs under the benchmark workload: dpsgs.job.trainer.train on synthetic data, then its metrics.
 
     mpirun -n 2 python -m mpi4py -m dpsgs.bench.peers.dpsgs_run --model resnet20 --batch 64 \
         --stages 2 --replicas 1 --schedule fdg --stash weights --out r.json
@@ -33,7 +33,7 @@ def step_records(run_dir: Path, first: int = 0,
                  end: int | None = None) -> dict[int, list[dict[str, Any]]]:
     """Per rank, the per-step metric records of a run with first <= step < end (the
     per-rank files metrics.rank*.jsonl; rank 0's combined metrics.jsonl only without them)."""
-    from dpsgs.metrics import read_metrics
+    from dpsgs.job.metrics import read_metrics
 
     out: dict[int, list[dict[str, Any]]] = {}
     paths = (sorted(glob.glob(str(run_dir / "**" / "metrics.rank*.jsonl"), recursive=True))
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI
 
     from dpsgs.config import TrainConfig
-    from dpsgs.schedule import update_start
-    from dpsgs.trainer import train
+    from dpsgs.pipeline.schedule import update_start
+    from dpsgs.job.trainer import train
 
     comm = MPI.COMM_WORLD
     if w.batch % a.replicas:

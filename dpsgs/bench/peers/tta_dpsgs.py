@@ -22,7 +22,7 @@ def epoch_curve(run_dir: Path) -> list[dict[str, Any]]:
     """(epochs done, train_seconds, test_accuracy) at every evaluation of a run. Training
     seconds = the sum over steps up to the evaluation of the step's wall time (the slowest
     rank's, from metrics.rank*.jsonl), so evaluation itself is excluded."""
-    from dpsgs.metrics import read_metrics
+    from dpsgs.job.metrics import read_metrics
 
     evals: dict[int, dict[str, Any]] = {}
     step_s: dict[int, float] = {}
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI
 
     from dpsgs.config import TrainConfig
-    from dpsgs.trainer import train
+    from dpsgs.job.trainer import train
 
     comm = MPI.COMM_WORLD
     cfg = TrainConfig.from_dict(json.loads(a.config))

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     a = config_args(__doc__.splitlines()[0], argv)
     set_threads(a.threads)
     from dpsgs.config import TrainConfig
-    from dpsgs.data import BatchSampler, get_batch, load_dataset
-    from dpsgs.models import build_model
-    from dpsgs.optim import build_optimizer, lr_at, set_lr
+    from dpsgs.job.data import BatchSampler, get_batch, load_dataset
+    from dpsgs.job.models import build_model
+    from dpsgs.job.optim import build_optimizer, lr_at, set_lr
 
     cfg = TrainConfig.from_dict(json.loads(a.config))
     rank, size = mpi_rank_size()

@@ -13,7 +13,7 @@ from gpu_arrays import pick
 from mean_check import all_agree, check_mean
 from mpi4py import MPI
 
-from dpsgs import nccl
+from dpsgs.comm import nccl
 
 SIZES = [0, 1, 3, 1023, (1 << 20) + 5]
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int32", "int64"]

@@ -18,7 +18,7 @@ from gpu_arrays import pick
 from mean_check import check_mean
 from mpi4py import MPI
 
-from dpsgs import nccl
+from dpsgs.comm import nccl
 
 
 def parse_size(s: str) -> int:

@@ -12,7 +12,7 @@ import sys
 from gpu_arrays import pick
 from mpi4py import MPI
 
-from dpsgs import nccl
+from dpsgs.comm import nccl
 
 SIZES = [0, 1, 7, 1000, 65537, 3, 4096, 1 << 20]
 

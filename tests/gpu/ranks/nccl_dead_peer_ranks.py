@@ -13,8 +13,9 @@ import time
 from gpu_arrays import pick
 from mpi4py import MPI
 
-from dpsgs import _C, nccl
-from dpsgs.abort import abort_job
+from dpsgs import _C
+from dpsgs.comm import nccl
+from dpsgs.comm.abort import abort_job
 
 OP, TIMEOUT = sys.argv[1], float(sys.argv[2])
 

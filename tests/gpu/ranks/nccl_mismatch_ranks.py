@@ -12,7 +12,7 @@ import sys
 from gpu_arrays import pick
 from mpi4py import MPI
 
-from dpsgs import nccl
+from dpsgs.comm import nccl
 
 
 def main() -> None:

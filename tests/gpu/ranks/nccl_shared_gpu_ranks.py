@@ -11,7 +11,7 @@ from __future__ import annotations
 from gpu_arrays import pick
 from mpi4py import MPI
 
-from dpsgs import nccl
+from dpsgs.comm import nccl
 
 comm = MPI.COMM_WORLD
 world = nccl.init(comm, timeout=60.0)

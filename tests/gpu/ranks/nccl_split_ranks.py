@@ -16,7 +16,7 @@ from gpu_arrays import pick
 from mean_check import all_agree, check_mean
 from mpi4py import MPI
 
-from dpsgs import nccl
+from dpsgs.comm import nccl
 
 CASES = [("float32", 1 << 16), ("float32", 3), ("float64", 1000), ("int32", 4097)]
 

@@ -13,9 +13,9 @@ import sys
 import torch
 from mpi4py import MPI
 
-from dpsgs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from dpsgs.job.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
-from dpsgs.topology import Grid
+from dpsgs.comm.grid import Grid
 
 
 def stage_state(stage: int, step: int) -> dict:

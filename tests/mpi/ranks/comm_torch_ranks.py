@@ -1,4 +1,4 @@
-"""Rank program (2-3 ranks): dpsgs.comm with torch — GradientReducer leaves the replica mean in
+"""Rank program (2-3 ranks): dpsgs.comm.mpi with torch — GradientReducer leaves the replica mean in
 every p.grad for odd bucket splits (issued in bucket order, a never-used parameter does not hang
 it, p.grad stays a view into its bucket), and TensorChannel moves every dtype incl. bfloat16."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from dpsgs.comm import GradientReducer, TensorChannel, as_communicator
+from dpsgs.comm.mpi import GradientReducer, TensorChannel, as_communicator
 
 W = MPI.COMM_WORLD
 comm = as_communicator(W, timeout=30.0)

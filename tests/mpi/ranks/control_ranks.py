@@ -1,4 +1,4 @@
-"""Rank program for dpsgs.agree / preempt / guards: `control_ranks.py MODE`.
+"""Rank program for dpsgs.reliability.votes / preempt / guards: `control_ranks.py MODE`.
 
 Modes: vote (element-wise max), preempt (one rank signals itself; all stop at that step;
 preempt-lagged: all stop at the same step, 2(K+1) steps later),
@@ -14,10 +14,10 @@ import time
 import torch
 from mpi4py import MPI
 
-from dpsgs.abort import abort_job
-from dpsgs.agree import StepVote, VoteTimeout
-from dpsgs.control import StepControl
-from dpsgs.guards import NonFiniteError
+from dpsgs.comm.abort import abort_job
+from dpsgs.reliability.votes import StepVote, VoteTimeout
+from dpsgs.reliability.step_control import StepControl
+from dpsgs.reliability.guards import NonFiniteError
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -7,7 +7,7 @@ step-0 gradients, and each later wait() yields its own step's mean, in order."""
 import torch
 from mpi4py import MPI
 
-from dpsgs.comm import GradientReducer, as_communicator
+from dpsgs.comm.mpi import GradientReducer, as_communicator
 
 W = MPI.COMM_WORLD
 comm = as_communicator(W, timeout=30.0)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dpsgs.config import TrainConfig
-from dpsgs.data import Dataset
+from dpsgs.job.data import Dataset
 
 __all__ = ["toy_data", "toy_model", "toy_config"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from dpsgs.trainer import Trainer
+from dpsgs.job.trainer import Trainer
 from toy import toy_config, toy_data, toy_model
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from dpsgs.trainer import train
+from dpsgs.job.trainer import train
 from toy import toy_config, toy_data, toy_model
 
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Single-process reference: the fdg/sync schedules for K x N virtual ranks in one process.
 
-It runs the same plan (dpsgs.schedule), the same StageCompute, sampler, optimizer and LR
+It runs the same plan (dpsgs.pipeline.schedule), the same StageCompute, sampler, optimizer and LR
 code as the distributed trainer, with the all-reduce replaced by an in-process mean over
 the replicas; tests hold the distributed run against it step for step. Users can run it
 to study staleness without MPI: `python -m dpsgs train --simulate ...`.
@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .build import Setup, eval_batches, prepare, segments
-from .optim import build_optimizer, lr_at, set_lr
-from .schedule import fdg_plan, sync_plan
-from .stage import StageCompute
+from dpsgs.job.run_setup import Setup, eval_batches, prepare, segments
+from dpsgs.job.optim import build_optimizer, lr_at, set_lr
+from dpsgs.pipeline.schedule import fdg_plan, sync_plan
+from dpsgs.pipeline.stage import StageCompute
 
 __all__ = ["Reference", "simulate", "mean_grads", "evaluate_model", "observed_staleness"]
 

@@ -4,7 +4,7 @@ A transport makes `channel(peer, tag, sending, name)` objects with `send(tensor)
 and `recv(dtype, shape) -> tensor` (a tensor the caller owns: it may be stashed), and
 `reducer(params[, buffers=2])` objects with `zero_grad() / start_all() / wait()` that leave
 the replica mean in every `p.grad`. `buffers=2` asks for two gradient sets (see
-`dpsgs.comm.GradientReducer`); a reducer whose `buffers` attribute is not 2 has one, and the
+`dpsgs.comm.mpi.GradientReducer`); a reducer whose `buffers` attribute is not 2 has one, and the
 worker then never backpropagates while it reduces.
 `Mpi4pyTransport` is the plain-MPI baseline (no progress thread, no buckets, no overlap):
 tests use it to check the trainer's algorithm independently of the C++ core, benchmarks to
@@ -23,18 +23,18 @@ __all__ = ["CoreTransport", "Mpi4pyTransport"]
 
 class CoreTransport:
     """Channels over `comm` (a dpsgs._C.Communicator spanning the grid) and reducers over
-    `stage_comm` (this rank's stage group), via dpsgs.comm."""
+    `stage_comm` (this rank's stage group), via dpsgs.comm.mpi."""
 
     def __init__(self, comm: Any, stage_comm: Any, config: Any) -> None:
         self.comm, self.stage_comm, self.config = comm, stage_comm, config
 
     def channel(self, peer: int, tag: int, sending: bool, name: str) -> Any:
-        from .comm import TensorChannel
+        from dpsgs.comm.mpi import TensorChannel
 
         return TensorChannel(self.comm, peer, tag, sending, name)
 
     def reducer(self, params: list[torch.nn.Parameter], buffers: int = 1) -> Any:
-        from .comm import GradientReducer
+        from dpsgs.comm.mpi import GradientReducer
 
         c = self.config
         return GradientReducer(params, self.stage_comm, bucket_cap_mb=c.bucket_cap_mb,

@@ -8,8 +8,8 @@ __all__ = ["ChannelEnd"]
 
 
 class ChannelEnd:
-    """Base of the torch-facing channels (`dpsgs.comm.TensorChannel` over MPI,
-    `dpsgs.nccl.TensorChannel` over NCCL): subclasses set `self._ch` to the `_C` channel."""
+    """Base of the torch-facing channels (`dpsgs.comm.mpi.TensorChannel` over MPI,
+    `dpsgs.comm.nccl.TensorChannel` over NCCL): subclasses set `self._ch` to the `_C` channel."""
 
     _ch: Any
 

@@ -4,7 +4,7 @@ Batch systems send SIGTERM (or a chosen signal such as SIGUSR1) some time before
 walltime; hydra's mpirun forwards both to every rank. The handler does nothing but record
 the signal: no MPI, no I/O, no allocation, because it runs between two arbitrary bytecodes
 of the training loop (possibly inside a communication call). The ranks then agree on it in
-the step-boundary vote (dpsgs.agree), flush the pipeline, write a checkpoint and exit 0;
+the step-boundary vote (dpsgs.reliability.votes), flush the pipeline, write a checkpoint and exit 0;
 `--resume auto` continues from that checkpoint.
 """
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from dpsgs.agree import BoundedComm, LaggedVote, StepVote, rank_label
-from dpsgs.guards import FiniteGuard
-from dpsgs.preempt import DEFAULT_SIGNALS, PreemptionHandler, signal_name
+from dpsgs.reliability.votes import BoundedComm, LaggedVote, StepVote, rank_label
+from dpsgs.reliability.guards import FiniteGuard
+from dpsgs.reliability.preemption import DEFAULT_SIGNALS, PreemptionHandler, signal_name
 
 __all__ = ["StepControl", "cut_segment"]
 
@@ -23,7 +23,7 @@ def cut_segment(plan: list, seg: list, done: int, overlap: str = "backward") -> 
     (stage 0 forwarded batches 0..done-1) and `seg` keeps only those. The fdg plan is a pure
     function of the batch count, and the cut plan agrees with the running one on every step
     already executed (checked). False (nothing changed) when no batch is left to drop."""
-    from dpsgs.schedule import fdg_plan
+    from dpsgs.pipeline.schedule import fdg_plan
 
     if not plan or done >= len(seg):
         return False
@@ -40,7 +40,7 @@ class StepControl:
     (non-finite value under policy stop)? Owns the signal handler, the NaN guard and the vote.
 
     Contract: every rank of `comm` calls `end_of_step` with the same `step` sequence and
-    `close` at the same point. The vote is pipelined (dpsgs.agree.LaggedVote, lag K+1 steps)
+    `close` at the same point. The vote is pipelined (dpsgs.reliability.votes.LaggedVote, lag K+1 steps)
     so training does not wait for it: a signal or a NaN stops every rank 2(K+1) steps after
     the step it was seen at, all at the same step. `lag=0` votes synchronously."""
 
@@ -81,7 +81,7 @@ class StepControl:
         return self.stop_signal
 
     def attach(self, worker: Any) -> None:
-        """Hook this control into a dpsgs.worker.StageWorker instance (no change to its code):
+        """Hook this control into a dpsgs.pipeline.executor.StageWorker instance (no change to its code):
 
         - after each step's own callback, vote (`end_of_step`); when a stop is agreed, cut
           the running segment there: the rest of the plan becomes the flush of the batches

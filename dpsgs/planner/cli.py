@@ -16,10 +16,10 @@ import math
 import sys
 from pathlib import Path
 
-from .planner.cluster import Cluster
-from .planner.cost import Prediction
-from .planner.profile import ModelProfile, load_layer_times, profile_model
-from .planner.recommend import Candidate, candidates, recommend
+from dpsgs.planner.cluster import Cluster
+from dpsgs.planner.cost import Prediction
+from dpsgs.planner.profile import ModelProfile, load_layer_times, profile_model
+from dpsgs.planner.recommend import Candidate, candidates, recommend
 
 __all__ = ["main", "build_parser", "profile_for"]
 
@@ -27,7 +27,7 @@ __all__ = ["main", "build_parser", "profile_for"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpsgs plan", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet56", help="a dpsgs.models name")
+    p.add_argument("--model", default="resnet56", help="a dpsgs.job.models name")
     p.add_argument("--in-shape", default="3,32,32", help="input shape without batch (C,H,W)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--gpus", type=int, default=8, help="devices = K x N ranks")
@@ -82,10 +82,10 @@ def _unit_batches(batch: int, gpus: int, micro: int) -> list[int]:
 
 def profile_for(model: str, in_shape: tuple[int, ...], num_classes: int, batches: list[int],
                 reps: int = 2, threads: int = 1) -> ModelProfile:
-    """Build `model` from dpsgs.models and profile it at `batches`."""
+    """Build `model` from dpsgs.job.models and profile it at `batches`."""
     import torch
 
-    from .models import build_model
+    from dpsgs.job.models import build_model
 
     torch.manual_seed(0)
     net = build_model(model, in_shape, num_classes)
@@ -126,7 +126,7 @@ def _print_table(cands: list[Candidate], best: Candidate) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.validate:
-        from .planner.validate import run_validation
+        from dpsgs.planner.validate import run_validation
         return run_validation(args.validate, Path(args.comm_results), reps=args.profile_reps,
                               out=args.json, overlap=None if args.validate_overlap == "as-run"
                               else "none")

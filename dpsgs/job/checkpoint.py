@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dpsgs import faults
+from dpsgs.reliability import faults
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "complete_checkpoints", "prune_checkpoints", "read_manifest", "resolve_resume",

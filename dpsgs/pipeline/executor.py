@@ -2,8 +2,8 @@
 
 The worker owns the stage's StageCompute, optimizer, channels to its pipeline neighbours
 and the gradient reducer over its stage group; it follows the step order of
-`dpsgs.schedule.StageStep` exactly as `dpsgs.reference` does, so both compute the same
-numbers. Communication goes through a `transport` (dpsgs.comm over the C++ core by
+`dpsgs.pipeline.schedule.StageStep` exactly as `dpsgs.pipeline.reference` does, so both compute the same
+numbers. Communication goes through a `transport` (dpsgs.comm.mpi over the C++ core by
 default); every channel message is received in the order it was sent, and every rank of a
 stage group issues its reduces at the same plan steps, so no collective is ever issued by
 only some ranks.
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .build import Setup, eval_batches
-from .optim import build_optimizer, lr_at, set_lr
-from .schedule import StageStep, sync_plan
-from .stage import StageCompute
+from dpsgs.job.run_setup import Setup, eval_batches
+from dpsgs.job.optim import build_optimizer, lr_at, set_lr
+from dpsgs.pipeline.schedule import StageStep, sync_plan
+from dpsgs.pipeline.stage import StageCompute
 
 __all__ = ["StageWorker", "ACT_TAG", "GRAD_TAG"]
 

@@ -1,10 +1,10 @@
 """Python face of the NCCL backend: descriptors of torch CUDA tensors / CuPy arrays, and
-communicator, channel and all-reduce wrappers in the style of `dpsgs.comm`.
+communicator, channel and all-reduce wrappers in the style of `dpsgs.comm.mpi`.
 
 Status: see docs/gpu.md (the fixes after the first GPU run have not been run on a GPU yet).
 
     from mpi4py import MPI
-    from dpsgs import nccl
+    from dpsgs.comm import nccl
     ncomm = nccl.init(MPI.COMM_WORLD)                  # picks + checks the GPU, NCCL bootstrap
     stage, pipe = nccl.split_grid(ncomm, stages=K)     # ncclCommSplit, the DESIGN §2 grid
     out = nccl.TensorChannel(ncomm, peer=rank + 1, tag=1, is_sender=True, name="act")
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .channel_end import ChannelEnd
-from .device import select_device
+from dpsgs.comm.channel_end import ChannelEnd
+from dpsgs.comm.device import select_device
 
 __all__ = ["DTYPE_CODES", "TensorChannel", "TensorReducer", "available", "describe", "init",
            "split_grid"]
@@ -38,7 +38,7 @@ _TYPESTR_CODES = {"<f2": 0, "<f4": 2, "<f8": 3, "<i4": 4, "<i8": 5, "|u1": 6, "|
 def available() -> tuple[bool, str]:
     """(True, "") when NCCL collectives can run here, else (False, the reason)."""
     try:
-        from . import _C
+        from dpsgs import _C
     except ImportError as e:
         return False, f"dpsgs._C does not import: {e}"
     if not _C.build_info().get("nccl"):
@@ -52,7 +52,7 @@ def _torch_descriptor(t: Any, stream: int | None) -> tuple:
     import torch
 
     if not t.is_cuda:
-        raise ValueError(f"expected a CUDA tensor, got one on {t.device} (use dpsgs.comm for host tensors)")
+        raise ValueError(f"expected a CUDA tensor, got one on {t.device} (use dpsgs.comm.mpi for host tensors)")
     if not t.is_contiguous():
         raise ValueError(f"non-contiguous CUDA tensor of shape {tuple(t.shape)}; call .contiguous() first")
     name = str(t.dtype).removeprefix("torch.")
@@ -102,10 +102,10 @@ def describe(x: Any, stream: int | None = None) -> tuple:
 
 
 def init(comm: Any = None, device: int | None = None, timeout: float = 300.0) -> Any:
-    """Collective: choose and check this rank's GPU (dpsgs.device.select_device, before NCCL
+    """Collective: choose and check this rank's GPU (dpsgs.comm.device.select_device, before NCCL
     initialises), make it current for torch/CuPy, and create the NcclCommunicator over `comm`
     (an mpi4py communicator, default COMM_WORLD; a dpsgs._C.Communicator needs `device`)."""
-    from . import _C
+    from dpsgs import _C
 
     ok, why = available()
     if not ok:
@@ -168,7 +168,7 @@ class TensorChannel(ChannelEnd):
     """
 
     def __init__(self, comm: Any, peer: int, tag: int, is_sender: bool, name: str = "") -> None:
-        from . import _C
+        from dpsgs import _C
 
         self.comm = comm
         self._ch = _C.NcclChannel(comm, peer, tag, is_sender, name)
@@ -193,7 +193,7 @@ class TensorReducer:
     Keep the returned Work until it completes: it keeps the tensor alive."""
 
     def __init__(self, comm: Any) -> None:
-        from . import _C
+        from dpsgs import _C
 
         self._r = _C.NcclReducer(comm)
 

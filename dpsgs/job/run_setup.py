@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .partition import boundary_shapes, check_split, layer_costs, stage_bounds
+from dpsgs.pipeline.partition import boundary_shapes, check_split, layer_costs, stage_bounds
 
 __all__ = ["DTYPES", "Setup", "prepare", "torch_dtype", "segments", "eval_batches"]
 
@@ -30,9 +30,9 @@ def torch_dtype(name: str) -> torch.dtype:
 @dataclass
 class Setup:
     config: Any
-    train: Any                       # dpsgs.data.Dataset-like: x, y, num_classes
+    train: Any                       # dpsgs.job.data.Dataset-like: x, y, num_classes
     test: Any
-    sampler: Any                     # dpsgs.data.BatchSampler
+    sampler: Any                     # dpsgs.job.data.BatchSampler
     model: nn.Sequential             # the full model, built from the seed
     split: list[int]                 # K-1 split points
     bounds: list[tuple[int, int]]    # layer range of every stage
@@ -63,7 +63,7 @@ class Setup:
 
     def batch(self, epoch: int, batch: int, replica: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (cast to the run's dtype) and labels of one replica's share of a batch."""
-        from .data import get_batch
+        from dpsgs.job.data import get_batch
 
         x, y = get_batch(self.train, self.sampler, epoch, batch, replica, train=True)
         return x.to(self.dtype), y
@@ -97,7 +97,7 @@ def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, An
     (the trainer profiles on rank 0 only and broadcasts the costs instead). `split`
     overrides config.split (a resumed run keeps its checkpoint's split).
     """
-    from .data import BatchSampler, load_dataset
+    from dpsgs.job.data import BatchSampler, load_dataset
 
     dtype = torch_dtype(config.dtype)
     if config.stages < 1 or config.replicas < 1:
@@ -110,7 +110,7 @@ def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, An
     in_shape = tuple(train.x.shape[1:])
     num_classes = config.num_classes or train.num_classes
     if model is None:
-        from .models import build_model
+        from dpsgs.job.models import build_model
 
         torch.manual_seed(config.seed)
         model = build_model(config.model, in_shape, num_classes)
@@ -127,7 +127,7 @@ def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, An
         if costs is None and not (config.balance == "time" and not profile):
             sample = train.x[:config.batch_size].to(dtype)
             costs = layer_costs(model, config.balance, sample)
-        from .partition import balance as balance_costs
+        from dpsgs.pipeline.partition import balance as balance_costs
 
         split = balance_costs(costs if costs is not None else [1.0] * len(layers), K)
     bounds = stage_bounds(split, len(layers))

@@ -115,7 +115,7 @@ def fault_point(phase: str, step: int, rank: int) -> None:
           f"{step} ({ENV_VAR}={f.describe()}; wall {time.time():.3f})",
           file=sys.stderr, flush=True)
     if f.kind == "sigterm":
-        os.kill(os.getpid(), signal.SIGTERM)    # the handler (dpsgs.preempt) sets a flag
+        os.kill(os.getpid(), signal.SIGTERM)    # the handler (dpsgs.reliability.preemption) sets a flag
         return
     if f.kind == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -134,14 +134,14 @@ def fault_point(phase: str, step: int, rank: int) -> None:
 
 
 def instrument(worker: Any, rank: int, stages: int) -> None:
-    """Put fault points at the phase boundaries of a dpsgs.worker.StageWorker, from outside.
+    """Put fault points at the phase boundaries of a dpsgs.pipeline.executor.StageWorker, from outside.
 
     Does nothing (the worker is untouched: zero cost) unless a fault is set for `rank`.
     Otherwise wraps, on this one instance: run_fdg/run_sync (to know the global step and,
     at the top of each step, whether the pipeline is filling — `warmup`, the first 2K-2
     steps of a segment — or draining — `flush`, the steps after its last batch entered),
     the stage's forward and backward, `_apply` (wait for the all-reduce, then update:
-    `reduce`) and `evaluate` (`eval`). `save` is marked inside dpsgs.checkpoint.
+    `reduce`) and `evaluate` (`eval`). `save` is marked inside dpsgs.job.checkpoint.
     """
     f = _fault
     if f is None or f.rank != rank:

@@ -2,7 +2,7 @@
 
     mpirun -n 4 python -m dpsgs train --stages 2 --replicas 2 --epochs 10
     # embedded: any mpi4py communicator (e.g. a split of COMM_WORLD)
-    summary = dpsgs.trainer.train(TrainConfig(stages=2, replicas=2), comm=sub_comm)
+    summary = dpsgs.job.trainer.train(TrainConfig(stages=2, replicas=2), comm=sub_comm)
 
 Every rank builds the full model from the seed, keeps its own stage, and walks the same
 deterministic batches (stage 0 reads the inputs, the last stage the labels). Runs are cut
@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .abort import abort_job
-from .build import Setup, prepare, segments
-from .metrics import MetricsLog, Timeline
-from .schedule import fdg_plan
-from .topology import Grid
-from .worker import StageWorker
-from . import faults
-from .control import StepControl
-from .preempt import next_position, save_preempted, skip_done
-from .whois import announce_ranks
+from dpsgs.comm.abort import abort_job
+from dpsgs.job.run_setup import Setup, prepare, segments
+from dpsgs.job.metrics import MetricsLog, Timeline
+from dpsgs.pipeline.schedule import fdg_plan
+from dpsgs.comm.grid import Grid
+from dpsgs.pipeline.executor import StageWorker
+from dpsgs.reliability import faults
+from dpsgs.reliability.step_control import StepControl
+from dpsgs.reliability.preemption import next_position, save_preempted, skip_done
+from dpsgs.reliability.rank_map import announce_ranks
 
 __all__ = ["Trainer", "train"]
 
@@ -59,7 +59,7 @@ class Trainer:
 
     model/data override config.model/config.dataset (build `model` identically on every
     rank, e.g. under torch.manual_seed). transport: 'core' (dpsgs._C, the default),
-    'mpi4py' (plain MPI baseline) or an object with channel()/reducer() (dpsgs.transport).
+    'mpi4py' (plain MPI baseline) or an object with channel()/reducer() (dpsgs.comm.transports).
     """
 
     def __init__(self, config: Any, comm: Any = None, *, model: nn.Sequential | None = None,
@@ -86,7 +86,7 @@ class Trainer:
         self.rank = self.pycomm.Get_rank()
         self.replica, self.stage = self.grid.coords(self.rank)
         self.core = None
-        from .checkpoint import resolve_resume
+        from dpsgs.job.checkpoint import resolve_resume
 
         # resolved before the split is chosen: a resumed run keeps the checkpoint's
         self.resume_from = resolve_resume(config.resume, config.run_dir)
@@ -131,7 +131,7 @@ class Trainer:
         # an explicit --split that differs fails the metadata check in _resume
         stored = None
         if self.resume_from is not None and not cfg.split:
-            from .checkpoint import read_manifest
+            from dpsgs.job.checkpoint import read_manifest
 
             manifest = read_manifest(self.resume_from)
             # a checkpoint of another K has no usable split: _resume names both grids
@@ -148,11 +148,11 @@ class Trainer:
         return prepare(cfg, model, data, costs=costs, profile=False)
 
     def _transport(self, transport: Any) -> Any:
-        from . import transport as tr
+        from dpsgs.comm import transports as tr
 
         cfg = self.config
         if transport == "core":
-            from . import _C
+            from dpsgs import _C
 
             self.core = _C.Communicator(self.pycomm, cfg.timeout, cfg.warn_after)
             stage_comm = self.core.split(self.stage, self.replica)
@@ -307,7 +307,7 @@ class Trainer:
 
     def _summary(self, seconds: float, iterations: int, test: dict[str, float]) -> dict:
         w, cfg = self.worker, self.config
-        from .reference import observed_staleness
+        from dpsgs.pipeline.reference import observed_staleness
 
         mine = {"stage": self.stage, "replica": self.replica,
                 "staleness": observed_staleness(w.staleness).get(self.stage, []),
@@ -338,7 +338,7 @@ class Trainer:
         of its own (`e{E}b{B}`, `preempt-e{E}b{B}` for a signal), so saving it never
         un-commits the epoch checkpoint. The state records the next batch; `skip_done`
         resumes there."""
-        from .checkpoint import save_checkpoint
+        from dpsgs.job.checkpoint import save_checkpoint
 
         cfg = self.config
         epoch, batch = next_position(seg, self.setup.batches_per_epoch)
@@ -356,7 +356,7 @@ class Trainer:
                                self.control.bounded(self.pycomm, f"checkpoint {tag}"))
 
     def _resume(self) -> None:
-        from .checkpoint import load_checkpoint
+        from dpsgs.job.checkpoint import load_checkpoint
 
         path = self.resume_from
         if path is None:
@@ -381,8 +381,8 @@ class Trainer:
 
 def _raised_everywhere(e: BaseException) -> bool:
     """Errors every rank raises at the same point (agreed by a vote or a collective)."""
-    from .checkpoint import CheckpointError
-    from .guards import NonFiniteError
+    from dpsgs.job.checkpoint import CheckpointError
+    from dpsgs.reliability.guards import NonFiniteError
 
     return isinstance(e, (NonFiniteError, CheckpointError))
 

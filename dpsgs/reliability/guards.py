@@ -47,7 +47,7 @@ class FiniteGuard:
     all-reduce, when every replica of a stage holds the same values, so the replicas of a
     stage skip together without extra communication; a NaN loss makes NaN input-gradients,
     so earlier stages skip that batch at their own (later) step. Policy `stop`: the report is
-    kept in `pending` until the step-boundary vote (dpsgs.agree) stops every rank together.
+    kept in `pending` until the step-boundary vote (dpsgs.reliability.votes) stops every rank together.
     """
 
     def __init__(self, policy: str, rank: int, stage: int) -> None:

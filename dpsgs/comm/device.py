@@ -139,7 +139,7 @@ def check_unique_gpus(slots: Sequence[GpuSlot], visible: Mapping[str, int] | Non
 def visible_gpu_count() -> int:
     """CUDA devices this process can see (0 without a GPU or driver); never raises."""
     try:
-        from . import _C
+        from dpsgs import _C
 
         if hasattr(_C, "cuda_device_count"):
             return int(_C.cuda_device_count())

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dpsgs.metrics import CATEGORIES, read_metrics
+from dpsgs.job.metrics import CATEGORIES, read_metrics
 
 __all__ = ["plot_run", "series"]
 

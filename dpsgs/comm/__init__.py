@@ -1,0 +1,1 @@
+"""TRANSPORT: the transport seam and its MPI / NCCL implementations."""

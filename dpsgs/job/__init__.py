@@ -1,0 +1,1 @@
+"""TRAINING JOB: run setup, trainer, optimizer, data, models, checkpoints, metrics, plots."""

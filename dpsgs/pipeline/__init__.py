@@ -1,0 +1,1 @@
+"""ALGORITHM: schedules, partitioning, stage compute, the step executor, the reference."""

@@ -1,0 +1,1 @@
+"""RELIABILITY: votes with deadlines, step control, guards, preemption, fault injection."""
