@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _C
+from dpsgs import _C
 from .channel_end import ChannelEnd
 
 __all__ = [
