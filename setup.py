@@ -1,13 +1,18 @@
 """Build dpsgs._C: the MPI core always; the CUDA/NCCL backend when CUDA and NCCL are found.
 
-    pip install --no-build-isolation -e .          # DPSGS_CUDA=auto (default)
-    DPSGS_CUDA=0 pip install --no-build-isolation -e .   # CPU/MPI only
-    DPSGS_CUDA=1 pip install --no-build-isolation -e .   # NCCL backend required: fail if missing
+    pip install .                                   # a wheel with every sub-package
+    python setup.py build_ext --inplace             # development (scripts/setup.sh)
+    DPSGS_CUDA=0|1 ...                              # CPU/MPI only | NCCL backend required
 
-MPI flags come from the `mpicc` beside the running Python (the `mpich` wheel), so the
-extension links the very libmpi that mpi4py loads; `MPICC` overrides. CUDA comes from
-CUDA_HOME (or /usr/local/cuda), NCCL from NCCL_HOME or the `nvidia-nccl-cu12` wheel.
-NCCL and CUDA streams are host APIs: g++ plus -lcudart and libnccl is enough, no nvcc.
+MPI flags come from `mpicc` (the one beside the running Python, i.e. the `mpich` wheel, else
+PATH; `MPICC` overrides). The extension needs libmpi.so.12 (the MPICH ABI) at run time and
+finds it as mpi4py does: it is already loaded when dpsgs imports mpi4py first (dpsgs._C is
+always imported after mpi4py.MPI), else through an rpath to the installed environment's
+lib/ (where the `mpich` wheel puts it) and to mpicc's lib/ unless that is pip's temporary
+build environment (deleted after the build). dpsgs._C checks at import that it and mpi4py
+use the same MPI library. CUDA comes from CUDA_HOME (or /usr/local/cuda), NCCL from NCCL_HOME
+or the `nvidia-nccl-cu12` wheel. NCCL and CUDA streams are host APIs: g++ plus -lcudart and
+libnccl is enough, no nvcc.
 
 The module exports only PyInit__C (csrc/bindings/exports.map), whatever the toolchain: some
 compilers (module-built GCCs on clusters) link libstdc++ statically, and an extension that
@@ -24,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -42,19 +47,36 @@ def _mpicc() -> str:
     return found
 
 
+def _temporary(path: str) -> bool:
+    """A directory of pip's isolated build environment (gone once the build is over)."""
+    return "pip-build-env" in path or "build-env-" in Path(path).parent.name
+
+
 def mpi_flags() -> dict[str, list[str]]:
-    """Split `mpicc -show` into include dirs, library dirs, libraries and link args."""
+    """Split `mpicc -show` into include dirs, library dirs, libraries and link args; rpaths
+    only to directories that outlive the build (see the module docstring)."""
     words = shlex.split(subprocess.check_output([_mpicc(), "-show"], text=True))[1:]
+    # installed: <env>/lib/pythonX.Y/site-packages/dpsgs/_C.so -> <env>/lib holds libmpi
     flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [], "libraries": [],
-                                   "extra_link_args": []}
-    for w in words:
+                                   "extra_link_args": ["-Wl,-rpath,$ORIGIN/../../.."]}
+    skip_next = False
+    for i, w in enumerate(words):
+        if skip_next:
+            skip_next = False
+            continue
         if w.startswith("-I"):
             flags["include_dirs"].append(w[2:])
         elif w.startswith("-L"):
             flags["library_dirs"].append(w[2:])
-            flags["extra_link_args"].append(f"-Wl,-rpath,{w[2:]}")
+            if not _temporary(w[2:]):
+                flags["extra_link_args"].append(f"-Wl,-rpath,{w[2:]}")
         elif w.startswith("-l"):
             flags["libraries"].append(w[2:])
+        elif w == "-Wl,-rpath" and i + 1 < len(words):   # mpicc's own rpath: keep if it lasts
+            target = words[i + 1].removeprefix("-Wl,")
+            skip_next = True
+            if not _temporary(target):
+                flags["extra_link_args"].append(f"-Wl,-rpath,{target}")
         elif w.startswith("-Wl"):
             flags["extra_link_args"].append(w)
     return flags
@@ -159,7 +181,7 @@ setup(
     name="dpsgs",
     version="0.1.0",
     description="Data-parallel, fully decoupled backpropagation with stale stochastic gradients",
-    packages=["dpsgs"],
+    packages=find_packages(include=["dpsgs", "dpsgs.*"]),
     python_requires=">=3.10",
     install_requires=["numpy", "mpi4py>=4.0", "tqdm"],
     extras_require={"train": ["torch==2.13.0", "scikit-learn", "matplotlib"]},

@@ -336,13 +336,13 @@ Channel::Received Channel::recv(std::optional<DType> expect_dtype,
     out.storage = s.data;
   }
   if (expect_dtype && *expect_dtype != dt) {
-    throw ValueError(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
                              ": expected dtype ", dtype_name(*expect_dtype), " shape ",
                              expect_shape ? shape_str(*expect_shape) : std::string("(any)"),
                              " but received dtype ", dtype_name(dt), " shape ", shape_str(shape)));
   }
   if (expect_shape && *expect_shape != shape) {
-    throw ValueError(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
                              ": expected shape ", shape_str(*expect_shape), " dtype ",
                              expect_dtype ? dtype_name(*expect_dtype) : "(any)", " but received shape ",
                              shape_str(shape), " dtype ", dtype_name(dt)));

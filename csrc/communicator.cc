@@ -33,15 +33,8 @@ const char* thread_level_name(int level) {
 
 void wait_request(MPI_Request* req, const Communicator& comm, const std::function<std::string()>& what,
                   int peer, double timeout_s, double yield_s, double spin_s) {
-  double t = timeout_s < 0 ? comm.timeout() : timeout_s;
-  int rank = comm.rank();
-  poll_until(
-      [&] {
-        int flag = 0;
-        DPSGS_CHECK_MPI(MPI_Test(req, &flag, MPI_STATUS_IGNORE), rank, peer);
-        return flag != 0;
-      },
-      t, comm.warn_after(), what, yield_s, spin_s);
+  wait_mpi_request(req, comm.rank(), peer, timeout_s < 0 ? comm.timeout() : timeout_s, comm.warn_after(), what,
+                   yield_s, spin_s);
 }
 
 Communicator::Communicator(MPI_Comm parent, double timeout_s, double warn_after_s)

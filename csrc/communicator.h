@@ -17,6 +17,7 @@
 
 #include "buffer.h"
 #include "common/backoff.h"
+#include "common/mpi_wait.h"
 #include "work.h"
 
 namespace dpsgs {
@@ -112,7 +113,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   std::vector<std::pair<std::shared_ptr<Work>, Owner>> adopted_;
 };
 
-// Waits (politely, with this communicator's deadline) for an MPI request issued on `comm`.
+// wait_mpi_request (common/mpi_wait.h) with this communicator's rank, deadline and stall warning.
 // `what` names the operation for timeout/stall messages. Cancels nothing on timeout.
 void wait_request(MPI_Request* req, const Communicator& comm, const std::function<std::string()>& what,
                   int peer, double timeout_s = -1.0, double yield_s = Backoff::kDefaultYieldSeconds,

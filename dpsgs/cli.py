@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dpsgs.comm.abort import abort_job
-from dpsgs.config import TrainConfig
+from dpsgs.config import CHOICES, TrainConfig
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -95,14 +95,6 @@ HELP: dict[str, str] = {
                     "the step",
 }
 
-CHOICES: dict[str, list[str]] = {
-    "schedule": ["fdg", "sync"], "stash": ["weights", "recompute"],
-    "overlap": ["backward", "step"], "sync_kind": ["1f1b", "gpipe"],
-    "balance": ["time", "params", "layers"], "dataset": ["digits", "cifar10", "synthetic"],
-    "dtype": ["float32", "float64"], "optimizer": ["sgd", "adam", "adamw"],
-    "lr_schedule": ["constant", "step", "cosine"], "allreduce": ["auto", "ring", "mpi"],
-    "on_nonfinite": ["stop", "skip"],
-}
 SHORT = {"stages": "-K", "replicas": "-N"}
 
 
@@ -127,8 +119,8 @@ def _add_train(sub: Any, defaults: TrainConfig) -> None:
                    help="take the defaults from a TrainConfig JSON (e.g. a run's "
                         "config.json); options given here override them")
     p.add_argument("--simulate", action="store_true",
-                   help="run dpsgs.pipeline.reference: the same schedule for K x N virtual ranks in "
-                        "one process, no MPI")
+                   help="run the single-process reference: the same step executor for K x N "
+                        "virtual ranks in one process (one thread each), no MPI")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flags = ([SHORT[f.name]] if f.name in SHORT else []) + [f"--{f.name.replace('_', '-')}"]
@@ -136,7 +128,7 @@ def _add_train(sub: Any, defaults: TrainConfig) -> None:
         if f.name in SHORT:
             kw["metavar"] = SHORT[f.name][1:]
         if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
+            kw["choices"] = list(CHOICES[f.name])
         p.add_argument(*flags, dest=f.name, default=getattr(defaults, f.name),
                        help=HELP.get(f.name, f.name.replace("_", " ")), **kw)
 
@@ -184,28 +176,10 @@ def _base_config(argv: list[str]) -> TrainConfig:
 
 def validate(c: TrainConfig) -> None:
     """Checks that need no MPI and no data loading; each error names the option."""
-    from dpsgs.job.data import check_dataset
-    from dpsgs.job.models import check_model_name
+    from dpsgs.job.run_setup import check_names
 
-    check_model_name(c.model)
-    check_dataset(c.dataset, c.data_dir)
-    for name in ("stages", "replicas", "batch_size", "micro_batches", "metrics_every",
-                 "eval_every", "synthetic_samples"):
-        if getattr(c, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    for name in ("epochs", "checkpoint_every"):
-        if getattr(c, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
-    if c.max_steps is not None and c.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {c.max_steps}")
-    if not c.lr > 0 or not c.timeout > 0:
-        raise ValueError(f"--lr and --timeout must be > 0, got {c.lr} and {c.timeout}")
-    if not 0 < c.shrink <= 1:
-        raise ValueError(f"--shrink must be in (0, 1], got {c.shrink}")
-    if c.split is not None and len(c.split) != c.stages - 1:
-        raise ValueError(f"--split needs K-1 = {c.stages - 1} split points, got {c.split}")
-    if c.resume == "auto" and not c.run_dir:
-        raise ValueError("--resume auto needs --run-dir: the run folder to resume in")
+    c.validate()
+    check_names(c)
     if c.resume not in (None, "auto") and not Path(c.resume).exists():
         raise ValueError(f"--resume {c.resume}: no such checkpoint or run folder")
 
@@ -235,7 +209,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"dpsgs train: error: {e}", file=sys.stderr)
         return 2
     if args.simulate:
-        from dpsgs.pipeline.reference import simulate
+        from dpsgs.job.simulate import simulate
 
         config.run_dir = config.run_dir or _timestamp_run_dir(None)
         summary = simulate(config)

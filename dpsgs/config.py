@@ -7,7 +7,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainConfig"]
+__all__ = ["CHOICES", "TrainConfig"]
+
+# The allowed values of every choice field (the CLI's --help shows them).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "schedule": ("fdg", "sync"), "stash": ("weights", "recompute"),
+    "overlap": ("backward", "step"), "sync_kind": ("1f1b", "gpipe"),
+    "balance": ("time", "params", "layers"), "dataset": ("digits", "cifar10", "synthetic"),
+    "dtype": ("float32", "float64"), "optimizer": ("sgd", "adam", "adamw"),
+    "lr_schedule": ("constant", "step", "cosine"), "allreduce": ("auto", "ring", "mpi"),
+    "on_nonfinite": ("stop", "skip"),
+}
 
 
 @dataclass
@@ -70,6 +80,40 @@ class TrainConfig:
     @property
     def world_size(self) -> int:
         return self.stages * self.replicas
+
+    def validate(self) -> None:
+        """Every check that needs no data, no model and no MPI; each error names the option.
+        The names of models and datasets are checked by the job (dpsgs.job.run_setup)."""
+        def option(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{option(name)} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("stages", "replicas", "batch_size", "micro_batches", "metrics_every",
+                     "eval_every", "synthetic_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{option(name)} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not self.lr > 0 or not self.timeout > 0:
+            raise ValueError(f"--lr and --timeout must be > 0, got {self.lr} and {self.timeout}")
+        if not 0 < self.shrink <= 1:
+            raise ValueError(f"--shrink must be in (0, 1], got {self.shrink}")
+        if self.schedule == "sync" and self.shrink != 1.0:
+            raise ValueError(f"--shrink {self.shrink}: gradient shrinking belongs to the fdg "
+                             f"schedule; sync computes the exact gradient")
+        if self.schedule == "sync" and self.batch_size % self.micro_batches:
+            raise ValueError(f"sync schedule: batch_size {self.batch_size} is not divisible "
+                             f"by micro_batches {self.micro_batches}")
+        if self.split is not None and len(self.split) != self.stages - 1:
+            raise ValueError(f"--split needs K-1 = {self.stages - 1} split points, got {self.split}")
+        if self.resume == "auto" and not self.run_dir:
+            raise ValueError("--resume auto needs --run-dir: the run folder to resume in")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,8 +18,7 @@ import random
 
 from mpi4py import MPI
 
-from dpsgs.config import TrainConfig
-from dpsgs.job.trainer import train
+import dpsgs
 
 __all__ = ["main"]
 
@@ -50,10 +49,10 @@ def main() -> None:
 
     summary, pi = None, None
     if is_trainer:
-        config = TrainConfig(stages=args.stages, replicas=args.replicas, epochs=args.epochs,
+        config = dpsgs.TrainConfig(stages=args.stages, replicas=args.replicas, epochs=args.epochs,
                              model="mlp", dataset="digits", run_dir=args.run_dir,
                              progress=False, lr=0.05)
-        summary = train(config, comm=sub)
+        summary = dpsgs.train(config, comm=sub)
     else:
         pi = monte_carlo_pi(sub)
     sub.Free()

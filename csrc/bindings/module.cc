@@ -72,8 +72,10 @@ PYBIND11_MODULE(_C, m) {
   static py::handle comm_error = PyErr_NewException("dpsgs._C.CommError", PyExc_RuntimeError, nullptr);
   py::tuple timeout_bases = py::make_tuple(comm_error, py::handle(PyExc_TimeoutError));
   static py::handle comm_timeout = PyErr_NewException("dpsgs._C.CommTimeout", timeout_bases.ptr(), nullptr);
+  static py::handle header_mismatch = PyErr_NewException("dpsgs._C.HeaderMismatch", PyExc_ValueError, nullptr);
   m.attr("CommError") = comm_error;
   m.attr("CommTimeout") = comm_timeout;
+  m.attr("HeaderMismatch") = header_mismatch;
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -81,11 +83,16 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(comm_timeout.ptr(), e.what());
     } catch (const CommError& e) {
       PyErr_SetString(comm_error.ptr(), e.what());
+    } catch (const HeaderMismatch& e) {
+      PyErr_SetString(header_mismatch.ptr(), e.what());
     } catch (const ValueError& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
     }
   });
 
+  py::dict codes;  // the one dtype table: csrc/buffer.h's stable wire codes, by name
+  for (int c = 0; c < kNumDTypes; ++c) codes[dtype_name(static_cast<DType>(c))] = c;
+  m.attr("DTYPE_CODES") = codes;
   m.def("build_info", &build_info, "MPI library/version, whether NCCL is compiled in, NCCL/CUDA versions");
   m.def("mpi_library_version", &our_library_version, "MPI_Get_library_version of the libmpi this extension links");
   m.def("wait_for_output_drain", [](double drain_s) {

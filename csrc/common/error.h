@@ -27,6 +27,13 @@ class ValueError : public std::invalid_argument {
   explicit ValueError(const std::string& what) : std::invalid_argument(what) {}
 };
 
+// A channel message whose dtype or shape is not what the receiver expects (both channels,
+// MPI and NCCL, throw it). Python: dpsgs._C.HeaderMismatch(ValueError).
+class HeaderMismatch : public ValueError {
+ public:
+  explicit HeaderMismatch(const std::string& what) : ValueError(what) {}
+};
+
 // Peer value meaning "no single peer" (collectives, local checks).
 constexpr int kNoPeer = -1;
 

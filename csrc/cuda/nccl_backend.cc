@@ -90,17 +90,6 @@ int cuda_device_count() {
   return n;
 }
 
-void poll_mpi_request(MPI_Request* req, int rank, int peer, double timeout_s, double warn_after_s,
-                      const std::function<std::string()>& what) {
-  poll_until(
-      [&] {
-        int flag = 0;
-        DPSGS_CHECK_MPI(MPI_Test(req, &flag, MPI_STATUS_IGNORE), rank, peer);
-        return flag != 0;
-      },
-      timeout_s, warn_after_s, what);
-}
-
 void NcclCommunicator::init_mpi(MPI_Comm mpi) {
   mpi_ = mpi;
   DPSGS_CHECK_MPI(MPI_Comm_set_errhandler(mpi_, MPI_ERRORS_RETURN), rank_, kNoPeer);
@@ -125,7 +114,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm parent, int device, double timeout_s
   // An Ibarrier with a deadline first: MPI_Comm_dup would block forever if a rank never comes.
   MPI_Request req;
   DPSGS_CHECK_MPI(MPI_Ibarrier(parent, &req), prank, kNoPeer);
-  poll_mpi_request(&req, prank, kNoPeer, timeout_s_, warn_after_s_, [&] {
+  wait_mpi_request(&req, prank, kNoPeer, timeout_s_, warn_after_s_, [&] {
     return str_cat("rank ", prank, ": NcclCommunicator construction (some rank did not create its NcclCommunicator)");
   });
   MPI_Comm dup = MPI_COMM_NULL;
@@ -138,7 +127,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm parent, int device, double timeout_s
   ncclUniqueId id{};
   if (rank_ == 0) DPSGS_CHECK_NCCL(ncclGetUniqueId(&id), nullptr, rank_, kNoPeer);
   DPSGS_CHECK_MPI(MPI_Ibcast(&id, sizeof(id), MPI_BYTE, 0, mpi_, &req), rank_, 0);
-  poll_mpi_request(&req, rank_, 0, timeout_s_, warn_after_s_,
+  wait_mpi_request(&req, rank_, 0, timeout_s_, warn_after_s_,
                    [&] { return str_cat("rank ", rank_, ": MPI_Ibcast of the NCCL unique id from rank 0"); });
 
   handle_ = std::make_shared<NcclHandle>(rank_, name_, timeout_s_, warn_after_s_);
@@ -194,7 +183,7 @@ std::shared_ptr<NcclCommunicator> NcclCommunicator::split(int color, int key) {
   check_open("split");
   MPI_Request req;
   DPSGS_CHECK_MPI(MPI_Ibarrier(mpi_, &req), rank_, kNoPeer);
-  poll_mpi_request(&req, rank_, kNoPeer, timeout_s_, warn_after_s_,
+  wait_mpi_request(&req, rank_, kNoPeer, timeout_s_, warn_after_s_,
                    [&] { return str_cat("rank ", rank_, ": NcclCommunicator.split (some rank did not call it)"); });
   MPI_Comm child_mpi = MPI_COMM_NULL;
   DPSGS_CHECK_MPI(MPI_Comm_split(mpi_, color < 0 ? MPI_UNDEFINED : color, key, &child_mpi), rank_, kNoPeer);

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/mpi_wait.h"
 #include "cuda/cuda_stream.h"
 #include "cuda/device_issuer.h"
 #include "cuda/nccl_handle.h"
@@ -25,9 +26,6 @@ std::string nccl_header_version_string();   // NCCL_VERSION_CODE the extension w
 std::string cuda_runtime_version_string();  // cudaRuntimeGetVersion, "13.0"; "" if unavailable
 int cuda_device_count();                    // 0 when no driver / no GPU (never throws)
 
-// Polls an MPI request (politely, with a deadline); `what` names it in the timeout error.
-void poll_mpi_request(MPI_Request* req, int rank, int peer, double timeout_s, double warn_after_s,
-                      const std::function<std::string()>& what);
 
 // One p2p connection waiting for NcclCommunicator::connect() (registered by NcclChannel).
 struct PendingConnect {

@@ -48,7 +48,7 @@ NcclChannel::NcclChannel(std::shared_ptr<NcclCommunicator> comm, int peer, int t
   } else {
     MPI_Request req;
     DPSGS_CHECK_MPI(MPI_Irecv(&id_, sizeof(id_), MPI_BYTE, peer_, tag_, comm_->mpi(), &req), rank_, peer_);
-    poll_mpi_request(&req, rank_, peer_, timeout, warn, [&] {
+    wait_mpi_request(&req, rank_, peer_, timeout, warn, [&] {
       return str_cat("rank ", rank_, ": ", describe_end(), " construction (waiting for the sender, rank ", peer_,
                      ", to construct its end)");
     });
@@ -166,13 +166,13 @@ std::shared_ptr<NcclWork> NcclChannel::send(const Buffer& src, Owner owner) {
   // The bound: a third send waits for the oldest one.
   while (in_flight() >= 2) inflight_.front()->wait();
   if (id_req_ != MPI_REQUEST_NULL)
-    poll_mpi_request(&id_req_, rank_, peer_, comm_->timeout(), comm_->warn_after(),
+    wait_mpi_request(&id_req_, rank_, peer_, comm_->timeout(), comm_->warn_after(),
                      [&] { return op_name("send (unique id)", sent_); });
   uint64_t seq = sent_;
   int slot = static_cast<int>(seq % 2);
   // The header sent two messages ago left this slot long ago (its payload has completed).
   if (hreq_[slot] != MPI_REQUEST_NULL)
-    poll_mpi_request(&hreq_[slot], rank_, peer_, comm_->timeout(), comm_->warn_after(),
+    wait_mpi_request(&hreq_[slot], rank_, peer_, comm_->timeout(), comm_->warn_after(),
                      [&] { return op_name("send header", seq - 2); });
   NcclHeader& h = headers_[slot];
   std::memset(&h, 0, sizeof(h));
@@ -204,7 +204,7 @@ std::shared_ptr<NcclWork> NcclChannel::recv_into(const Buffer& dst, Owner owner)
   check_buffer(dst, "recv");
   uint64_t seq = received_;
   int slot = static_cast<int>(seq % 2);
-  poll_mpi_request(&hreq_[slot], rank_, peer_, comm_->timeout(), comm_->warn_after(),
+  wait_mpi_request(&hreq_[slot], rank_, peer_, comm_->timeout(), comm_->warn_after(),
                    [&] { return op_name("recv header", seq); });
   NcclHeader h = headers_[slot];
   DPSGS_CHECK_ARG(h.magic == kMagic && h.ndim >= 0 && h.ndim <= kNcclMaxDims && valid_dtype_code(h.dtype),
@@ -215,7 +215,7 @@ std::shared_ptr<NcclWork> NcclChannel::recv_into(const Buffer& dst, Owner owner)
   std::vector<int64_t> shape(h.shape, h.shape + h.ndim);
   DType dt = static_cast<DType>(h.dtype);
   if (dt != dst.dtype || shape != dst.shape || h.nbytes != dst.bytes) {
-    throw ValueError(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
                              ": expected dtype ", dtype_name(dst.dtype), " shape ", dst.shape_string(),
                              " but received dtype ", dtype_name(dt), " shape ", shape_str(h.shape, h.ndim)));
   }

@@ -53,9 +53,9 @@ def bench_profile(w: Workload, configs: list[BenchConfig]) -> Any:
 def pipeline_split(prof: Any, batch: int, stages: int = 2) -> list[int]:
     """One balanced split for every K = 2 configuration (torch pipelining and dpsgs alike),
     at the full batch, so partitions do not differ between them."""
-    from dpsgs.planner.balance import balanced_split
+    from dpsgs.pipeline.partition import balance
 
-    return balanced_split([sum(lay.seconds(batch)) for lay in prof.layers], stages)
+    return balance([sum(lay.seconds(batch)) for lay in prof.layers], stages)
 
 
 def _pool(recs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:

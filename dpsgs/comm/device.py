@@ -141,7 +141,7 @@ def visible_gpu_count() -> int:
     try:
         from dpsgs import _C
 
-        if hasattr(_C, "cuda_device_count"):
+        if _C.build_info()["nccl"]:          # a CUDA build can ask the runtime itself
             return int(_C.cuda_device_count())
     except ImportError:
         pass

@@ -1,12 +1,14 @@
-"""The K x N grid: rank <-> (replica, stage), stage and pipeline groups (DESIGN §2)."""
+"""The K x N grid: the one map rank <-> (replica, stage), stage and pipeline groups (DESIGN §2)."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
-__all__ = ["Grid", "make_groups", "local_rank"]
+T = TypeVar("T")
+
+__all__ = ["Grid", "make_groups"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class Grid:
             raise ValueError(f"rank {rank} out of range for a {self.stages}x{self.replicas} grid")
         return divmod(rank, self.stages)
 
+    def label(self, rank: int) -> str:
+        """'rank 3 (replica 1, stage 1)': how every message names a rank."""
+        replica, stage = self.coords(rank)
+        return f"rank {rank} (replica {replica}, stage {stage})"
+
     def stage_group(self, stage: int) -> list[int]:
         """Ranks holding `stage` in every replica (the all-reduce group)."""
         return [self.rank(r, stage) for r in range(self.replicas)]
@@ -59,23 +66,10 @@ class Grid:
                 f" = {self.size} ranks needed (launch with mpirun -n {self.size})")
 
 
-def make_groups(grid: Grid, comm: Any) -> tuple[Any, Any]:
-    """Split `comm` (a dpsgs._C.Communicator or an mpi4py communicator) into this rank's
-    (stage group, pipeline group). Collective: every rank calls it once, in the same order.
-    Ranks inside each group are ordered by replica (stage group) or by stage (pipeline)."""
-    grid.check_world(comm.size)       # both kinds expose .size and .rank as attributes
-    rank = comm.rank
+def make_groups(grid: Grid, rank: int, split: Callable[[int, int], T]) -> tuple[T, T]:
+    """This rank's (stage group, pipeline group), made by `split(color, key)` of any backend
+    (dpsgs._C.Communicator.split, NcclCommunicator.split, an mpi4py Comm.Split). Collective:
+    every rank calls it once, in the same order. Ranks inside each group are ordered by
+    replica (stage group) or by stage (pipeline group)."""
     replica, stage = grid.coords(rank)
-    split = comm.split if hasattr(comm, "split") else comm.Split
-    stage_comm = split(stage, replica)
-    pipe_comm = split(replica, stage)
-    return stage_comm, pipe_comm
-
-
-def local_rank(default: int = 0) -> int:
-    """This process's rank on its node, from the launcher's environment (for device choice)."""
-    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
-                "PMI_LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return default
+    return split(stage, replica), split(replica, stage)

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from dpsgs.comm.channel_end import ChannelEnd
 from dpsgs.comm.device import select_device
+from dpsgs.comm.dtypes import WIRE_CODES
+from dpsgs.comm.grid import Grid, make_groups
 
-__all__ = ["DTYPE_CODES", "TensorChannel", "TensorReducer", "available", "describe", "init",
+__all__ = ["NcclTransport", "TensorChannel", "TensorReducer", "available", "describe", "init",
            "split_grid"]
 
-# Stable codes of docs/api.md (carried in channel headers).
-DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3, "int32": 4, "int64": 5,
-               "uint8": 6, "int8": 7, "bool": 8}
-_TYPESTR_CODES = {"<f2": 0, "<f4": 2, "<f8": 3, "<i4": 4, "<i8": 5, "|u1": 6, "|i1": 7, "|b1": 8}
+# __cuda_array_interface__ type strings of the wire dtypes (bfloat16 has none)
+_TYPESTR_CODES = {np.dtype(name).str: code for name, code in WIRE_CODES.items() if name != "bfloat16"}
 
 
 def available() -> tuple[bool, str]:
@@ -56,12 +58,12 @@ def _torch_descriptor(t: Any, stream: int | None) -> tuple:
     if not t.is_contiguous():
         raise ValueError(f"non-contiguous CUDA tensor of shape {tuple(t.shape)}; call .contiguous() first")
     name = str(t.dtype).removeprefix("torch.")
-    if name not in DTYPE_CODES:
-        raise ValueError(f"unsupported dtype {t.dtype}; supported: {', '.join(DTYPE_CODES)}")
+    if name not in WIRE_CODES:
+        raise ValueError(f"unsupported dtype {t.dtype}; supported: {', '.join(WIRE_CODES)}")
     if stream is None:
         stream = torch.cuda.current_stream(t.device).cuda_stream
     nbytes = t.numel() * t.element_size()
-    return (t.data_ptr(), nbytes, DTYPE_CODES[name], tuple(t.shape), t.device.index, int(stream))
+    return (t.data_ptr(), nbytes, WIRE_CODES[name], tuple(t.shape), t.device.index, int(stream))
 
 
 def _cai_descriptor(x: Any, stream: int | None) -> tuple:
@@ -115,7 +117,9 @@ def init(comm: Any = None, device: int | None = None, timeout: float = 300.0) ->
 
         comm = MPI.COMM_WORLD
     if device is None:
-        if not hasattr(comm, "allgather"):
+        from mpi4py import MPI
+
+        if not isinstance(comm, MPI.Comm):
             raise ValueError("nccl.init: pass device= when comm is not an mpi4py communicator")
         device = select_device(comm).device
     _make_current(device)
@@ -127,8 +131,7 @@ def split_grid(world: Any, stages: int) -> tuple[Any, Any]:
     (rank = replica*K + stage), both by ncclCommSplit of `world`."""
     if world.size % stages:
         raise ValueError(f"world size {world.size} is not a multiple of {stages} stages")
-    replica, stage = divmod(world.rank, stages)
-    return world.split(stage, replica), world.split(replica, stage)
+    return make_groups(Grid(stages, world.size // stages), world.rank, world.split)
 
 
 def _make_current(device: int) -> None:
@@ -199,3 +202,40 @@ class TensorReducer:
 
     def allreduce(self, x: Any, average: bool = True) -> Any:
         return self._r.allreduce(describe(x), x, average)
+
+
+class NcclTransport:
+    """One rank's transport over NCCL, for device memory (dpsgs.comm.protocol): channels over
+    `world` (an NcclCommunicator of the grid), the bucketed all-reduce (ncclAvg) over `stage`
+    (this rank's stage group, from ncclCommSplit)."""
+
+    def __init__(self, world: Any, stage: Any, *, bucket_cap_mb: float = 25.0,
+                 first_bucket_mb: float = 1.0) -> None:
+        import torch
+
+        self.world, self.stage = world, stage
+        self.device = torch.device("cuda", world.device)
+        self.bucket_cap_mb, self.first_bucket_mb = bucket_cap_mb, first_bucket_mb
+        self._reducer = TensorReducer(stage)
+
+    def channel(self, peer: int, tag: int, sending: bool, name: str) -> TensorChannel:
+        return TensorChannel(self.world, peer, tag, sending, name)
+
+    def allreduce(self, flat: Any) -> Any:
+        return self._reducer.allreduce(flat)
+
+    def reducer(self, params: Any, buffers: int = 1) -> Any:
+        from dpsgs.comm.gradient_reducer import GradientReducer
+
+        return GradientReducer(params, self.allreduce, bucket_cap_mb=self.bucket_cap_mb,
+                               first_bucket_mb=self.first_bucket_mb, buffers=buffers)
+
+    def connect(self) -> None:
+        """Collective: warm up every channel made so far and both communicators."""
+        self.world.connect()
+        self.stage.connect()
+
+    def close(self) -> None:
+        """Collective: finalize and destroy the NCCL communicators (bounded)."""
+        self.stage.close()
+        self.world.close()

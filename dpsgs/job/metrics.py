@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from dpsgs.pipeline.hooks import Spans
+
 __all__ = ["CATEGORIES", "Timeline", "MetricsLog", "read_metrics", "rank_path", "merge_traces"]
 
 # compute: forward/backward/optimizer; channel: waiting on activations/gradients;
@@ -26,7 +28,7 @@ def rank_path(path: str | os.PathLike, rank: int) -> Path:
     return p.with_name(f"{p.stem}.rank{rank}{p.suffix or '.json'}")
 
 
-class Timeline:
+class Timeline(Spans):
     """Times spans of work on one rank.
 
     Totals per category are always kept (two perf_counter calls per span); events are only

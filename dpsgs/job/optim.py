@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "build_optimizer", "lr_at", "set_lr"]
+from dpsgs.config import TrainConfig
+
+__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "ScheduledOptimizer", "build_optimizer", "lr_at", "set_lr"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], config) -> torch.optim.Optimizer | None:
+def build_optimizer(params: Iterable[torch.nn.Parameter],
+                    config: TrainConfig) -> torch.optim.Optimizer | None:
     """The optimizer named by config.optimizer over `params` (one stage's parameters); None
     for a stage without parameters (e.g. a lone activation): callers skip its update.
     Every rank of a stage builds the same one and steps it with the same averaged gradient.
@@ -39,7 +43,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config) -> torch.optim
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def lr_at(iteration: int, total: int, config, steps_per_epoch: int | None = None) -> float:
+def lr_at(iteration: int, total: int, config: TrainConfig, steps_per_epoch: int | None = None) -> float:
     """Learning rate for the update of global batch `iteration` (0-based) of `total`.
 
     Linear warm-up over config.warmup_epochs (needs steps_per_epoch), then constant,
@@ -70,3 +74,24 @@ def lr_at(iteration: int, total: int, config, steps_per_epoch: int | None = None
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class ScheduledOptimizer:
+    """A stage's optimizer with the run's LR schedule: step(batch) sets the learning rate of
+    global batch `batch` (0-based, of `total`) and applies the update (the pipeline's
+    StageOptimizer)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig, total: int,
+                 steps_per_epoch: int) -> None:
+        self.optimizer, self.config = optimizer, config
+        self.total, self.steps_per_epoch = total, steps_per_epoch
+
+    def step(self, batch: int) -> None:
+        set_lr(self.optimizer, lr_at(batch, self.total, self.config, self.steps_per_epoch))
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)

@@ -2,20 +2,25 @@
 
 Both the distributed trainer and the single-process reference call `prepare`, so they build
 the same model from the same seed, split it at the same points, and walk the same batches.
+The resulting Setup is the pipeline's Workload (dpsgs.pipeline.workload): the step executor
+takes its batches, stage modules and optimizers from it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 from torch import nn
 
+from dpsgs.config import TrainConfig
+from dpsgs.job.data import BatchSampler, Dataset
+from dpsgs.job.optim import ScheduledOptimizer, build_optimizer
 from dpsgs.pipeline.partition import boundary_shapes, check_split, layer_costs, stage_bounds
+from dpsgs.pipeline.workload import StagePlace
 
-__all__ = ["DTYPES", "Setup", "prepare", "torch_dtype", "segments", "eval_batches"]
+__all__ = ["DTYPES", "Setup", "check_names", "prepare", "torch_dtype", "segments", "eval_batches"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -29,10 +34,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class Setup:
-    config: Any
-    train: Any                       # dpsgs.job.data.Dataset-like: x, y, num_classes
-    test: Any
-    sampler: Any                     # dpsgs.job.data.BatchSampler
+    config: TrainConfig
+    train: Dataset
+    test: Dataset
+    sampler: BatchSampler
     model: nn.Sequential             # the full model, built from the seed
     split: list[int]                 # K-1 split points
     bounds: list[tuple[int, int]]    # layer range of every stage
@@ -40,6 +45,7 @@ class Setup:
     in_shape: tuple[int, ...]        # one sample
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)  # per stage, one sample
     costs: list[float] | None = None
+    _replica_models: dict[int, nn.Sequential] = field(default_factory=dict, repr=False)
 
     @property
     def stages(self) -> int:
@@ -61,6 +67,31 @@ class Setup:
         a, b = self.bounds[stage]
         return nn.Sequential(*list(model.children())[a:b])
 
+    # -- the pipeline's Workload ---------------------------------------------------------
+    def place(self, rank: int) -> StagePlace:
+        K, N = self.config.stages, self.config.replicas
+        replica, stage = divmod(rank, K)
+        return StagePlace(rank, replica, stage, K, N,
+                          self.in_shape if stage == 0 else self.out_shapes[stage - 1],
+                          self.out_shapes[stage], self.dtype)
+
+    def stage_module(self, replica: int, stage: int) -> nn.Sequential:
+        """Stage `stage`'s layers of replica `replica`'s model. The first replica asked for
+        takes the seeded model itself (a rank of the trainer holds one replica); others in the
+        same process (the reference) get deep copies, taken before any training."""
+        if replica not in self._replica_models:
+            first = not self._replica_models
+            self._replica_models[replica] = self.model if first else copy.deepcopy(self.model)
+        return self.stage_layers(self._replica_models[replica], stage)
+
+    def make_optimizer(self, params: Sequence[nn.Parameter]) -> ScheduledOptimizer | None:
+        opt = build_optimizer(params, self.config)
+        return None if opt is None else ScheduledOptimizer(opt, self.config, self.total_iterations,
+                                                           self.batches_per_epoch)
+
+    def segments(self, start_epoch: int = 0) -> list[list[tuple[int, int]]]:
+        return segments(self, start_epoch)
+
     def batch(self, epoch: int, batch: int, replica: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (cast to the run's dtype) and labels of one replica's share of a batch."""
         from dpsgs.job.data import get_batch
@@ -68,10 +99,22 @@ class Setup:
         x, y = get_batch(self.train, self.sampler, epoch, batch, replica, train=True)
         return x.to(self.dtype), y
 
+    def inputs(self, epoch: int, batch: int, replica: int) -> torch.Tensor:
+        return self.batch(epoch, batch, replica)[0]
+
     def labels(self, epoch: int, batch: int, replica: int) -> torch.Tensor:
         """The labels of `batch` alone (what get_batch returns as y: augmentation changes
         only inputs), so the last stage needs no input data."""
         return self.train.y[self.sampler.indices(epoch, batch, replica)]
+
+    def eval_spans(self, replica: int) -> list[tuple[int, int]]:
+        return eval_batches(len(self.test), self.config.batch_size, self.config.replicas, replica)
+
+    def eval_inputs(self, a: int, b: int) -> torch.Tensor:
+        return self.test.x[a:b].to(self.dtype)
+
+    def eval_labels(self, a: int, b: int) -> torch.Tensor:
+        return self.test.y[a:b]
 
     def drop_inputs(self) -> None:
         """Forget the input tensors (train and test x) on a rank that never reads them:
@@ -80,13 +123,21 @@ class Setup:
 
         for name in ("train", "test"):
             ds = getattr(self, name)
-            if not dataclasses.is_dataclass(ds):
-                continue
             empty = ds.x.new_empty((0, *ds.x.shape[1:]))
             setattr(self, name, dataclasses.replace(ds, x=empty))
 
 
-def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, Any] | None = None,
+def check_names(config: TrainConfig) -> None:
+    """The model and dataset names (and the CIFAR folder) exist; ValueError naming the option."""
+    from dpsgs.job.data import check_dataset
+    from dpsgs.job.models import check_model_name
+
+    check_model_name(config.model)
+    check_dataset(config.dataset, config.data_dir)
+
+
+def prepare(config: TrainConfig, model: nn.Sequential | None = None,
+            data: tuple[Dataset, Dataset] | None = None,
             costs: Sequence[float] | None = None, profile: bool = True,
             split: Sequence[int] | None = None) -> Setup:
     """Data, seeded full model and split for `config`.
@@ -97,12 +148,10 @@ def prepare(config: Any, model: nn.Sequential | None = None, data: tuple[Any, An
     (the trainer profiles on rank 0 only and broadcasts the costs instead). `split`
     overrides config.split (a resumed run keeps its checkpoint's split).
     """
-    from dpsgs.job.data import BatchSampler, load_dataset
+    from dpsgs.job.data import load_dataset
 
+    config.validate()
     dtype = torch_dtype(config.dtype)
-    if config.stages < 1 or config.replicas < 1:
-        raise ValueError(f"stages and replicas must be >= 1, got K={config.stages}, "
-                         f"N={config.replicas}")
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, tuple(config.synthetic_shape),
                             config.synthetic_samples, config.seed)

@@ -1,94 +1,114 @@
-"""StageWorker: one rank = one stage of one replica, executing fdg/sync steps and evaluation.
+"""StageExecutor: one rank = one stage of one replica, running fdg/sync plans and evaluation.
 
-The worker owns the stage's StageCompute, optimizer, channels to its pipeline neighbours
-and the gradient reducer over its stage group; it follows the step order of
-`dpsgs.pipeline.schedule.StageStep` exactly as `dpsgs.pipeline.reference` does, so both compute the same
-numbers. Communication goes through a `transport` (dpsgs.comm.mpi over the C++ core by
-default); every channel message is received in the order it was sent, and every rank of a
-stage group issues its reduces at the same plan steps, so no collective is ever issued by
-only some ranks.
+The executor owns the stage's StageCompute, its optimizer, the channels to its pipeline
+neighbours and the gradient reducer over its stage group, and runs the step order of
+DESIGN §1 (dpsgs.pipeline.schedule.StageStep). It knows plans, a stage and a transport
+(dpsgs.comm.protocol), not which transport: the distributed trainer runs it over MPI or
+NCCL, the single-process reference over an in-process loopback, so both compute the same
+numbers by construction. Every channel message is received in the order it was sent, and
+every rank of a stage group starts its all-reduces at the same plan steps, so no collective
+is ever issued by only some ranks. Outside code runs only at the named points of `hooks`
+(dpsgs.pipeline.hooks).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from dpsgs.job.run_setup import Setup, eval_batches
-from dpsgs.job.optim import build_optimizer, lr_at, set_lr
-from dpsgs.pipeline.schedule import StageStep, sync_plan
+from dpsgs.comm.gradient_reducer import GradientReducer
+from dpsgs.comm.protocol import Reducer, Transport, Work
+from dpsgs.config import TrainConfig
+from dpsgs.pipeline.hooks import NoSpans, Spans, StepHooks
+from dpsgs.pipeline.schedule import StageStep, cut_plan, sync_plan
 from dpsgs.pipeline.stage import StageCompute
+from dpsgs.pipeline.workload import Workload
 
-__all__ = ["StageWorker", "ACT_TAG", "GRAD_TAG"]
+__all__ = ["StageExecutor", "ACT_TAG", "GRAD_TAG"]
 
 ACT_TAG, GRAD_TAG = 11, 12
+Segment = list[tuple[int, int]]      # (epoch, batch) of every batch a plan admits
 
 
-class StageWorker:
-    """Stage `stage` of replica `replica`; see the module docstring."""
+class _Done:
+    """The all-reduce of one replica: nothing to wait for."""
 
-    def __init__(self, setup: Setup, replica: int, stage: int, rank: int, transport: Any,
-                 timeline: Any) -> None:
-        cfg = setup.config
-        self.setup, self.cfg = setup, cfg
-        self.replica, self.stage, self.rank = replica, stage, rank
-        self.K, self.N = cfg.stages, cfg.replicas
-        self.timeline = timeline
-        module = setup.stage_layers(setup.model, stage)   # only this stage's layers are kept
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+
+class StageExecutor:
+    """Grid rank `rank` of `workload`'s K x N grid; see the module docstring."""
+
+    def __init__(self, workload: Workload, rank: int, transport: Transport,
+                 hooks: StepHooks | None = None, spans: Spans | None = None) -> None:
+        cfg: TrainConfig = workload.config
+        self.cfg, self.workload = cfg, workload
+        self.place = place = workload.place(rank)
+        self.rank, self.replica, self.stage = rank, place.replica, place.stage
+        self.K, self.N = place.stages, place.replicas
+        self.transport = transport
+        self.device = transport.device
+        self.hooks = hooks or StepHooks()
+        self.spans = spans or NoSpans()
         shrink = cfg.shrink if cfg.schedule == "fdg" else 1.0
-        self.compute = StageCompute(module, stage, self.K, cfg.stash, shrink)
-        self.optimizer = build_optimizer(self.compute.params, cfg)
-        self.in_shape = setup.in_shape if stage == 0 else setup.out_shapes[stage - 1]
-        self.out_shape = setup.out_shapes[stage]
-        K, r = self.K, replica
+        module = workload.stage_module(place.replica, place.stage).to(self.device)
+        self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink)
+        self.optimizer = workload.make_optimizer(self.compute.params)
+        self._named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        k, r = place.stage, place.replica
         self.act_in = self.grad_out = self.act_out = self.grad_in = None
-        if stage > 0:
-            self.act_in = transport.channel(rank - 1, ACT_TAG, False,
-                                            f"act r{r} s{stage - 1}->s{stage}")
-            self.grad_out = transport.channel(rank - 1, GRAD_TAG, True,
-                                              f"grad r{r} s{stage}->s{stage - 1}")
-        if stage < K - 1:
-            self.act_out = transport.channel(rank + 1, ACT_TAG, True,
-                                             f"act r{r} s{stage}->s{stage + 1}")
-            self.grad_in = transport.channel(rank + 1, GRAD_TAG, False,
-                                             f"grad r{r} s{stage + 1}->s{stage}")
-        # overlap=step may wait for last step's reduce after this step's backward only where
-        # the backward reads no live weight (stashed weights, not the last stage): the
-        # numbers stay those of the plan, and the reduce overlaps a whole step of compute
-        late = (cfg.schedule == "fdg" and cfg.overlap == "step" and cfg.stash == "weights"
-                and stage < self.K - 1)
-        # a parameterless stage has nothing to reduce; one replica has nothing to average.
-        # `buffers` is passed only when wanted, so transports that predate it still work.
-        self.reducer = None
-        if self.compute.params and self.N > 1:
-            extra = {"buffers": 2} if late else {}
-            self.reducer = transport.reducer(self.compute.params, **extra)
-        # the backward may only run during a reduce if it writes the other gradient set
-        self._apply_late = late and getattr(self.reducer, "buffers", 1) == 2
-        self._sends: list[Any] = []
-        self.losses: dict[int, tuple[float, int, int]] = {}   # global batch -> loss, correct, n
-        self.staleness: list[tuple[int, int, int]] = []       # (stage, global batch, steps)
-        self.step_losses: dict[int, tuple[float, int, int]] = {}  # plan step -> same
+        if k > 0:
+            self.act_in = transport.channel(rank - 1, ACT_TAG, False, f"act r{r} s{k - 1}->s{k}")
+            self.grad_out = transport.channel(rank - 1, GRAD_TAG, True, f"grad r{r} s{k}->s{k - 1}")
+        if k < self.K - 1:
+            self.act_out = transport.channel(rank + 1, ACT_TAG, True, f"act r{r} s{k}->s{k + 1}")
+            self.grad_in = transport.channel(rank + 1, GRAD_TAG, False, f"grad r{r} s{k + 1}->s{k}")
+        self.reducer = self._make_reducer()
+        self._sends: list[Work] = []
+        self.step = 0          # the global step being executed (for hooks outside a plan)
+
+    def _make_reducer(self) -> Reducer | None:
+        """The stage group's averaging reducer. overlap=step backpropagates while the last
+        step's all-reduce runs, so it keeps two gradient sets, on one replica too (where the
+        'all-reduce' is a no-op). None when there is nothing to hold or average."""
+        if not self.compute.params:
+            return None
+        step_overlap = self.cfg.schedule == "fdg" and self.cfg.overlap == "step"
+        if self.N > 1:
+            return self.transport.reducer(self.compute.params, buffers=2 if step_overlap else 1)
+        if step_overlap:
+            return GradientReducer(self.compute.params, lambda flat: _Done(), buffers=2)
+        return None
 
     # -- helpers -------------------------------------------------------------------------
     def _global(self, eb: tuple[int, int]) -> int:
-        return eb[0] * self.setup.batches_per_epoch + eb[1]
+        return eb[0] * self.workload.batches_per_epoch + eb[1]
 
     def _recv(self, ch: Any, rows: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        with self.timeline.span(f"recv {what}", "channel"):
-            return ch.recv(self.setup.dtype, (rows, *shape))   # an owned copy (transport contract)
+        with self.spans.span(f"recv {what}", "channel"):
+            return ch.recv(self.place.dtype, (rows, *shape))   # an owned tensor (transport contract)
 
     def _send(self, ch: Any, t: torch.Tensor, what: str) -> None:
-        with self.timeline.span(f"send {what}", "channel"):
+        with self.spans.span(f"send {what}", "channel"):
             self._sends.append(ch.send(t.contiguous()))
             # keep only handles still in flight (the channel bounds them at two anyway)
             self._sends = [w for w in self._sends if not w.is_completed()]
 
+    def _input(self, eb: tuple[int, int]) -> torch.Tensor:
+        x = self.workload.inputs(*eb, self.replica)
+        return x.to(self.device, non_blocking=True)
+
+    def _labels(self, eb: tuple[int, int]) -> torch.Tensor:
+        return self.workload.labels(*eb, self.replica).to(self.device, non_blocking=True)
+
     def wait_sends(self) -> None:
-        with self.timeline.span("send drain", "channel"):
+        with self.spans.span("send drain", "channel"):
             for w in self._sends:
                 w.wait()
         self._sends = []
@@ -100,98 +120,89 @@ class StageWorker:
             for p in self.compute.params:
                 p.grad = None
 
-    def _apply(self, g: int) -> None:
-        """Wait for the averaged gradient (if replicas) and step the optimizer for batch g."""
-        if self.reducer is not None:
-            with self.timeline.span("reduce wait", "reduce"):
-                self.reducer.wait()
-        if self.optimizer is not None:
-            with self.timeline.span("update", "compute"):
-                set_lr(self.optimizer, lr_at(g, self.setup.total_iterations, self.cfg,
-                                             self.setup.batches_per_epoch))
-                self.optimizer.step()
-
     def _start_reduce(self) -> None:
         if self.reducer is not None:
             self.reducer.start_all()
 
-    @property
-    def _hooks_ok(self) -> bool:
-        """May backward accumulate through autograd (firing the reducer's hooks)? Only with
-        no reducer, or one that can hold its all-reduce during accumulation (no_sync)."""
-        return self.reducer is None or hasattr(self.reducer, "no_sync")
+    def _apply(self, g: int, step: int) -> None:
+        """Wait for the averaged gradient and step the optimizer for global batch g."""
+        self.hooks.phase("reduce", step)
+        if self.reducer is not None:
+            with self.spans.span("reduce wait", "reduce"):
+                self.reducer.wait()
+        if self.optimizer is not None and self.hooks.update_ok(step, self._named):
+            with self.spans.span("update", "compute"):
+                self.optimizer.step(g)
 
-    def _accumulating(self, hold: bool) -> Any:
-        """Micro-batches before the last only accumulate: the all-reduce fires once, during
-        the last micro-batch's backward (DDP's no_sync); without no_sync the backward adds
-        into p.grad by hand (accumulate=False) and the reduce starts after it."""
-        if hold and self.reducer is not None and hasattr(self.reducer, "no_sync"):
-            return self.reducer.no_sync()
-        return contextlib.nullcontext()
+    def _forward(self, key: Any, x: torch.Tensor, step: int, what: str, live: bool = False) -> torch.Tensor:
+        self.hooks.phase("forward", step)
+        with self.spans.span(f"forward {what}", "compute"):
+            return self.compute.forward(key, x, live=live)
 
-    def _labels(self, eb: tuple[int, int]) -> torch.Tensor:
-        return self.setup.labels(*eb, self.replica)
+    def _top_of_step(self, i: int, step: int, admitted: int) -> None:
+        self.step = step
+        if i < 2 * self.K - 2:
+            self.hooks.phase("warmup", step)
+        if i >= admitted:
+            self.hooks.phase("flush", step)
 
     # -- fdg -----------------------------------------------------------------------------
-    def run_fdg(self, plan: list[list[StageStep]], seg: list[tuple[int, int]], step0: int,
-                on_step: Callable[[int], None] | None = None) -> None:
-        """Run one fdg plan over segment `seg`; step0 = global step of the plan's first."""
+    def run_fdg(self, plan: list[list[StageStep]], seg: Segment, step0: int) -> bool:
+        """Run one fdg plan over segment `seg`; step0 = global step of the plan's first.
+        True when a hook asked to stop and the plan was cut short (then flushed)."""
         k, last = self.stage, self.compute.is_last
         B = self.cfg.batch_size
-        overlap = self.cfg.overlap
         fwd_at: dict[int, int] = {}
-        for row in plan:
-            s = row[k]
-            t = s.step
+        cut, i = False, 0
+        while i < len(plan):
+            s, t = plan[i][k], i
+            step = step0 + t
+            self._top_of_step(t, step, len(seg))
             x = g = None
             if s.forward is not None:
-                if k > 0:
-                    x = self._recv(self.act_in, B, self.in_shape, f"act b{s.forward}")
-                else:
-                    x = self.setup.batch(*seg[s.forward], self.replica)[0]
+                x = (self._recv(self.act_in, B, self.place.in_shape, f"act b{s.forward}") if k > 0
+                     else self._input(seg[s.forward]))
             if s.backward is not None and not last:
-                g = self._recv(self.grad_in, B, self.out_shape, f"grad b{s.backward}")
-            if overlap == "step" and s.apply is not None and not self._apply_late:
-                self._apply(self._global(seg[s.apply]))
-                self.staleness.append((k, self._global(seg[s.apply]), t - fwd_at.pop(s.apply)))
-            if last and s.forward is not None:
-                with self.timeline.span(f"forward b{s.forward}", "compute"):
-                    self.compute.forward(s.forward, x, live=True)
+                g = self._recv(self.grad_in, B, self.place.out_shape, f"grad b{s.backward}")
+            if last and s.forward is not None:   # the last stage's loss comes from this forward
+                self._forward(s.forward, x, step, f"b{s.forward}", live=True)
                 fwd_at[s.forward] = t
             if s.backward is not None:
                 self._zero_grad()
-                with self.timeline.span(f"backward b{s.backward}", "compute"):
+                self.hooks.phase("backward", step)
+                with self.spans.span(f"backward b{s.backward}", "compute"):
                     if last:
-                        y = self._labels(seg[s.backward])
+                        eb = seg[s.backward]
+                        y = self._labels(eb)
                         loss, correct = self.compute.loss(s.backward, y)
-                        rec = (loss, correct, len(y))
-                        self.losses[self._global(seg[s.backward])] = rec
-                        self.step_losses[step0 + t] = rec
+                        self.hooks.loss(step, self._global(eb), loss, correct, len(y))
                         gi = self.compute.backward(s.backward)
                     else:
                         gi = self.compute.backward(s.backward, g)
                 if k > 0:
                     self._send(self.grad_out, gi, f"grad b{s.backward}")
                 self._start_reduce()
-            if s.apply is not None and (overlap == "backward" or self._apply_late):
-                self._apply(self._global(seg[s.apply]))
-                self.staleness.append((k, self._global(seg[s.apply]), t - fwd_at.pop(s.apply)))
+            if s.apply is not None:
+                batch = self._global(seg[s.apply])
+                self._apply(batch, step)
+                self.hooks.updated(k, batch, t - fwd_at.pop(s.apply))
             if not last and s.forward is not None:
-                with self.timeline.span(f"forward b{s.forward}", "compute"):
-                    out = self.compute.forward(s.forward, x)
+                out = self._forward(s.forward, x, step, f"b{s.forward}")
                 fwd_at[s.forward] = t
                 self._send(self.act_out, out, f"act b{s.forward}")
-            if on_step is not None:
-                on_step(step0 + t)
+            if self.hooks.step_done(step) and cut_plan(plan, seg, t + 1, self.cfg.overlap):
+                cut = True
+            i += 1
         self.wait_sends()
         if self.compute.in_flight or fwd_at:
             raise RuntimeError(f"rank {self.rank} (replica {self.replica}, stage {k}): batches "
                                f"{self.compute.in_flight} still in flight after the flush")
+        return cut
 
     # -- sync ----------------------------------------------------------------------------
-    def run_sync(self, seg: list[tuple[int, int]], step0: int,
-                 on_step: Callable[[int], None] | None = None) -> None:
-        """One synchronous micro-batched step per global batch of `seg` (exact gradient)."""
+    def run_sync(self, seg: Segment, step0: int) -> bool:
+        """One synchronous micro-batched step per global batch of `seg` (exact gradient).
+        True when a hook asked to stop and the segment was cut short."""
         k, last = self.stage, self.compute.is_last
         B, M = self.cfg.batch_size, self.cfg.micro_batches
         if B % M:
@@ -199,65 +210,69 @@ class StageWorker:
                              f"micro_batches {M}")
         mb = B // M
         ops = sync_plan(self.K, M, self.cfg.sync_kind)[k]
-        for i, eb in enumerate(seg):
+        cut, i = False, 0
+        while i < len(seg):
+            eb, step = seg[i], step0 + i
+            self._top_of_step(i, step, len(seg))
             self._zero_grad()
-            x = y = None
-            if k == 0:
-                x = self.setup.batch(*eb, self.replica)[0]
-            if last:
-                y = self._labels(eb)
+            x = self._input(eb) if k == 0 else None
+            y = self._labels(eb) if last else None
             tot_loss, tot_correct = 0.0, 0
             for a in ops:
                 m = a.micro
                 if a.op == "F":
                     h = (x[m * mb:(m + 1) * mb] if k == 0
-                         else self._recv(self.act_in, mb, self.in_shape, f"act m{m}"))
-                    with self.timeline.span(f"forward m{m}", "compute"):
-                        out = self.compute.forward(m, h, live=True)
-                        if last:
-                            loss, correct = self.compute.loss(m, y[m * mb:(m + 1) * mb], 1.0 / M)
-                            tot_loss += loss / M
-                            tot_correct += correct
-                    if not last:
+                         else self._recv(self.act_in, mb, self.place.in_shape, f"act m{m}"))
+                    out = self._forward(m, h, step, f"m{m}", live=True)
+                    if last:
+                        loss, correct = self.compute.loss(m, y[m * mb:(m + 1) * mb], 1.0 / M)
+                        tot_loss += loss / M
+                        tot_correct += correct
+                    else:
                         self._send(self.act_out, out, f"act m{m}")
                 else:
-                    g = None if last else self._recv(self.grad_in, mb, self.out_shape, f"grad m{m}")
-                    hold = self._accumulating(m < M - 1)
-                    with self.timeline.span(f"backward m{m}", "compute"), hold:
-                        gi = self.compute.backward(m, g, accumulate=self._hooks_ok)
+                    g = None if last else self._recv(self.grad_in, mb, self.place.out_shape, f"grad m{m}")
+                    self.hooks.phase("backward", step)
+                    # micro-batches before the last only accumulate: the all-reduce fires
+                    # once, during the last one's backward (DDP's no_sync)
+                    hold = (self.reducer.no_sync() if self.reducer is not None and m < M - 1
+                            else contextlib.nullcontext())
+                    with self.spans.span(f"backward m{m}", "compute"), hold:
+                        gi = self.compute.backward(m, g)
                     if k > 0:
                         self._send(self.grad_out, gi, f"grad m{m}")
             if last:
-                rec = (tot_loss, tot_correct, len(y))
-                self.losses[self._global(eb)] = rec
-                self.step_losses[step0 + i] = rec
+                self.hooks.loss(step, self._global(eb), tot_loss, tot_correct, len(y))
             self._start_reduce()
-            self._apply(self._global(eb))
-            self.staleness.append((k, self._global(eb), 0))
-            if on_step is not None:
-                on_step(step0 + i)
+            self._apply(self._global(eb), step)
+            self.hooks.updated(k, self._global(eb), 0)
+            if self.hooks.step_done(step) and i + 1 < len(seg):
+                del seg[i + 1:]        # ends the loop after this step
+                cut = True
+            i += 1
         self.wait_sends()
+        return cut
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int, int]:
         """Pipelined forward of this replica's share of the test set (eval mode); returns
         (loss sum, correct, samples) on the last stage, zeros elsewhere."""
-        test, B = self.setup.test, self.cfg.batch_size
+        self.hooks.phase("eval", self.step)
         module = self.compute.module
         mode = module.training
         module.eval()
         loss_sum, correct, n = 0.0, 0, 0
         try:
-            for a, b in eval_batches(len(test), B, self.N, self.replica):
+            for a, b in self.workload.eval_spans(self.replica):
                 if self.stage == 0:
-                    h = test.x[a:b].to(self.setup.dtype)
+                    h = self.workload.eval_inputs(a, b).to(self.device, non_blocking=True)
                 else:
-                    h = self._recv(self.act_in, b - a, self.in_shape, "eval act")
-                with self.timeline.span("eval forward", "compute"):
+                    h = self._recv(self.act_in, b - a, self.place.in_shape, "eval act")
+                with self.spans.span("eval forward", "compute"):
                     h = module(h)
                 if self.compute.is_last:
-                    y = test.y[a:b]
+                    y = self.workload.eval_labels(a, b).to(self.device, non_blocking=True)
                     loss_sum += float(torch.nn.functional.cross_entropy(h, y, reduction="sum"))
                     correct += int((h.argmax(dim=1) == y).sum())
                     n += b - a
@@ -277,3 +292,9 @@ class StageWorker:
         self.compute.module.load_state_dict(state["model"])
         if self.optimizer is not None and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        """Remove the reducer's hooks (the executor is done)."""
+        if self.reducer is not None:
+            self.reducer.close()
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["OVERLAPS", "SYNC_KINDS", "StageStep", "Action", "fdg_plan", "fdg_steps",
-           "staleness", "update_start", "sync_plan", "format_plan"]
+           "staleness", "update_start", "sync_plan", "format_plan", "cut_plan"]
 
 OVERLAPS = ("backward", "step")
 SYNC_KINDS = ("1f1b", "gpipe")
@@ -15,10 +15,12 @@ SYNC_KINDS = ("1f1b", "gpipe")
 class StageStep:
     """What stage `stage` does at step `step` of an fdg plan (None = nothing of that kind).
 
-    Order inside a step (the contract the worker and the reference both follow):
-    receive; [overlap=step: wait for the reduce started last step, apply `apply`];
-    the last stage forwards first; backward `backward` (+ start its reduce);
-    [overlap=backward: wait, apply `apply` (== `backward`)]; forward `forward`, send.
+    Order inside a step (DESIGN §1; dpsgs.pipeline.executor runs it, for the distributed
+    trainer and the single-process reference alike): receive; the last stage forwards
+    first; backward `backward`, send its input-gradient, start its all-reduce; wait for the
+    all-reduce of `apply` and update (overlap=backward: the batch just backpropagated;
+    overlap=step: the one of the previous step, so its all-reduce overlapped a whole step);
+    forward `forward`, send.
     """
 
     step: int
@@ -142,3 +144,19 @@ def format_plan(plan: list[list[StageStep]]) -> str:
     for row in plan:
         lines.append(f"{row[0].step:4d} | " + " | ".join(cell(s) for s in row))
     return "\n".join(lines)
+
+
+def cut_plan(plan: list[list[StageStep]], seg: list, done: int, overlap: str = "backward") -> bool:
+    """Stop admitting batches after the first `done` steps of a running fdg `plan` over
+    `seg`: in place, the rest of the plan becomes the flush of the batches admitted so far
+    (stage 0 forwarded batches 0..done-1) and `seg` keeps only those. The fdg plan is a pure
+    function of the batch count, and the cut plan agrees with the running one on every step
+    already executed (checked). False (nothing changed) when no batch is left to drop."""
+    if not plan or done >= len(seg):
+        return False
+    cut = fdg_plan(len(plan[0]), done, overlap)
+    if cut[:done] != plan[:done]:
+        return False
+    plan[done:] = cut[done:]
+    del seg[done:]
+    return True

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from dpsgs.planner.cluster import Cluster
 from dpsgs.planner.cost import Prediction
-from dpsgs.planner.profile import ModelProfile, load_layer_times, profile_model
+from dpsgs.planner.profile import load_layer_times, profile_for
 from dpsgs.planner.recommend import Candidate, candidates, recommend
 
-__all__ = ["main", "build_parser", "profile_for"]
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,18 +78,6 @@ def _unit_batches(batch: int, gpus: int, micro: int) -> list[int]:
     sizes |= {max(1, s // micro) for s in sizes}
     lo, hi = min(sizes), max(sizes)
     return sorted({lo, max(lo, round(math.sqrt(lo * hi))), hi})
-
-
-def profile_for(model: str, in_shape: tuple[int, ...], num_classes: int, batches: list[int],
-                reps: int = 2, threads: int = 1) -> ModelProfile:
-    """Build `model` from dpsgs.job.models and profile it at `batches`."""
-    import torch
-
-    from dpsgs.job.models import build_model
-
-    torch.manual_seed(0)
-    net = build_model(model, in_shape, num_classes)
-    return profile_model(net, in_shape, batches, name=model, reps=reps, threads=threads)
 
 
 def _row(c: Candidate) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .balance import balanced_split, stage_ranges
+from dpsgs.pipeline.partition import balance, stage_bounds
 from .cluster import Cluster
 from .profile import ModelProfile
 
@@ -95,8 +95,8 @@ def predict(profile: ModelProfile, cluster: Cluster, config: Config, batch: int)
     lays = profile.layers
     fb = [lay.seconds(unit) for lay in lays]
     cost = [f + g for f, g in fb]
-    splits = list(config.splits) if config.splits is not None else balanced_split(cost, K)
-    ranges = stage_ranges(len(lays), splits)
+    splits = list(config.splits) if config.splits is not None else balance(cost, K)
+    ranges = stage_bounds(splits, len(lays))
     rings = _concurrent_rings(cluster, K, N)
 
     stages: list[StagePrediction] = []

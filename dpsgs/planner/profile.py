@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerProfile", "ModelProfile", "profile_model", "load_layer_times"]
+__all__ = ["LayerProfile", "ModelProfile", "profile_model", "profile_for", "load_layer_times"]
 
 
 @dataclass
@@ -213,3 +213,15 @@ def load_layer_times(path: str | Path) -> ModelProfile:
         lay.setdefault("out_bytes_per_sample", 0)
         lay.setdefault("saved_bytes_per_sample", 0)
     return ModelProfile.from_json(d)
+
+
+def profile_for(model: str, in_shape: tuple[int, ...], num_classes: int, batches: list[int],
+                reps: int = 2, threads: int = 1) -> ModelProfile:
+    """Build `model` from dpsgs.job.models and profile it at `batches`."""
+    import torch
+
+    from dpsgs.job.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model(model, in_shape, num_classes)
+    return profile_model(net, in_shape, batches, name=model, reps=reps, threads=threads)

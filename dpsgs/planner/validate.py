@@ -10,7 +10,7 @@ from typing import Any
 
 from .cluster import Cluster
 from .cost import Config, predict
-from .profile import ModelProfile
+from .profile import ModelProfile, profile_for
 
 __all__ = ["calibrate_link", "gloo_link", "validate_doc", "run_validation", "SHM_DEFAULTS",
            "GLOO_DEFAULTS"]
@@ -93,7 +93,6 @@ def validate_doc(doc: dict[str, Any], link: dict[str, Any], reps: int = 2,
     overlap="none" (default here): on this CPU machine a rank has one core, and the
     all-reduce's copies and sums run on that same core, so backward cannot hide them; pass
     None to use each configuration's own overlap setting (the GPU assumption)."""
-    from dpsgs.planner.cli import profile_for
 
     batch = int(doc["global_batch"])
     runs = [r for r in doc["results"] if r.get("status") == "ok" and r.get("plan")]

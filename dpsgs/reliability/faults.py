@@ -1,8 +1,9 @@
 """Fault injection for tests: make one rank die or hang at a chosen phase and step.
 
 Set `DPSGS_FAULT="rank=1,step=7,phase=forward,kind=sigkill"` in the environment of an
-`mpirun` launch; the trainer calls `fault_point(phase, step, rank)` at each phase boundary
-and the named rank fails there. Unset (the normal case), `fault_point` returns at once.
+`mpirun` launch; the named rank's step executor gets FaultHooks, which call
+`fault_point(phase, step, rank)` at each phase boundary, and the rank fails there. Unset
+(the normal case), no fault code runs at all.
 
 Matching: the fault fires once, at the first call on `rank` whose phase equals `phase` and
 whose step is >= `step` (phases such as `save` or `eval` happen only at some steps, so a
@@ -22,12 +23,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-__all__ = ["ENV_VAR", "PHASES", "KINDS", "Fault", "FaultInjected", "parse_fault",
-           "active_fault", "fault_point", "reset", "instrument"]
+from dpsgs.pipeline.hooks import StepHooks
+
+__all__ = ["ENV_VAR", "PHASES", "KINDS", "Fault", "FaultHooks", "FaultInjected", "parse_fault",
+           "active_fault", "fault_hooks", "fault_point", "reset"]
 
 ENV_VAR = "DPSGS_FAULT"
 # Phase boundaries the trainer marks. `warmup` is marked at the top of each step while the
@@ -133,66 +134,19 @@ def fault_point(phase: str, step: int, rank: int) -> None:
             time.sleep(3600)
 
 
-def instrument(worker: Any, rank: int, stages: int) -> None:
-    """Put fault points at the phase boundaries of a dpsgs.pipeline.executor.StageWorker, from outside.
+class FaultHooks(StepHooks):
+    """Step hooks that put fault points at the executor's phase boundaries (warmup, flush,
+    forward, backward, reduce, eval) for one rank; `save` is marked in dpsgs.job.checkpoint."""
 
-    Does nothing (the worker is untouched: zero cost) unless a fault is set for `rank`.
-    Otherwise wraps, on this one instance: run_fdg/run_sync (to know the global step and,
-    at the top of each step, whether the pipeline is filling — `warmup`, the first 2K-2
-    steps of a segment — or draining — `flush`, the steps after its last batch entered),
-    the stage's forward and backward, `_apply` (wait for the all-reduce, then update:
-    `reduce`) and `evaluate` (`eval`). `save` is marked inside dpsgs.job.checkpoint.
-    """
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def phase(self, name: str, step: int) -> None:
+        fault_point(name, step, self.rank)
+
+
+def fault_hooks(rank: int) -> FaultHooks | None:
+    """FaultHooks when a fault is set for `rank`, else None: unset, the executor runs no
+    fault code at all."""
     f = _fault
-    if f is None or f.rank != rank:
-        return
-    now = {"step": 0}
-
-    def at(phase: str) -> None:
-        fault_point(phase, now["step"], rank)
-
-    def wrap(obj: Any, name: str, before: Callable[[], None]) -> None:
-        inner = getattr(obj, name)
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            before()
-            return inner(*args, **kwargs)
-        setattr(obj, name, wrapped)
-
-    def top_of_step(step: int, step0: int, batches: int, steps: int) -> None:
-        now["step"] = step
-        if step - step0 < 2 * stages - 2:
-            at("warmup")
-        if step - step0 >= batches and step < step0 + steps:
-            at("flush")
-
-    def run(name: str) -> None:
-        inner = getattr(worker, name)
-
-        def wrapped(plan_or_seg: Any, *args: Any, **kwargs: Any) -> Any:
-            if name == "run_fdg":
-                seg, step0, on_step = args[0], args[1], (args[2] if len(args) > 2 else
-                                                         kwargs.pop("on_step", None))
-                args = args[:2]
-                steps = len(plan_or_seg)
-            else:
-                seg, step0, on_step = plan_or_seg, args[0], (args[1] if len(args) > 1 else
-                                                             kwargs.pop("on_step", None))
-                args = args[:1]
-                steps = len(seg)
-
-            def tick(step: int) -> None:
-                if on_step is not None:
-                    on_step(step)
-                top_of_step(step + 1, step0, len(seg), steps)
-
-            top_of_step(step0, step0, len(seg), steps)
-            return inner(plan_or_seg, *args, on_step=tick, **kwargs)
-        setattr(worker, name, wrapped)
-
-    run("run_fdg")
-    run("run_sync")
-    wrap(worker.compute, "forward", lambda: at("forward"))
-    wrap(worker.compute, "backward", lambda: at("backward"))
-    wrap(worker, "_apply", lambda: at("reduce"))
-    wrap(worker, "evaluate", lambda: at("eval"))
+    return FaultHooks(rank) if f is not None and f.rank == rank else None

@@ -11,14 +11,12 @@ the step-boundary vote (dpsgs.reliability.votes), flush the pipeline, write a ch
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-__all__ = ["DEFAULT_SIGNALS", "PreemptionHandler", "signal_name", "save_preempted",
-           "next_position", "skip_done"]
+__all__ = ["DEFAULT_SIGNALS", "PreemptionHandler", "signal_name"]
 
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -66,31 +64,3 @@ class PreemptionHandler:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
-
-
-def save_preempted(trainer: Any, seg: list[tuple[int, int]], iterations: int) -> None:
-    """Collective: checkpoint a job stopped by a signal after (flushed) segment `seg`.
-
-    The tag names the position (`preempt-e{epoch}b{batch}`), never an epoch tag, so it can
-    not overwrite (and, while saving, un-commit) the last complete epoch checkpoint. The
-    state records the epoch and the next batch inside it; `skip_done` resumes there."""
-    folder = trainer._checkpoint(seg, iterations, preempted=True)
-    epoch, batch = next_position(seg, trainer.setup.batches_per_epoch)
-    if trainer.rank == 0:
-        print(f"dpsgs: stopped by {trainer.control.stop_signal} at epoch {epoch}, batch "
-              f"{batch}: checkpoint {folder} written; resume with --resume auto",
-              file=sys.stderr, flush=True)
-
-
-def next_position(seg: list[tuple[int, int]], batches_per_epoch: int) -> tuple[int, int]:
-    """(epoch, batch) of the first batch after segment `seg`: where a resume starts."""
-    epoch, batch = seg[-1][0], seg[-1][1] + 1
-    return (epoch + 1, 0) if batch == batches_per_epoch else (epoch, batch)
-
-
-def skip_done(segs: list[list[tuple[int, int]]], start_batch: int) -> list[list[tuple[int, int]]]:
-    """Drop the first `start_batch` batches of the first segment (a mid-epoch resume)."""
-    if start_batch <= 0 or not segs:
-        return segs
-    first = segs[0][start_batch:]
-    return ([first] if first else []) + segs[1:]

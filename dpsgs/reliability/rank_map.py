@@ -13,6 +13,8 @@ import socket
 import sys
 from typing import Any
 
+from dpsgs.comm.grid import Grid
+
 __all__ = ["rank_map", "announce_ranks", "parse_rank_map", "MAX_PRINTED"]
 
 MAX_PRINTED = 64            # larger jobs get the map in a file, not on the terminal
@@ -20,17 +22,17 @@ _LINE = re.compile(r"dpsgs ranks: (.*)")
 _ENTRY = re.compile(r"(\d+)=s(\d+)r(\d+)@([^:\s]+):(\d+)")
 
 
-def rank_map(comm: Any, stages: int) -> list[tuple[int, int, int, str, int]]:
+def rank_map(comm: Any, grid: Grid) -> list[tuple[int, int, int, str, int]]:
     """(rank, stage, replica, host, pid) of every rank; collective (an allgather)."""
     mine = (socket.gethostname(), os.getpid())
     everyone = comm.allgather(mine)
-    return [(r, r % stages, r // stages, h, p) for r, (h, p) in enumerate(everyone)]
+    return [(r, grid.coords(r)[1], grid.coords(r)[0], h, p) for r, (h, p) in enumerate(everyone)]
 
 
-def announce_ranks(comm: Any, stages: int, run_dir: str | None = None) -> None:
+def announce_ranks(comm: Any, grid: Grid, run_dir: str | None = None) -> None:
     """Rank 0 prints `dpsgs ranks: 0=s0r0@host:pid 1=s1r0@host:pid ...` to stderr (or writes it
     to RUN_DIR/ranks.txt when the job has more than MAX_PRINTED ranks). Collective."""
-    entries = rank_map(comm, stages)
+    entries = rank_map(comm, grid)
     if comm.Get_rank() != 0:
         return
     line = "dpsgs ranks: " + " ".join(f"{r}=s{k}r{n}@{h}:{p}" for r, k, n, h, p in entries)

@@ -11,8 +11,6 @@ so that training never waits for it; `BoundedComm` puts a vote before blocking c
 
 from __future__ import annotations
 
-import sys
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VoteTimeout", "StepVote", "LaggedVote", "BoundedComm", "rank_label"]
+from dpsgs.comm.waits import poll
+
+__all__ = ["VoteTimeout", "StepVote", "LaggedVote", "BoundedComm"]
 
 _TAG_UP, _TAG_DOWN = 71, 72                 # synchronous votes
 _TAG_UP_LAGGED, _TAG_DOWN_LAGGED = 73, 74   # pipelined rounds (FIFO per source and tag)
@@ -30,11 +30,6 @@ _COORDINATOR_GRACE = 2.0   # non-root ranks wait a little longer, so rank 0 (whi
 
 class VoteTimeout(TimeoutError):
     """A step-boundary vote passed its deadline; the message names the missing ranks."""
-
-
-def rank_label(rank: int, stages: int) -> str:
-    """'rank 3 (stage 1, replica 1)' for the grid rank = replica * K + stage."""
-    return f"rank {rank} (stage {rank % stages}, replica {rank // stages})"
 
 
 class StepVote:
@@ -87,30 +82,21 @@ class StepVote:
         return [int(v) for v in result[1:]]
 
     def _wait(self, reqs: dict[int, Any], step: int, doing: str, timeout: float) -> None:
-        start = time.monotonic()
-        next_warn = self.warn_after
-        spins = 0
-        while reqs:
+        def done() -> bool:
             for r in [r for r, q in reqs.items() if q.Test()]:
                 del reqs[r]
-            if not reqs:
-                return
-            waited = time.monotonic() - start
-            missing = ", ".join(self.label(r) for r in sorted(reqs))
-            if waited >= timeout:
-                raise VoteTimeout(
-                    f"rank {self.rank}: {self._what} timed out after "
-                    f"{timeout:.1f} s {doing} {missing}: that rank is dead or stuck "
-                    "(its own log, or mpirun's exit codes, say which)")
-            if waited >= next_warn:
-                print(f"dpsgs stall: rank {self.rank} has been {doing} {missing} for "
-                      f"{waited:.0f} s in the {self._what} (timeout {timeout:.0f} s)",
-                      file=sys.stderr, flush=True)
-                next_warn += self.warn_after
-            # back off: yield first (fast peers), then sleep up to 2 ms so an
-            # oversubscribed machine gives the core to the rank we are waiting for
-            spins += 1
-            time.sleep(0 if spins < 20 else min(0.002, 1e-5 * (spins - 19)))
+            return not reqs
+
+        def missing() -> str:
+            return ", ".join(self.label(r) for r in sorted(reqs))
+
+        poll(done, timeout,
+             lambda t: VoteTimeout(f"rank {self.rank}: {self._what} timed out after {t:.1f} s {doing} "
+                                   f"{missing()}: that rank is dead or stuck (its own log, or "
+                                   "mpirun's exit codes, say which)"),
+             stall=lambda waited: (f"dpsgs stall: rank {self.rank} has been {doing} {missing()} for "
+                                   f"{waited:.0f} s in the {self._what} (timeout {timeout:.0f} s)"),
+             warn_after=self.warn_after)
 
     def free(self) -> None:
         self.comm.Free()

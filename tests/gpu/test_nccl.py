@@ -103,7 +103,7 @@ def test_channel_byte_exact_both_directions():
 
 def test_channel_header_mismatch_names_both_ranks():
     run = gpu_ranks(2, "nccl_mismatch_ranks.py")
-    assert "got ValueError" in run.stdout and run.stdout.count("OK") == 2, run.tail()
+    assert "got HeaderMismatch" in run.stdout and run.stdout.count("OK") == 2, run.tail()
 
 
 @pytest.mark.parametrize("nprocs", [2, 3, 4])

@@ -1,4 +1,5 @@
-"""Hold a dumped distributed run (tests/mpi/ranks/train_dump.py) against dpsgs.pipeline.reference."""
+"""Hold a dumped distributed run (tests/mpi/ranks/train_dump.py) against the single-process
+reference (dpsgs.pipeline.reference over the loopback transport)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "ranks"))
 
-from dpsgs.pipeline.reference import Reference  # noqa: E402
+from dpsgs.job.simulate import reference_for  # noqa: E402
 from toy import toy_config, toy_data, toy_model  # noqa: E402
 
 __all__ = ["compare_to_reference", "load_dump"]
@@ -25,7 +26,7 @@ def compare_to_reference(dump: dict, spec: dict) -> dict:
     spec = {k: v for k, v in spec.items() if k != "name"}
     bn = spec.pop("bn", False)
     cfg = toy_config(**spec)
-    ref = Reference(cfg, toy_model(bn=bn), toy_data())
+    ref = reference_for(cfg, toy_model(bn=bn), toy_data())
     summary = ref.run()
     K, N = cfg.stages, cfg.replicas
     ranks = {(d["replica"], d["stage"]): d for d in dump["ranks"]}
@@ -48,7 +49,7 @@ def compare_to_reference(dump: dict, spec: dict) -> dict:
         assert {s[2] for s in d["staleness"]} == {expect}, (k, d["staleness"][:4])
         for p, q in zip(d["params"], ref.parameters(r)[k], strict=True):
             worst_param = max(worst_param, float((p - q).abs().max()))
-        ref_buffers = list(ref.units[r][k].compute.module.buffers())
+        ref_buffers = list(ref.executors[r][k].compute.module.buffers())
         for b, c in zip(d.get("buffers", ref_buffers), ref_buffers, strict=True):
             worst_param = max(worst_param, float((b.double() - c.double()).abs().max()))
     assert worst_loss <= 1e-10, f"loss differs by {worst_loss:.3e}"

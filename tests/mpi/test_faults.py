@@ -31,10 +31,10 @@ def test_stall_report_then_timeout_names_the_missing_rank():
     # times out after 3 s naming rank 1 and aborts the job.
     run = run_ranks(3, "control_ranks.py", "stall", "3", timeout=60, expect_ok=False)
     assert run.returncode != 0, run.tail()
-    assert ("dpsgs stall: rank 0 has been waiting for rank 1 (stage 1, replica 0) for 1 s "
+    assert ("dpsgs stall: rank 0 has been waiting for rank 1 (replica 0, stage 1) for 1 s "
             "in the step-boundary vote at step 2") in run.stderr, run.tail()
     assert ("rank 0: step-boundary vote at step 2 timed out after 3.0 s waiting for "
-            "rank 1 (stage 1, replica 0): that rank is dead or stuck") in run.stderr, run.tail()
+            "rank 1 (replica 0, stage 1): that rank is dead or stuck") in run.stderr, run.tail()
     assert run.seconds < 3 + SLACK + 20, run.tail()     # 20 s: start-up of 3 pythons
 
 

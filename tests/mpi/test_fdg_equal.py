@@ -50,11 +50,11 @@ def _check(tmp_path, K, N, transport):
               timeout=240)
     for spec in specs:
         dump = load_dump(tmp_path / f"{spec['name']}.pt")
-        if spec["name"] == "weights-step" and N > 1 and transport == "core":
-            # the two-gradient-set path (backward during last step's reduce) is the one held
-            # equal here: every stage but the last has one
-            assert [d["grad_sets"] for d in dump["ranks"]] == [2 if d["stage"] < K - 1 else 1
-                                                               for d in dump["ranks"]]
+        # overlap=step backpropagates while the last step's all-reduce runs: every stage keeps
+        # two gradient sets (DESIGN §1), on every transport and with one replica too
+        step_overlap = spec.get("overlap") == "step"
+        want = 2 if step_overlap else (1 if N > 1 else 0)
+        assert [d["grad_sets"] for d in dump["ranks"]] == [want] * len(dump["ranks"])
         figures = compare_to_reference(dump, spec)
         assert figures["loss_diff"] <= 1e-10 and figures["param_diff"] <= 1e-10
         assert figures["test_accuracy"] == figures["ref_test_accuracy"]

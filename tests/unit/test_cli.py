@@ -37,9 +37,13 @@ def test_help_lists_every_option_with_defaults(capsys: pytest.CaptureFixture) ->
 
 
 def test_choices_agree_with_the_modules() -> None:
+    from dpsgs.config import CHOICES
     from dpsgs.job.data import DATASET_NAMES
+    from dpsgs.job.optim import LR_SCHEDULES, OPTIMIZERS
 
-    assert cli.CHOICES["dataset"] == DATASET_NAMES   # cli keeps a copy: --help loads no torch
+    # config.py keeps the choices, so --help loads no torch; the modules must agree with them
+    assert list(CHOICES["dataset"]) == DATASET_NAMES
+    assert CHOICES["optimizer"] == OPTIMIZERS and CHOICES["lr_schedule"] == LR_SCHEDULES
 
 
 def test_top_level_help_has_the_command_lines(capsys: pytest.CaptureFixture) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from dpsgs.pipeline.partition import balance, stage_bounds
+from dpsgs.planner import (Cluster, Config, LayerProfile, ModelProfile, candidates,
+                           load_layer_times, predict, profile_model, recommend)
 from dpsgs.planner.cli import main as plan_main
-from dpsgs.planner import (Cluster, Config, LayerProfile, ModelProfile, balanced_split,
-                           candidates, load_layer_times, predict, profile_model, recommend,
-                           stage_ranges)
 
 
 def synthetic(layers: int = 8, fwd: float = 1e-3, bwd: float = 2e-3, params: int = 1_000_000,
@@ -30,29 +30,29 @@ def ring(n: int, nbytes: float, alpha: float, bw: float) -> float:
 
 # ---------------------------------------------------------------- partition
 
-def test_balanced_split_simple() -> None:
-    assert balanced_split([1, 1, 1, 1], 2) == [2]
-    assert balanced_split([5, 1, 1, 1, 1, 1], 2) == [1]
-    assert balanced_split([1, 2, 3], 3) == [1, 2]
-    assert balanced_split([7], 1) == []
-    assert stage_ranges(5, [2, 4]) == [(0, 2), (2, 4), (4, 5)]
+def test_balance_simple() -> None:
+    assert balance([1, 1, 1, 1], 2) == [2]
+    assert balance([5, 1, 1, 1, 1, 1], 2) == [1]
+    assert balance([1, 2, 3], 3) == [1, 2]
+    assert balance([7], 1) == []
+    assert stage_bounds([2, 4], 5) == [(0, 2), (2, 4), (4, 5)]
 
 
-def test_balanced_split_is_optimal_against_brute_force() -> None:
+def test_balance_is_optimal_against_brute_force() -> None:
     rng = random.Random(3)
     for _ in range(50):
         n = rng.randint(1, 7)
         k = rng.randint(1, n)
         costs = [rng.random() for _ in range(n)]
-        best = min(max(sum(costs[a:b]) for a, b in stage_ranges(n, list(cut)))
+        best = min(max(sum(costs[a:b]) for a, b in stage_bounds(list(cut), n))
                    for cut in itertools.combinations(range(1, n), k - 1))
-        got = balanced_split(costs, k)
-        assert max(sum(costs[a:b]) for a, b in stage_ranges(n, got)) == pytest.approx(best)
+        got = balance(costs, k)
+        assert max(sum(costs[a:b]) for a, b in stage_bounds(got, n)) == pytest.approx(best)
 
 
-def test_balanced_split_rejects_too_many_stages() -> None:
+def test_balance_rejects_too_many_stages() -> None:
     with pytest.raises(ValueError, match="3 layers into 4"):
-        balanced_split([1, 1, 1], 4)
+        balance([1, 1, 1], 4)
 
 
 # ---------------------------------------------------------------- cost model

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from dpsgs.job.run_setup import prepare
 from dpsgs.config import TrainConfig
 from dpsgs.job.data import Dataset, get_batch
-from dpsgs.pipeline.reference import Reference, simulate
+from dpsgs.job.simulate import reference_for, simulate
 
 
 def _data(n=96, f=6, classes=3, seed=0):
@@ -64,7 +64,7 @@ def _single_process(cfg, data, model, steps):
 def test_one_stage_is_data_parallel_sgd(replicas):
     cfg = _config(stages=1, replicas=replicas, split=None, balance="layers", epochs=2)
     data, model = _data(), _model()
-    ref = Reference(cfg, copy.deepcopy(model), data)
+    ref = reference_for(cfg, copy.deepcopy(model), data)
     ref.run()
     want = _single_process(cfg, data, model, ref.iterations)
     assert ref.iterations == 2 * (96 // (8 * replicas))
@@ -76,7 +76,7 @@ def test_sync_equals_backprop(kind):
     cfg = _config(schedule="sync", stages=3, replicas=2, split=[2, 4], micro_batches=4,
                   sync_kind=kind, max_steps=10)
     data, model = _data(), _model()
-    ref = Reference(cfg, copy.deepcopy(model), data)
+    ref = reference_for(cfg, copy.deepcopy(model), data)
     ref.run()
     want = _single_process(cfg, data, model, 10)
     torch.testing.assert_close(_flat(ref), want, rtol=0, atol=1e-12)
@@ -84,11 +84,12 @@ def test_sync_equals_backprop(kind):
 
 
 def _fdg_by_versions(cfg, data, model, num_batches):
-    """DESIGN §1 written as weight versions, stash=weights, overlap=backward, N=1:
+    """DESIGN §1 written as weight versions, stash=weights, N=1, independent of the executor:
     batch j meets stage k at step j+k and uses the weights stage k has then (after that
     step's update, except the last stage, which forwards before updating); its gradient
     is the exact gradient of the composite with those weights, stage k's scaled by
-    beta^(K-1-k), and stage k applies it at step j+k+2(K-1-k)."""
+    beta^(K-1-k), and stage k applies it at step j+k+2(K-1-k), one step later with
+    overlap=step."""
     from dpsgs.job.optim import lr_at, set_lr
 
     setup = prepare(cfg, copy.deepcopy(model), data)
@@ -97,11 +98,12 @@ def _fdg_by_versions(cfg, data, model, num_batches):
     opts = [torch.optim.SGD(s.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay, foreach=False)
             if list(s.parameters()) else None for s in stages]
+    late = 1 if cfg.overlap == "step" else 0
     used = {}   # (k, j) -> weights stage k used for batch j
     grads = {}  # (k, j) -> gradient for stage k of batch j
-    for t in range(num_batches + 2 * K - 2):
+    for t in range(num_batches + 2 * K - 2 + late):
         for k in range(K):
-            j = t - 2 * K + 2 + k          # the batch stage k applies at step t
+            j = t - 2 * K + 2 + k - late   # the batch stage k applies at step t
             if k == K - 1 and 0 <= t - k < num_batches:
                 used[(k, t - k)] = [p.detach().clone() for p in stages[k].parameters()]
                 jj = t - k                  # all weights of batch jj are known: its gradient
@@ -140,13 +142,17 @@ class _Scale(torch.autograd.Function):
         return g * ctx.beta, None
 
 
-@pytest.mark.parametrize("K,split,beta", [(2, [2], 1.0), (3, [2, 4], 0.5), (4, [1, 2, 4], 0.7)])
-def test_fdg_matches_weight_versions(K, split, beta):
-    cfg = _config(stages=K, split=split, shrink=beta, max_steps=9)
+@pytest.mark.parametrize("K,split,beta,overlap", [(2, [2], 1.0, "backward"), (3, [2, 4], 0.5, "backward"),
+                                                   (4, [1, 2, 4], 0.7, "backward"), (2, [2], 1.0, "step"),
+                                                   (3, [2, 4], 0.5, "step")])
+def test_fdg_matches_weight_versions(K, split, beta, overlap):
+    cfg = _config(stages=K, split=split, shrink=beta, max_steps=9, overlap=overlap)
     data, model = _data(), _model()
-    ref = Reference(cfg, copy.deepcopy(model), data)
+    ref = reference_for(cfg, copy.deepcopy(model), data)
     summary = ref.run()
-    assert summary["iterations"] == 9 and summary["steps"] == 9 + 2 * K - 2
+    late = overlap == "step"
+    assert summary["iterations"] == 9 and summary["steps"] == 9 + 2 * K - 2 + late
+    assert summary["staleness"] == {k: [2 * (K - 1 - k) + late] for k in range(K)}
     want = _fdg_by_versions(cfg, data, model, 9)
     torch.testing.assert_close(_flat(ref), want, rtol=0, atol=1e-12)
 
@@ -155,7 +161,7 @@ def test_fdg_matches_weight_versions(K, split, beta):
 @pytest.mark.parametrize("stash", ["weights", "recompute"])
 def test_staleness_and_replicas(overlap, stash):
     cfg = _config(stages=3, replicas=2, split=[2, 4], overlap=overlap, stash=stash, epochs=2)
-    ref = Reference(cfg, _model(), _data())
+    ref = reference_for(cfg, _model(), _data())
     s = ref.run()
     extra = overlap == "step"
     assert s["staleness"] == {0: [4 + extra], 1: [2 + extra], 2: [0 + extra]}
@@ -169,7 +175,7 @@ def test_staleness_and_replicas(overlap, stash):
 
 def test_stash_modes_differ_only_with_updates():
     data = _data()
-    runs = {stash: Reference(_config(stages=2, stash=stash, max_steps=6), _model(), data)
+    runs = {stash: reference_for(_config(stages=2, stash=stash, max_steps=6), _model(), data)
             for stash in ("weights", "recompute")}
     for r in runs.values():
         r.run()
@@ -180,9 +186,9 @@ def test_stash_modes_differ_only_with_updates():
 def test_evaluate_equals_full_model():
     cfg = _config(stages=2, replicas=2, max_steps=4)
     data = _data()
-    ref = Reference(cfg, _model(), data)
+    ref = reference_for(cfg, _model(), data)
     s = ref.run()
-    m = nn.Sequential(*[layer for u in ref.units[0] for layer in u.compute.module])
+    m = nn.Sequential(*[layer for u in ref.executors[0] for layer in u.compute.module])
     with torch.no_grad():
         logits = m(data[1].x.double())
     acc = float((logits.argmax(1) == data[1].y).double().mean())
@@ -200,13 +206,13 @@ def test_simulate_digits_smoke():
 
 def test_sync_needs_divisible_batch():
     with pytest.raises(ValueError, match="batch_size 8 is not divisible by micro_batches 3"):
-        Reference(_config(schedule="sync", micro_batches=3), _model(), _data())
+        reference_for(_config(schedule="sync", micro_batches=3), _model(), _data())
 
 
 def test_no_flush_runs_one_pipeline_over_all_epochs():
     data = _data()
-    flushed = Reference(_config(stages=3, split=[2, 4], epochs=2), _model(), data)
-    one = Reference(_config(stages=3, split=[2, 4], epochs=2, flush_every_epoch=False),
+    flushed = reference_for(_config(stages=3, split=[2, 4], epochs=2), _model(), data)
+    one = reference_for(_config(stages=3, split=[2, 4], epochs=2, flush_every_epoch=False),
                     _model(), data)
     a, b = flushed.run(), one.run()
     assert a["iterations"] == b["iterations"] == 2 * 12

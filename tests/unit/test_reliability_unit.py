@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from dpsgs.reliability import faults
-from dpsgs.reliability.votes import rank_label
 from dpsgs.reliability.guards import FiniteGuard, NonFiniteError, first_nonfinite
 from dpsgs.reliability.preemption import PreemptionHandler, signal_name
 
@@ -127,8 +126,10 @@ def test_preemption_handler_sets_flag_only_and_restores():
 
 
 def test_rank_label_follows_grid_layout():
-    assert rank_label(3, 2) == "rank 3 (stage 1, replica 1)"
-    assert rank_label(2, 3) == "rank 2 (stage 2, replica 0)"
+    from dpsgs.comm.grid import Grid
+
+    assert Grid(2, 2).label(3) == "rank 3 (replica 1, stage 1)"
+    assert Grid(3, 1).label(2) == "rank 2 (replica 0, stage 2)"
 
 
 # --- rank map -----------------------------------------------------------------------------
@@ -147,7 +148,9 @@ class _FakeComm:
 def test_rank_map_line_maps_a_launcher_pid_to_the_rank(capsys):
     from dpsgs.reliability.rank_map import announce_ranks, parse_rank_map
 
-    announce_ranks(_FakeComm([100, 101, 102, 103]), stages=2)
+    from dpsgs.comm.grid import Grid
+
+    announce_ranks(_FakeComm([100, 101, 102, 103]), Grid(2, 2))
     line = capsys.readouterr().err
     assert line.startswith("dpsgs ranks: 0=s0r0@node1:100 1=s1r0@node1:101 2=s0r1@node1:102")
     log = "noise\n" + line + "=   PID 102 RUNNING AT node1\n"
@@ -158,14 +161,13 @@ def test_rank_map_line_maps_a_launcher_pid_to_the_rank(capsys):
 # --- cutting a running segment (preemption) ------------------------------------------------
 
 @pytest.mark.parametrize("stages, overlap", [(2, "backward"), (3, "backward"), (3, "step")])
-def test_cut_segment_turns_the_rest_into_the_flush_of_admitted_batches(stages, overlap):
-    from dpsgs.reliability.step_control import cut_segment
-    from dpsgs.pipeline.schedule import fdg_plan
+def test_cut_plan_turns_the_rest_into_the_flush_of_admitted_batches(stages, overlap):
+    from dpsgs.pipeline.schedule import cut_plan, fdg_plan
 
     plan = fdg_plan(stages, 8, overlap)
     seg = [(0, b) for b in range(8)]
     executed = [list(r) for r in plan[:5]]
-    assert cut_segment(plan, seg, 5, overlap)
+    assert cut_plan(plan, seg, 5, overlap)
     assert plan == fdg_plan(stages, 5, overlap) and plan[:5] == executed
     assert seg == [(0, b) for b in range(5)]
     # every admitted batch is still applied on every stage; nothing after batch 4 enters
@@ -173,4 +175,4 @@ def test_cut_segment_turns_the_rest_into_the_flush_of_admitted_batches(stages, o
         assert sorted(r[k].apply for r in plan if r[k].apply is not None) == list(range(5))
         assert all(r[k].forward is None or r[k].forward < 5 for r in plan)
     # in the flush already (all 5 admitted): nothing to cut
-    assert not cut_segment(plan, seg, 5, overlap)
+    assert not cut_plan(plan, seg, 5, overlap)

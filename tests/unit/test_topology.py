@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpsgs.comm.grid import Grid, local_rank, make_groups
+from dpsgs.comm.grid import Grid, make_groups
 
 
 @pytest.mark.parametrize("K,N", [(1, 1), (1, 4), (4, 1), (2, 2), (3, 2)])
@@ -68,16 +68,13 @@ def test_make_groups_colors():
     g = Grid(3, 2)
     for rank in range(6):
         c = _FakeComm(rank, 6)
-        stage_comm, pipe_comm = make_groups(g, c)
+        stage_comm, pipe_comm = make_groups(g, rank, c.split)
         r, k = g.coords(rank)
         assert c.calls == [(k, r), (r, k)]      # stage group first, ordered by replica
-    with pytest.raises(ValueError, match="world size 5"):
-        make_groups(g, _FakeComm(0, 5))
+        assert (stage_comm, pipe_comm) == ((k, r), (r, k))
+    with pytest.raises(ValueError, match="rank 6 out of range"):
+        make_groups(g, 6, _FakeComm(6, 7).split)
 
 
-def test_local_rank(monkeypatch):
-    for v in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK"):
-        monkeypatch.delenv(v, raising=False)
-    assert local_rank() == 0
-    monkeypatch.setenv("SLURM_LOCALID", "3")
-    assert local_rank() == 3
+def test_label_names_replica_and_stage():
+    assert Grid(2, 3).label(5) == "rank 5 (replica 2, stage 1)"

@@ -27,11 +27,11 @@ __all__ = ["main", "balanced_splits"]
 def balanced_splits(model: nn.Sequential, in_shape: tuple[int, ...], batch: int,
                     stages: int) -> list[int]:
     """Split points balancing profiled forward+backward time of the blocks at `batch`."""
-    from dpsgs.planner.balance import balanced_split
+    from dpsgs.pipeline.partition import balance
     from dpsgs.planner.profile import profile_model
 
     prof = profile_model(model, in_shape, [batch], reps=1, threads=torch.get_num_threads())
-    return balanced_split([sum(lay.seconds(batch)) for lay in prof.layers], stages)
+    return balance([sum(lay.seconds(batch)) for lay in prof.layers], stages)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""2 ranks: a receiver expecting another shape/dtype gets a ValueError naming both ranks,
-the expected and the received shape, before any device memory is written.
+"""2 ranks: a receiver expecting another shape/dtype gets a HeaderMismatch (the ValueError
+every transport raises for it) naming both ranks, the expected and the received shape,
+before any device memory is written.
 
     mpirun -n 2 python -m mpi4py tests/gpu/ranks/nccl_mismatch_ranks.py
 """
@@ -13,6 +14,7 @@ from gpu_arrays import pick
 from mpi4py import MPI
 
 from dpsgs.comm import nccl
+from dpsgs.comm.errors import HeaderMismatch
 
 
 def main() -> None:
@@ -30,9 +32,9 @@ def main() -> None:
             ch.recv_into(arr.empty((4, 9), "float32"))
             ok = False
             print("rank 1: no error for a mismatched shape", flush=True)
-        except ValueError as e:
+        except HeaderMismatch as e:
             text = str(e)
-            print(f"rank 1: got ValueError: {text}", flush=True)
+            print(f"rank 1: got HeaderMismatch: {text}", flush=True)
             ok = all(s in text for s in ("rank 0", "rank 1", "(4, 9)", "(4, 8)"))
     ok = comm.allreduce(ok, op=MPI.LAND)
     print(f"rank {rank}: {'OK' if ok else 'FAIL'}", flush=True)

@@ -6,11 +6,15 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from dpsgs.comm.mpi import GradientReducer, TensorChannel, as_communicator
+from dpsgs import _C
+
+from dpsgs.comm.gradient_reducer import GradientReducer
+from dpsgs.comm.mpi import MpiTransport, TensorChannel, as_communicator
 
 W = MPI.COMM_WORLD
 comm = as_communicator(W, timeout=30.0)
 r, n = comm.rank, comm.size
+allreduce = MpiTransport(comm, comm).allreduce     # the stage group here: every rank
 
 
 class Net(torch.nn.Module):
@@ -29,7 +33,7 @@ class Net(torch.nn.Module):
 torch.manual_seed(0)
 net = Net()
 for cap_mb, first_mb in [(0.004, 0.001), (0.01, 0.003), (25.0, 1.0)]:
-    red = GradientReducer(net.parameters(), comm, bucket_cap_mb=cap_mb, first_bucket_mb=first_mb)
+    red = GradientReducer(net.parameters(), allreduce, bucket_cap_mb=cap_mb, first_bucket_mb=first_mb)
     for step in range(3):
         red.zero_grad()
         torch.manual_seed(100 * step + r)
@@ -50,7 +54,7 @@ for cap_mb, first_mb in [(0.004, 0.001), (0.01, 0.003), (25.0, 1.0)]:
     red.close()
 
 # start_all() with no backward at all: all ranks issue every bucket, no hang, mean of what is there.
-red = GradientReducer(net.parameters(), comm, bucket_cap_mb=0.004, first_bucket_mb=0.001)
+red = GradientReducer(net.parameters(), allreduce, bucket_cap_mb=0.004, first_bucket_mb=0.001)
 red.zero_grad()
 for p in net.parameters():
     p.grad.fill_(float(r))
@@ -73,6 +77,18 @@ if r < 2:
             b = ch.recv(dt, (4000, 3), copy=False)
             assert a.dtype == dt and torch.equal(a, t), dt
             assert torch.equal(b, t.t()), dt
+    # recv_into (the transport contract's) fills a given tensor; a wrong shape is named
+    if r == 0:
+        ch.send(torch.arange(12, dtype=torch.float32).reshape(3, 4)).wait()
+        ch.send(torch.zeros(5)).wait()
+    else:
+        out = torch.empty(3, 4)
+        assert ch.recv_into(out) is out and torch.equal(out, torch.arange(12.0).reshape(3, 4))
+        try:
+            ch.recv_into(torch.empty(6))
+            raise AssertionError("a wrong shape was accepted")
+        except _C.HeaderMismatch as e:
+            assert "expected shape (6,)" in str(e) and "received shape (5,)" in str(e), e
 W.Barrier()
 if r == 0:
     print("PASS", flush=True)

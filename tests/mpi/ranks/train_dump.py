@@ -14,6 +14,7 @@ import torch
 from mpi4py import MPI
 
 from dpsgs.job.trainer import Trainer
+from dpsgs.pipeline.recorder import Recorder
 from toy import toy_config, toy_data, toy_model
 
 torch.set_num_threads(1)
@@ -26,15 +27,18 @@ def main() -> None:
         spec = dict(spec)
         name, bn = spec.pop("name"), spec.pop("bn", False)
         cfg = toy_config(**spec)
-        t = Trainer(cfg, comm, model=toy_model(bn=bn), data=toy_data(), transport=transport)
+        rec = Recorder()
+        t = Trainer(cfg, comm, model=toy_model(bn=bn), data=toy_data(), transport=transport,
+                    hooks=rec)
         summary = t.fit()
-        w = t.worker
+        w = t.executor
         mine = {"rank": t.rank, "replica": t.replica, "stage": t.stage,
-                "losses": dict(w.losses), "staleness": list(w.staleness),
+                "losses": {g: v for (g, _), v in rec.losses.items()},
+                "staleness": list(rec.staleness),
                 "params": [p.detach().clone() for p in w.compute.params],
                 "buffers": [b.detach().clone() for b in w.compute.module.buffers()],
                 "stash_peak_bytes": w.compute.peak_stash_bytes,
-                "grad_sets": getattr(w.reducer, "buffers", 1) if w.reducer else 0}
+                "grad_sets": w.reducer.buffers if w.reducer else 0}
         everyone = comm.gather(mine, root=0)
         if comm.rank == 0:
             torch.save({"ranks": everyone, "summary": summary}, out / f"{name}.pt")

@@ -1,0 +1,67 @@
+"""RankContext: this rank's place in a training job — the grid, its communicators, its transport.
+
+Every collective here waits behind a deadline: a rank killed during start-up must not leave
+the others blocked (MPI's own Dup, bcast and allgather have no timeout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dpsgs.comm.grid import Grid
+from dpsgs.comm.protocol import Transport
+from dpsgs.comm.waits import barrier
+from dpsgs.config import TrainConfig
+
+__all__ = ["RankContext", "open_rank", "TRANSPORTS"]
+
+TRANSPORTS = ("core", "mpi4py")
+
+
+@dataclass
+class RankContext:
+    config: TrainConfig
+    grid: Grid
+    pycomm: Any            # a duplicate of the caller's mpi4py communicator: metadata, votes
+    rank: int
+    replica: int
+    stage: int
+    transport: Transport
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def open_rank(config: TrainConfig, comm: Any, transport: str | Transport = "core") -> RankContext:
+    """Collective over `comm` (an mpi4py communicator of exactly K*N ranks): the grid, a
+    duplicate communicator and the transport. `transport`: "core" (dpsgs._C over MPI),
+    "mpi4py" (the plain-MPI baseline) or a Transport object made by the caller."""
+    grid = Grid(config.stages, config.replicas)
+    grid.check_world(comm.Get_size())        # the same on every rank: all fail alike
+    barrier(comm, config.timeout, "start-up barrier")
+    pycomm = comm.Dup()
+    rank = pycomm.Get_rank()
+    replica, stage = grid.coords(rank)
+    if not isinstance(transport, str):
+        made = transport
+    elif transport == "core":
+        made = _core_transport(config, pycomm, replica, stage)
+    elif transport == "mpi4py":
+        from dpsgs.comm.mpi4py_baseline import Mpi4pyTransport
+
+        made = Mpi4pyTransport(pycomm, pycomm.Split(stage, replica), timeout=config.timeout,
+                               bucket_cap_mb=config.bucket_cap_mb, first_bucket_mb=config.first_bucket_mb)
+    else:
+        raise ValueError(f"transport must be one of {TRANSPORTS} or a Transport, got {transport!r}")
+    return RankContext(config, grid, pycomm, rank, replica, stage, made)
+
+
+def _core_transport(config: TrainConfig, pycomm: Any, replica: int, stage: int) -> Transport:
+    from dpsgs import _C
+    from dpsgs.comm.mpi import MpiTransport
+
+    core = _C.Communicator(pycomm, config.timeout, config.warn_after)
+    # the stage group (ordered by replica) averages gradients; channels use the grid's ranks
+    return MpiTransport(core, core.split(stage, replica), bucket_cap_mb=config.bucket_cap_mb,
+                        first_bucket_mb=config.first_bucket_mb, algorithm=config.allreduce)
