@@ -16,7 +16,7 @@ from torch import nn
 
 __all__ = ["Workload", "add_workload_args", "workload_from_args", "config_args", "make_model",
            "make_batches", "make_optimizer", "StepTimer", "write_result", "mpi_rank_size",
-           "init_gloo", "slowest_per_step", "set_threads"]
+           "init_gloo", "close_gloo", "slowest_per_step", "set_threads"]
 
 
 @dataclass
@@ -125,10 +125,39 @@ def init_gloo(rank: int, size: int, port: int) -> None:
     """The gloo process group, rendezvousing at MASTER_ADDR/PORT when the launcher set them,
     else at 127.0.0.1:`port`."""
     import torch.distributed as dist
+    # Imported before the group exists: its functions bind group.WORLD as a default argument
+    # at import, and pipelining and DDP's lazy imports pull it in; imported after init, it
+    # would keep the group alive past destroy_process_group (see close_gloo).
+    import torch.distributed.nn  # noqa: F401
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
+
+
+def close_gloo() -> None:
+    """Tear the gloo group down while the interpreter is still whole; every rank calls it
+    after its last collective, with its models (DDP, pipeline stages hold the group) gone.
+
+    The barrier keeps a rank from closing its connections while a peer still talks to it.
+    The group's worker threads are joined only when its last reference goes: if that is at
+    interpreter exit, a worker still dropping a finished collective's tensors needs the GIL,
+    is killed inside a destructor, and the process aborts ("terminate called without an
+    active exception"). So a group that outlives destroy_process_group is an error here."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()   # a model in a reference cycle may still hold the group
+    if group() is not None:
+        raise RuntimeError(
+            "the gloo process group outlived destroy_process_group; something still holds it "
+            "(e.g. torch.distributed.nn imported after init_process_group binds group.WORLD "
+            "as a default argument), so its threads would race interpreter exit")
 
 
 def slowest_per_step(times: list[float], size: int) -> list[float]:

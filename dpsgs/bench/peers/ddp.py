@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .common import (StepTimer, add_workload_args, init_gloo, make_batches, make_model,
-                     make_optimizer, mpi_rank_size, set_threads, slowest_per_step,
-                     workload_from_args, write_result)
+from .common import (StepTimer, Workload, add_workload_args, close_gloo, init_gloo,
+                     make_batches, make_model, make_optimizer, mpi_rank_size, set_threads,
+                     slowest_per_step, workload_from_args, write_result)
 
 __all__ = ["main"]
 
@@ -45,18 +45,9 @@ def _allreduce_curve(numel: int, reps: int = 5) -> list[list[float]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_workload_args(p)
-    p.add_argument("--nosync-steps", type=int, default=5)
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
-    a = p.parse_args(argv)
-    set_threads(a.threads)
-    w = workload_from_args(a)
-    rank, size = mpi_rank_size()
-    init_gloo(rank, size, 29512)
-    if w.batch % size:
-        raise ValueError(f"global batch {w.batch} does not split over {size} ranks")
+def _train(a: argparse.Namespace, w: Workload, rank: int, size: int) -> dict:
+    """The timed steps, the no_sync steps and the all-reduce curve; returns the result
+    record. The DDP model, which holds the process group, dies with this frame."""
     local = w.batch // size
     model = DDP(make_model(w).train(), bucket_cap_mb=a.bucket_cap_mb)
     opt = make_optimizer(model.parameters())
@@ -85,15 +76,28 @@ def main(argv: list[str] | None = None) -> int:
             nosync.stop()
     calib = _allreduce_curve(sum(p.numel() for p in model.parameters()))
     steps = slowest_per_step(timer.times, size)
-    if rank == 0:
-        compute = statistics.median(nosync.times[1:])
-        write_result(a.out, {"runner": "ddp", "ranks": size, "threads": a.threads,
-                             "backend": "gloo", "bucket_cap_mb": a.bucket_cap_mb,
-                             "batch": w.batch, "warmup": w.warmup, "step_times": steps,
-                             "compute_only_step": compute, "losses": losses,
-                             "gloo_allreduce": calib,
-                             "torch": torch.__version__})
-    dist.destroy_process_group()
+    return {"runner": "ddp", "ranks": size, "threads": a.threads, "backend": "gloo",
+            "bucket_cap_mb": a.bucket_cap_mb, "batch": w.batch, "warmup": w.warmup,
+            "step_times": steps, "compute_only_step": statistics.median(nosync.times[1:]),
+            "losses": losses, "gloo_allreduce": calib, "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(p)
+    p.add_argument("--nosync-steps", type=int, default=5)
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    a = p.parse_args(argv)
+    set_threads(a.threads)
+    w = workload_from_args(a)
+    rank, size = mpi_rank_size()
+    init_gloo(rank, size, 29512)
+    if w.batch % size:
+        raise ValueError(f"global batch {w.batch} does not split over {size} ranks")
+    record = _train(a, w, rank, size)
+    close_gloo()
+    if rank == 0:   # only once the teardown was clean
+        write_result(a.out, record)
     return 0
 
 

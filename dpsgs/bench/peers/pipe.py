@@ -16,10 +16,11 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from .common import (StepTimer, add_workload_args, init_gloo, make_batches, make_model,
-                     make_optimizer, mpi_rank_size, set_threads, slowest_per_step,
-                     workload_from_args, write_result)
+from .common import (StepTimer, Workload, add_workload_args, close_gloo, init_gloo,
+                     make_batches, make_model, make_optimizer, mpi_rank_size, set_threads,
+                     slowest_per_step, workload_from_args, write_result)
 
 __all__ = ["main", "balanced_splits"]
 
@@ -34,28 +35,21 @@ def balanced_splits(model: nn.Sequential, in_shape: tuple[int, ...], batch: int,
     return balance([sum(lay.seconds(batch)) for lay in prof.layers], stages)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_workload_args(p)
-    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
-    p.add_argument("--micro-batches", type=int, default=4)
-    p.add_argument("--split", help="comma-separated split points (block indices)")
-    a = p.parse_args(argv)
-    set_threads(a.threads)
-    w = workload_from_args(a)
-    rank, size = mpi_rank_size()
-    init_gloo(rank, size, 29513)
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    full = make_model(w).train()
+def _splits(a: argparse.Namespace, w: Workload, rank: int, size: int) -> list[int]:
     if a.split:
-        splits = [int(s) for s in a.split.split(",")]
-    else:   # rank 0 profiles, everyone uses its answer (profiles differ on a noisy machine)
-        box = [balanced_splits(full, w.in_shape, w.batch // a.micro_batches, size)
-               if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        splits = box[0]
-        full = make_model(w).train()   # profiling touched BN statistics and grads
+        return [int(s) for s in a.split.split(",")]
+    # rank 0 profiles, everyone uses its answer (profiles differ on a noisy machine)
+    box = [balanced_splits(make_model(w).train(), w.in_shape, w.batch // a.micro_batches, size)
+           if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train(a: argparse.Namespace, w: Workload, rank: int, size: int) -> dict:
+    """The timed steps; returns the result record. The stage and schedule, which hold the
+    process group, die with this frame, before close_gloo."""
+    splits = _splits(a, w, rank, size)
+    full = make_model(w).train()   # fresh: profiling touched BN statistics and grads
     edges = [0, *splits, len(full)]
     part = nn.Sequential(*list(full)[edges[rank]:edges[rank + 1]])
     stage = PipelineStage(part, rank, size, torch.device("cpu"))
@@ -85,13 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     steps = slowest_per_step(timer.times, size)
     all_losses = [None] * size
     dist.all_gather_object(all_losses, losses)
-    if rank == 0:
-        write_result(a.out, {"runner": "torch.distributed.pipelining", "ranks": size,
-                             "threads": a.threads, "schedule": a.schedule,
-                             "micro_batches": a.micro_batches, "splits": splits,
-                             "batch": w.batch, "warmup": w.warmup, "step_times": steps,
-                             "losses": all_losses[-1], "torch": torch.__version__})
-    dist.destroy_process_group()
+    return {"runner": "torch.distributed.pipelining", "ranks": size, "threads": a.threads,
+            "schedule": a.schedule, "micro_batches": a.micro_batches, "splits": splits,
+            "batch": w.batch, "warmup": w.warmup, "step_times": steps,
+            "losses": all_losses[-1], "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(p)
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--split", help="comma-separated split points (block indices)")
+    a = p.parse_args(argv)
+    set_threads(a.threads)
+    w = workload_from_args(a)
+    rank, size = mpi_rank_size()
+    init_gloo(rank, size, 29513)
+    record = _train(a, w, rank, size)
+    close_gloo()
+    if rank == 0:   # only once the teardown was clean
+        write_result(a.out, record)
     return 0
 
 

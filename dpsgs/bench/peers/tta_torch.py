@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .common import config_args, init_gloo, mpi_rank_size, set_threads, write_result
+from dpsgs.config import TrainConfig
+
+from .common import (close_gloo, config_args, init_gloo, mpi_rank_size, set_threads,
+                     write_result)
 
 __all__ = ["main", "evaluate"]
 
@@ -38,20 +42,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return loss / len(y), correct / len(y)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = config_args(__doc__.splitlines()[0], argv)
-    set_threads(a.threads)
-    from dpsgs.config import TrainConfig
+def _train(cfg: TrainConfig, rank: int, size: int) -> list[dict[str, Any]]:
+    """Train every epoch; rank 0's per-epoch records. The DDP model, which holds the process
+    group, dies with this frame."""
     from dpsgs.job.data import BatchSampler, get_batch, load_dataset
     from dpsgs.job.models import build_model
     from dpsgs.job.optim import build_optimizer, lr_at, set_lr
 
-    cfg = TrainConfig.from_dict(json.loads(a.config))
-    rank, size = mpi_rank_size()
-    if size != cfg.replicas:
-        raise ValueError(f"launched {size} ranks for N = {cfg.replicas} replicas")
-    if size > 1:
-        init_gloo(rank, size, 29514)
     train, test = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_shape,
                                cfg.synthetic_samples, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -81,12 +78,26 @@ def main(argv: list[str] | None = None) -> int:
             tl, acc = evaluate(net, test.x, test.y)
             records.append({"epoch": epoch + 1, "train_seconds": trained, "test_accuracy": acc,
                             "test_loss": tl, "steps": (epoch + 1) * steps})
-    if rank == 0:
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = config_args(__doc__.splitlines()[0], argv)
+    set_threads(a.threads)
+
+    cfg = TrainConfig.from_dict(json.loads(a.config))
+    rank, size = mpi_rank_size()
+    if size != cfg.replicas:
+        raise ValueError(f"launched {size} ranks for N = {cfg.replicas} replicas")
+    if size > 1:
+        init_gloo(rank, size, 29514)
+    records = _train(cfg, rank, size)
+    if size > 1:
+        close_gloo()
+    if rank == 0:   # only once the teardown was clean
         write_result(a.out, {"runner": "ddp" if size > 1 else "single", "ranks": size,
                              "threads": a.threads, "config": cfg.to_dict(),
                              "epochs": records})
-    if size > 1:
-        dist.destroy_process_group()
     return 0
 
 
