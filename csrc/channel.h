@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
-#include "buffer.h"
+#include "common/buffer.h"
 #include "communicator.h"
-#include "work.h"
+#include "common/work.h"
 
 namespace dpsgs {
 

@@ -15,10 +15,10 @@
 #include <utility>
 #include <vector>
 
-#include "buffer.h"
+#include "common/buffer.h"
 #include "common/backoff.h"
 #include "common/mpi_wait.h"
-#include "work.h"
+#include "common/work.h"
 
 namespace dpsgs {
 

@@ -8,8 +8,8 @@
 #include <mutex>
 #include <string>
 
-#include "buffer.h"
-#include "work.h"
+#include "common/buffer.h"
+#include "common/work.h"
 
 namespace dpsgs {
 

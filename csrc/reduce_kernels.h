@@ -3,7 +3,7 @@
 
 #include <cstddef>
 
-#include "buffer.h"
+#include "common/buffer.h"
 
 namespace dpsgs {
 

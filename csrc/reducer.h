@@ -6,10 +6,10 @@
 #include <string>
 #include <utility>
 
-#include "buffer.h"
+#include "common/buffer.h"
 #include "communicator.h"
 #include "ring_allreduce.h"
-#include "work.h"
+#include "common/work.h"
 
 namespace dpsgs {
 

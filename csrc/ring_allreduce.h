@@ -7,7 +7,7 @@
 #include <functional>
 #include <string>
 
-#include "buffer.h"
+#include "common/buffer.h"
 
 namespace dpsgs {
 

@@ -13,7 +13,7 @@
 #include "common/error.h"
 #include "communicator.h"
 #include "reducer.h"
-#include "work.h"
+#include "common/work.h"
 
 namespace py = pybind11;
 

@@ -8,7 +8,7 @@
 #include <string>
 #include <utility>
 
-#include "buffer.h"
+#include "common/buffer.h"
 
 namespace dpsgs {
 

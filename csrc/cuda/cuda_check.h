@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "buffer.h"
+#include "common/buffer.h"
 #include "common/error.h"
 
 namespace dpsgs {

@@ -10,7 +10,7 @@
 #include <memory>
 #include <string>
 
-#include "buffer.h"
+#include "common/buffer.h"
 #include "cuda/cuda_stream.h"
 #include "cuda/nccl_backend.h"
 #include "cuda/nccl_work.h"

@@ -3,7 +3,7 @@
 
 #include <memory>
 
-#include "buffer.h"
+#include "common/buffer.h"
 #include "cuda/nccl_backend.h"
 #include "cuda/nccl_work.h"
 

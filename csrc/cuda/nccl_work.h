@@ -9,10 +9,10 @@
 #include <mutex>
 #include <string>
 
-#include "buffer.h"
+#include "common/buffer.h"
 #include "cuda/cuda_stream.h"
 #include "cuda/nccl_handle.h"
-#include "work.h"
+#include "common/work.h"
 
 namespace dpsgs {
 

@@ -8,7 +8,7 @@
 #include <mutex>
 #include <string>
 
-#include "buffer.h"
+#include "common/buffer.h"
 
 namespace dpsgs {
 

@@ -1,5 +1,5 @@
 // Work: generic polite wait with deadline; StateWork completed by another thread.
-#include "work.h"
+#include "common/work.h"
 
 #include <cstdio>
 
