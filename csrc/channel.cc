@@ -187,12 +187,12 @@ Channel::~Channel() {
 
 std::string Channel::describe_end() const {
   int src = is_sender_ ? rank_ : peer_, dst = is_sender_ ? peer_ : rank_;
-  return str_cat("Channel '", name_, "' (rank ", src, " -> rank ", dst, ", tag ", tag_, ")");
+  return str_cat("Channel '", name_, "' (", comm_->label(src), " -> ", comm_->label(dst), ", tag ", tag_, ")");
 }
 
 std::string Channel::op_name(const char* op, uint64_t seq) const {
-  return str_cat("rank ", rank_, ": Channel '", name_, "' ", op, " #", seq, is_sender_ ? " to rank " : " from rank ",
-                 peer_);
+  return str_cat(comm_->label(rank_), ": Channel '", name_, "' ", op, " #", seq, is_sender_ ? " to " : " from ",
+                 comm_->label(peer_));
 }
 
 void Channel::post_head(Slot& s) {
@@ -336,13 +336,13 @@ Channel::Received Channel::recv(std::optional<DType> expect_dtype,
     out.storage = s.data;
   }
   if (expect_dtype && *expect_dtype != dt) {
-    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
                              ": expected dtype ", dtype_name(*expect_dtype), " shape ",
                              expect_shape ? shape_str(*expect_shape) : std::string("(any)"),
                              " but received dtype ", dtype_name(dt), " shape ", shape_str(shape)));
   }
   if (expect_shape && *expect_shape != shape) {
-    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
                              ": expected shape ", shape_str(*expect_shape), " dtype ",
                              expect_dtype ? dtype_name(*expect_dtype) : "(any)", " but received shape ",
                              shape_str(shape), " dtype ", dtype_name(dt)));

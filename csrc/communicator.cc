@@ -31,6 +31,24 @@ const char* thread_level_name(int level) {
 
 }  // namespace
 
+void Communicator::set_labels(std::vector<std::string> labels) {
+  DPSGS_CHECK_ARG(labels.size() == size_t(size_), "Communicator.set_labels on rank ", rank_, ": ", labels.size(),
+                  " labels for ", size_, " ranks");
+  std::lock_guard<std::mutex> lock(labels_mu_);
+  labels_ = std::move(labels);
+}
+
+std::string Communicator::label(int r) const {
+  std::lock_guard<std::mutex> lock(labels_mu_);
+  if (r >= 0 && size_t(r) < labels_.size()) return labels_[size_t(r)];
+  return str_cat("rank ", r);
+}
+
+bool Communicator::labelled() const {
+  std::lock_guard<std::mutex> lock(labels_mu_);
+  return !labels_.empty();
+}
+
 void wait_request(MPI_Request* req, const Communicator& comm, const std::function<std::string()>& what,
                   int peer, double timeout_s, double yield_s, double spin_s) {
   wait_mpi_request(req, comm.rank(), peer, timeout_s < 0 ? comm.timeout() : timeout_s, comm.warn_after(), what,
@@ -254,7 +272,7 @@ void Communicator::barrier() {
   MPI_Request req;
   DPSGS_CHECK_MPI(MPI_Ibarrier(p2p_, &req), rank_, kNoPeer);
   wait_request(&req, *this, [this] {
-    return str_cat("rank ", rank_, ": barrier over ", size_, " ranks (some rank has not reached it)");
+    return str_cat(label(rank_), ": barrier over ", size_, " ranks (some rank has not reached it)");
   }, kNoPeer);
 }
 

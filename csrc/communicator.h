@@ -45,6 +45,12 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   MPI_Comm coll() const { return coll_; }
   // Rank of this process in MPI_COMM_WORLD (for messages: "world rank").
   int world_rank() const { return world_rank_; }
+  // How messages name rank r of this communicator: "rank r" unless labels were set. The
+  // trainer sets "rank W (replica q, stage k)" (W its rank in the job), so every message
+  // names ranks alike, a stage group's included. set_labels: one per rank, before use.
+  void set_labels(std::vector<std::string> labels);
+  std::string label(int r) const;
+  bool labelled() const;
 
   // Collective. color < 0: this rank joins no group and gets nullptr.
   std::shared_ptr<Communicator> split(int color, int key);
@@ -93,6 +99,8 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   MPI_Comm p2p_ = MPI_COMM_NULL;
   MPI_Comm coll_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, world_rank_ = 0;
+  mutable std::mutex labels_mu_;
+  std::vector<std::string> labels_;
   double timeout_s_, warn_after_s_;
 
   mutable std::mutex mu_;

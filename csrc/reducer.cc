@@ -108,9 +108,12 @@ std::shared_ptr<Work> Reducer::allreduce(const Buffer& buf, Owner owner, bool av
   uint64_t id = issued_;
   // Names this all-reduce in messages; formatted only when one is needed (errors, stall
   // reports, repr), so issuing a small all-reduce stays cheap.
-  auto name_for = [rank, id, n, b = buf](const std::string& how) {
-    return str_cat("rank ", rank, ": all-reduce #", id, " (", b.bytes, " bytes ", dtype_name(b.dtype), " ",
-                   b.shape_string(), ") over ", n, " ranks", how);
+  auto name_for = [comm = comm_, rank, id, n, b = buf](const std::string& how) {
+    std::string members;  // a labelled group names everyone it waits for
+    for (int r = 0; comm->labelled() && r < n; ++r)
+      if (r != rank) members += (members.empty() ? " with " : ", ") + comm->label(r);
+    return str_cat(comm->label(rank), ": all-reduce #", id, " (", b.bytes, " bytes ", dtype_name(b.dtype), " ",
+                   b.shape_string(), ") over ", n, " ranks", how, members);
   };
   DPSGS_CHECK_ARG(buf.device == Device::CPU, name_for(""), ": CUDA buffer given to the MPI reducer; use the NCCL backend");
   DPSGS_CHECK_ARG(reducible(buf.dtype), name_for(""), ": dtype ", dtype_name(buf.dtype), " cannot be summed");
@@ -138,7 +141,8 @@ std::shared_ptr<Work> Reducer::allreduce(const Buffer& buf, Owner owner, bool av
   }
   std::string what = algo == Algorithm::Mpi
                          ? name_for(" [mpi]")
-                         : name_for(str_cat(" [ring: from rank ", (rank + n - 1) % n, ", to rank ", (rank + 1) % n, "]"));
+                         : name_for(str_cat(" [ring: from ", comm_->label((rank + n - 1) % n), ", to ",
+                                            comm_->label((rank + 1) % n), "]"));
   auto work = std::make_shared<QueuedWork>(comm_, what, comm_->timeout(), comm_->warn_after());
   pending_.emplace_back(work, std::move(owner));
   auto comm = comm_;

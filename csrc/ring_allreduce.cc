@@ -202,8 +202,8 @@ void ring_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int
     if (c.cancelled()) throw CommError(what() + ": cancelled (communicator shut down)");
     double t = backoff.elapsed();
     auto detail = [&] {
-      if (waiting_on >= Q) return str_cat(what(), " waiting for rank ", right, " (right neighbour) to receive");
-      return str_cat(what(), " waiting for rank ", left, " (left neighbour), step ", waiting_on / C + 1, "/", steps,
+      if (waiting_on >= Q) return str_cat(what(), " waiting for ", c.label(right), " (right neighbour) to receive");
+      return str_cat(what(), " waiting for ", c.label(left), " (left neighbour), step ", waiting_on / C + 1, "/", steps,
                      " chunk ", waiting_on % C + 1, "/", C);
     };
     if (!warned && c.warn_after() > 0 && t >= c.warn_after()) {

@@ -30,7 +30,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from dpsgs.comm.abort import abort_job
 from dpsgs.config import CHOICES, TrainConfig
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -82,13 +81,18 @@ HELP: dict[str, str] = {
     "allreduce": "all-reduce algorithm: auto, ring (C++ ring) or mpi (MPI_Allreduce)",
     "timeout": "seconds any wait may take before the job is aborted, naming the peer",
     "warn_after": "seconds after which a stalled wait is reported (which ranks are missing)",
-    "run_dir": "run folder for config, metrics, checkpoints, summary (default: "
-               "runs/<timestamp>)",
+    "run_dir": "run folder for config, metrics, checkpoints, summary; it belongs to one run "
+               "(a fresh run into a used folder is refused) (default: runs/<timestamp>)",
     "metrics_every": "write a metrics line every this many steps",
     "eval_every": "evaluate on the test set every this many epochs",
     "checkpoint_every": "checkpoint every this many epochs (0: only at the end)",
-    "resume": "resume from a checkpoint folder, a run folder (its latest checkpoint), or "
-              "'auto' (latest complete checkpoint in --run-dir; a fresh start if none)",
+    "keep_checkpoints": "keep the newest this many checkpoints, delete older ones (0: keep all)",
+    "resume": "continue the run of --run-dir: 'auto' (its newest checkpoint; from the start if "
+              "none yet), a checkpoint folder, or a run folder; the identity settings must match",
+    "resume_fallback": "when the newest checkpoint is damaged, resume from the newest good one "
+                       "(each one skipped is named) instead of stopping with the error",
+    "override": "identity settings (e.g. epochs lr) a resume may change on purpose; the change "
+                "is recorded in RUN_DIR/run.json",
     "trace": "write a Chrome trace (Perfetto) per rank: FILE -> FILE.rankR.json",
     "progress": "progress bar on rank 0",
     "on_nonfinite": "NaN/Inf loss or gradient: stop (report step, stage, tensor) or skip "
@@ -110,11 +114,33 @@ def _option_kwargs(tp: Any) -> dict[str, Any]:
     return {"type": tp}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line, printed by one rank (the launcher's rank 0), not the whole usage
+    once per rank."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        from dpsgs.job.process import launcher_rank
+
+        if launcher_rank() == 0:
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None or the help already names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_train(sub: Any, defaults: TrainConfig) -> None:
     p = sub.add_parser("train", help="train (under mpirun), or simulate in one process",
                        description="Train on K stages x N replicas (launch K*N ranks with "
                                    "mpirun) or, with --simulate, in one process.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("--config", metavar="FILE", default=None,
                    help="take the defaults from a TrainConfig JSON (e.g. a run's "
                         "config.json); options given here override them")
@@ -135,11 +161,11 @@ def _add_train(sub: Any, defaults: TrainConfig) -> None:
 
 def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser:
     """The parser; `defaults` (e.g. from --config) replaces TrainConfig()'s defaults."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m dpsgs", description="Data-parallel, fully decoupled backpropagation "
         "with stale gradients over MPI.", epilog="Examples:\n" + __doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_train(sub, defaults or TrainConfig())
     p = sub.add_parser("plot", help="draw loss/accuracy/throughput curves of a run",
                        description="Read RUN_DIR/metrics*.jsonl, write RUN_DIR/plots/*.png.")
@@ -203,46 +229,48 @@ def _report(summary: dict, config: TrainConfig) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dpsgs.job.process import launcher_rank, run_job
+    from dpsgs.reliability.preemption import install_early
+
+    if not args.simulate:
+        install_early()      # first thing: a SIGTERM while torch and MPI load still stops cleanly
     try:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"dpsgs train: error: {e}", file=sys.stderr)
+        if launcher_rank() == 0:       # the same mistake on every rank: say it once
+            print(f"dpsgs train: error: {e}", file=sys.stderr)
         return 2
     if args.simulate:
         from dpsgs.job.simulate import simulate
 
         config.run_dir = config.run_dir or _timestamp_run_dir(None)
-        summary = simulate(config)
-        run = Path(config.run_dir)
-        run.mkdir(parents=True, exist_ok=True)
-        config.save(run / "config.json")
-        (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        try:
+            summary = simulate(config, progress=config.progress)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"dpsgs train --simulate: error: {e}", file=sys.stderr)
+            return 2
         _report(summary, config)
         return 0
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    try:
-        config.run_dir = config.run_dir or _timestamp_run_dir(comm)
-        from dpsgs.job.trainer import train
-
-        summary = train(config, comm)
-    except BaseException as e:
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        # As `python -m mpi4py` does: one rank's error must end the job, not hang its peers.
-        if isinstance(e, (ValueError, FileNotFoundError)):   # bad input: the message says it
-            print(f"dpsgs train: error on rank {comm.Get_rank()}: {e}", file=sys.stderr)
-        else:
-            import traceback
-
-            traceback.print_exc()
-        if comm.Get_size() > 1:
-            abort_job(1)
-        return 1
-    if comm.Get_rank() == 0:
+    rc, summary = run_job(config, _timestamp_run_dir)
+    if rc == 0 and summary is not None and launcher_rank() == 0:
         _report(summary, config)
-    return 0
+    return rc
+
+
+# `python -m dpsgs bench NAME` runs dpsgs.bench.NAME (tests check each has a main()).
+BENCHMARKS = {
+    "comm": "point-to-point latency/bandwidth, all-reduce algbw/busbw, overlap %: dpsgs vs raw "
+            "mpi4py (mpirun -n 2 ...)",
+    "train": "training throughput of fdg, sync, DDP, torch pipelining, one process (spawns its runs)",
+    "tta": "time to a target test accuracy of the same configurations (spawns its runs)",
+}
+
+
+def _bench_list() -> str:
+    """The benchmarks there are, with what each measures."""
+    rows = "\n".join(f"  {name:<8} {what}" for name, what in BENCHMARKS.items())
+    return (f"usage: python -m dpsgs bench NAME [options]   (python -m dpsgs bench NAME --help)\n"
+            f"benchmarks:\n{rows}")
 
 
 def _bench_hint(module: str) -> str:
@@ -279,10 +307,23 @@ def _dispatch(module: str, argv: list[str], what: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:       # before the job started (the job handles its own)
+        from dpsgs.job.process import launcher_rank
+
+        if launcher_rank() == 0:
+            print("dpsgs: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     # bench/plan pass everything after their name through, --help included.
     if argv and argv[0] == "plan":
         return _dispatch("dpsgs.planner.cli", argv[1:], "plan")
+    if argv and argv[0] == "bench" and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print(_bench_list())
+        return 0
     if len(argv) >= 2 and argv[0] == "bench" and not argv[1].startswith("-"):
         name = argv[1]
         if not name.isidentifier():
@@ -308,6 +349,5 @@ def main(argv: list[str] | None = None) -> int:
         for path in written:
             print(path)
         return 0
-    print("dpsgs bench: name a benchmark, e.g. 'python -m dpsgs bench comm --help'",
-          file=sys.stderr)
+    print(_bench_list(), file=sys.stderr)
     return 2

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CHOICES", "TrainConfig"]
+__all__ = ["CHOICES", "OPERATIONAL", "TrainConfig"]
 
 # The allowed values of every choice field (the CLI's --help shows them).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -18,6 +18,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "step", "cosine"), "allreduce": ("auto", "ring", "mpi"),
     "on_nonfinite": ("stop", "skip"),
 }
+
+# Settings a run may change when it resumes: they decide how it runs, not its numbers. Every
+# other field is an identity setting: a resume keeps it unless named with --override.
+OPERATIONAL = frozenset({
+    "data_dir", "balance", "bucket_cap_mb", "first_bucket_mb", "allreduce", "timeout", "warn_after",
+    "run_dir", "metrics_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
+    "resume_fallback", "override", "trace", "progress", "on_nonfinite",
+})
 
 
 @dataclass
@@ -72,7 +80,10 @@ class TrainConfig:
     metrics_every: int = 1             # write a metrics line every this many steps
     eval_every: int = 1                # evaluate every this many epochs
     checkpoint_every: int = 1          # checkpoint every this many epochs (0 = only final)
+    keep_checkpoints: int = 3          # newest checkpoints kept (0 = all)
     resume: str | None = None          # path | auto
+    resume_fallback: bool = False      # a damaged newest checkpoint: resume from the one before
+    override: list[str] | None = None  # identity settings a resume may change (recorded)
     trace: str | None = None           # Chrome-trace JSON file (per-rank suffix added)
     progress: bool = True              # tqdm bar on rank 0
     on_nonfinite: str = "stop"         # stop | skip
@@ -95,7 +106,7 @@ class TrainConfig:
                      "eval_every", "synthetic_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "checkpoint_every"):
+        for name in ("epochs", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{option(name)} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -114,6 +125,14 @@ class TrainConfig:
             raise ValueError(f"--split needs K-1 = {self.stages - 1} split points, got {self.split}")
         if self.resume == "auto" and not self.run_dir:
             raise ValueError("--resume auto needs --run-dir: the run folder to resume in")
+
+    def identity(self) -> dict:
+        """The settings that decide a run's numbers (a resume must keep them)."""
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
+
+    def operational(self) -> dict:
+        """The settings a resumed run may change."""
+        return {k: v for k, v in self.to_dict().items() if k in OPERATIONAL}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -46,6 +46,9 @@ void bind_core(py::module_& m) {
       .def_property_readonly("size", &Communicator::size)
       .def_property("timeout", &Communicator::timeout, &Communicator::set_timeout)
       .def_property_readonly("warn_after", &Communicator::warn_after)
+      .def("set_labels", &Communicator::set_labels, py::arg("labels"),
+           "How messages name each rank of this communicator (one label per rank)")
+      .def("label", &Communicator::label, py::arg("rank"))
       .def("split", &Communicator::split, py::arg("color"), py::arg("key"),
            py::call_guard<py::gil_scoped_release>(),
            "Collective: sub-communicator of the ranks with the same color (None for color < 0).")

@@ -7,6 +7,7 @@
 
 #include "bindings/core_bindings.h"
 #include "bindings/nccl_bindings.h"
+#include "common/buffer.h"
 #include "common/error.h"
 #include "common/mpi_lifecycle.h"
 #include "communicator.h"
@@ -41,6 +42,19 @@ void check_same_mpi() {
   }
 }
 
+// The Python side's table of wire codes (dpsgs.comm.dtypes) must be this enum's.
+void check_dtype_table() {
+  py::dict python = py::module_::import("dpsgs.comm.dtypes").attr("WIRE_CODES");
+  bool same = python.size() == size_t(kNumDTypes);
+  for (int c = 0; same && c < kNumDTypes; ++c) {
+    const char* name = dtype_name(static_cast<DType>(c));
+    same = python.contains(name) && python[name].cast<int>() == c;
+  }
+  if (!same)
+    throw py::import_error(str_cat("dpsgs._C: the dtype codes of dpsgs.comm.dtypes.WIRE_CODES differ from "
+                                   "csrc/common/buffer.h's; rebuild dpsgs from one checkout"));
+}
+
 py::dict build_info() {
   py::dict d;
   std::string lib = our_library_version();
@@ -69,10 +83,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "dpsgs communication core: Communicator, Channel, Reducer over MPI (and NCCL when built)";
   check_same_mpi();
 
-  static py::handle comm_error = PyErr_NewException("dpsgs._C.CommError", PyExc_RuntimeError, nullptr);
-  py::tuple timeout_bases = py::make_tuple(comm_error, py::handle(PyExc_TimeoutError));
-  static py::handle comm_timeout = PyErr_NewException("dpsgs._C.CommTimeout", timeout_bases.ptr(), nullptr);
-  static py::handle header_mismatch = PyErr_NewException("dpsgs._C.HeaderMismatch", PyExc_ValueError, nullptr);
+  // The error classes are Python's (dpsgs.comm.errors), so every backend raises the same ones.
+  py::module_ errors = py::module_::import("dpsgs.comm.errors");
+  static py::handle comm_error = py::object(errors.attr("CommError")).release();
+  static py::handle comm_timeout = py::object(errors.attr("CommTimeout")).release();
+  static py::handle header_mismatch = py::object(errors.attr("HeaderMismatch")).release();
   m.attr("CommError") = comm_error;
   m.attr("CommTimeout") = comm_timeout;
   m.attr("HeaderMismatch") = header_mismatch;
@@ -90,7 +105,8 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
-  py::dict codes;  // the one dtype table: csrc/buffer.h's stable wire codes, by name
+  check_dtype_table();
+  py::dict codes;  // this enum's codes, by name (dpsgs.comm.dtypes holds the same)
   for (int c = 0; c < kNumDTypes; ++c) codes[dtype_name(static_cast<DType>(c))] = c;
   m.attr("DTYPE_CODES") = codes;
   m.def("build_info", &build_info, "MPI library/version, whether NCCL is compiled in, NCCL/CUDA versions");

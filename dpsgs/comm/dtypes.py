@@ -1,15 +1,17 @@
-"""The one dtype table: the wire codes of csrc/buffer.h, read from dpsgs._C, by torch dtype."""
+"""The one dtype table: the stable wire codes carried in channel headers (docs/api.md).
+
+The C++ enum (csrc/common/buffer.h) must agree: dpsgs._C compares the two when it is
+imported and refuses to load if they differ.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dpsgs import _C
-
 __all__ = ["WIRE_CODES", "code_of", "name_of", "torch_dtype_of_code"]
 
-# name -> stable code carried in channel headers (docs/api.md); defined once, in C++.
-WIRE_CODES: dict[str, int] = dict(_C.DTYPE_CODES)
+WIRE_CODES: dict[str, int] = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3, "int32": 4,
+                              "int64": 5, "uint8": 6, "int8": 7, "bool": 8}
 
 
 def name_of(dtype: Any) -> str:

@@ -22,6 +22,7 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,9 @@ import torch
 
 from dpsgs.reliability import faults
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "complete_checkpoints", "prune_checkpoints", "read_manifest", "resolve_resume",
-           "MANIFEST"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "committed_checkpoints", "complete_checkpoints", "prune_checkpoints", "read_manifest",
+           "resolve_resume", "verify", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = "dpsgs-checkpoint"
@@ -41,6 +42,10 @@ _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: incomplete, corrupt, or from another run shape."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed; raised on every rank of the job together (the status is broadcast)."""
 
 
 def _shard_name(stage: int) -> str:
@@ -130,7 +135,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
             status = f"rank 0: cannot prepare {folder}: {e}"
     status = bcast(status)
     if status:
-        raise CheckpointError(f"checkpoint {tag!r} not saved: {status}")
+        raise CheckpointSaveError(f"checkpoint {tag!r} not saved: {status}")
 
     # 2. replica 0 of each stage writes its shard.
     info: dict[str, Any] | None = None
@@ -171,7 +176,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
         status = "; ".join(errors) or None
     status = bcast(status)
     if status:
-        raise CheckpointError(f"checkpoint {tag!r} in {folder} not saved: {status}")
+        raise CheckpointSaveError(f"checkpoint {tag!r} in {folder} not saved: {status}")
     return folder
 
 
@@ -243,45 +248,81 @@ def load_checkpoint(path: str | os.PathLike, grid: Any, stage: int,
     return obj["state"]
 
 
-def _complete(folder: Path) -> dict | None:
-    """The manifest if `folder` is a complete checkpoint (shards present, sizes right)."""
+def verify(folder: Path) -> str | None:
+    """None when committed checkpoint `folder` is whole; else what is wrong, naming the file
+    (a corrupt manifest, a missing, truncated or altered shard)."""
     try:
         m = read_manifest(folder)
-        for s in m["shards"]:
-            if (folder / s["file"]).stat().st_size != s["bytes"]:
-                return None
-        return m
-    except (CheckpointError, OSError, KeyError, TypeError):
-        return None
+        for sh in m["shards"]:
+            file = folder / sh["file"]
+            if not file.is_file():
+                return f"shard {file} is missing"
+            data = file.read_bytes()
+            if len(data) != sh["bytes"]:
+                return f"shard {file} is truncated or overwritten: {len(data)} bytes, the manifest says {sh['bytes']}"
+            if hashlib.sha256(data).hexdigest() != sh["sha256"]:
+                return f"shard {file} is corrupt: its SHA-256 differs from the manifest's"
+    except CheckpointError as e:
+        return str(e)
+    except (OSError, KeyError, TypeError) as e:
+        return f"manifest {folder / MANIFEST} is corrupt: {type(e).__name__}: {e}"
+    return None
 
 
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under RUN_DIR/checkpoints, oldest first (by meta step, then save
-    time). Incomplete or corrupt folders are left out."""
+def _commit_time(folder: Path) -> float:
+    """When the save committed: the manifest's own record, else (unreadable) its file time."""
+    try:
+        return float(json.loads((folder / MANIFEST).read_text())["created"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (folder / MANIFEST).stat().st_mtime
+
+
+def committed_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints whose save committed (manifest.json written), oldest commit first, whatever
+    state they are in now. A folder without a manifest is a save that never finished."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found: list[tuple[tuple[float, float], Path]] = []
-    for folder in root.iterdir():
-        m = _complete(folder) if folder.is_dir() else None
-        if m is None:
-            continue
-        step = m["meta"].get("step") if isinstance(m["meta"], dict) else None
-        found.append(((float(step) if isinstance(step, (int, float)) else -1.0,
-                       float(m.get("created", 0.0))), folder))
-    return [folder for _, folder in sorted(found)]
+    found = [(_commit_time(f), f.name, f) for f in root.iterdir() if (f / MANIFEST).is_file()]
+    return [f for _, _, f in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint under RUN_DIR/checkpoints; None when there is none."""
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Committed checkpoints that are whole (verify), oldest first."""
+    return [f for f in committed_checkpoints(run_dir) if verify(f) is None]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, run_id: str | None = None, fallback: bool = False,
+                      note: Callable[[str], None] | None = None) -> Path | None:
+    """The newest committed checkpoint of RUN_DIR, checked whole and (with `run_id`) of this
+    run; None when none was ever committed. A damaged or foreign newest checkpoint is a
+    CheckpointError naming the file and what is wrong — unless `fallback`, which goes back to
+    the newest good one and reports each one skipped through `note`. Never silent."""
+    skipped = []
+    for folder in reversed(committed_checkpoints(run_dir)):
+        problem = verify(folder)
+        if problem is None and run_id is not None:
+            owner = read_manifest(folder)["meta"].get("run_id")
+            if owner != run_id:
+                problem = f"it belongs to run {owner}, not to this folder's run {run_id}"
+        if problem is None:
+            for s in skipped:
+                (note or print)(s)
+            return folder
+        text = f"checkpoint {folder} cannot be resumed: {problem}"
+        if not fallback:
+            raise CheckpointError(text + "; fix or remove it, or resume from the previous good "
+                                  "checkpoint with --resume-fallback")
+        skipped.append(text + " (skipped: --resume-fallback)")
+    if skipped:
+        raise CheckpointError("no checkpoint can be resumed: " + "; ".join(skipped))
+    return None
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest complete checkpoints (manifest first, so a deletion
-    cut short leaves an incomplete folder, never a wrong one); returns what was deleted."""
-    doomed = complete_checkpoints(run_dir)[:-keep] if keep > 0 else []
+    """Delete all but the `keep` newest committed checkpoints (manifest first, so a deletion
+    cut short leaves an uncommitted folder, never a wrong one); returns what was deleted."""
+    doomed = committed_checkpoints(run_dir)[:-keep] if keep > 0 else []
     for folder in doomed:
         (folder / MANIFEST).unlink()
         _fsync_dir(folder)
@@ -291,24 +332,29 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
-def resolve_resume(resume: str | None, run_dir: str | os.PathLike | None) -> Path | None:
-    """Map --resume to a checkpoint folder: None -> None; "auto" -> the latest complete
-    checkpoint of run_dir (None if there is none yet: a fresh start); a checkpoint folder ->
-    itself; a run folder -> its latest checkpoint. Anything else -> CheckpointError."""
+def resolve_resume(resume: str | None, run_dir: str | os.PathLike | None, run_id: str | None = None,
+                   fallback: bool = False, note: Callable[[str], None] | None = None) -> Path | None:
+    """Map --resume to a checkpoint folder of this run: None -> None; "auto" -> the newest
+    committed checkpoint of run_dir (None if none was committed yet: a start from the
+    beginning); a checkpoint folder -> itself; a run folder -> its newest. A damaged or
+    foreign checkpoint -> CheckpointError (see latest_checkpoint)."""
     if not resume:
         return None
     if resume == "auto":
         if run_dir is None:
             raise CheckpointError("--resume auto needs --run-dir: the run folder to resume in")
-        return latest_checkpoint(run_dir)
+        return latest_checkpoint(run_dir, run_id, fallback, note)
     p = Path(resume)
-    if (p / MANIFEST).is_file():
-        read_manifest(p)
-        return p
     if (p / "checkpoints").is_dir():
-        found = latest_checkpoint(p)
+        found = latest_checkpoint(p, run_id, fallback, note)
         if found is None:
-            raise CheckpointError(f"--resume {resume}: run folder has no complete checkpoint")
+            raise CheckpointError(f"--resume {resume}: run folder has no committed checkpoint")
         return found
+    problem = verify(p) if (p / MANIFEST).is_file() else None
     read_manifest(p)   # raises: missing folder or incomplete checkpoint
+    if problem:
+        raise CheckpointError(f"checkpoint {p} cannot be resumed: {problem}")
+    owner = read_manifest(p)["meta"].get("run_id")
+    if run_id is not None and owner != run_id:
+        raise CheckpointError(f"checkpoint {p} belongs to run {owner}, not to this folder's run {run_id}")
     return p

@@ -2,8 +2,9 @@
 
 Positions: a checkpoint records the next batch to train, (epoch, batch). An epoch's end is
 tagged `epoch{E}`; a stop inside epoch E before batch B gets its own tag (`e{E}b{B}`, or
-`preempt-e{E}b{B}` for a signal), so saving it never un-commits the epoch checkpoint. The
-files themselves (atomic, sharded, checksummed) are dpsgs.job.checkpoint's.
+`preempt-e{E}b{B}` for a signal), so saving it never un-commits the epoch checkpoint. Every
+manifest names the run it belongs to (run_id) and the global step after it. The files
+themselves (atomic, sharded, checksummed) are dpsgs.job.checkpoint's.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 
 from dpsgs.comm.grid import Grid
 from dpsgs.config import TrainConfig
-from dpsgs.job.checkpoint import load_checkpoint, read_manifest, resolve_resume, save_checkpoint
+from dpsgs.job.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from dpsgs.pipeline.executor import StageExecutor
 
-__all__ = ["Checkpointer", "Position", "next_position", "skip_done"]
+__all__ = ["Checkpointer", "Position", "next_position", "skip_done", "checkpoint_plan"]
 
 Segment = list[tuple[int, int]]
 
@@ -37,6 +38,20 @@ def skip_done(segs: list[Segment], start_batch: int) -> list[Segment]:
     return ([first] if first else []) + segs[1:]
 
 
+def checkpoint_plan(path: Path, grid: Grid) -> dict[str, Any]:
+    """What a resume from checkpoint `path` needs to know before the job is built (rank 0
+    reads it once): its split and the global step after it. CheckpointError naming both
+    grids when it was written by another K x N."""
+    m = read_manifest(path)
+    here, saved = (grid.stages, grid.replicas), (m["stages"], m["replicas"])
+    if saved != here:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written by a {saved[0]}x{saved[1]} grid "
+            f"(K={saved[0]} stages x N={saved[1]} replicas); this run is {here[0]}x{here[1]} "
+            f"(K={here[0]} x N={here[1]}): resume with the same --stages/--replicas")
+    return {"split": m["meta"].get("split"), "global_step": m["meta"].get("global_step")}
+
+
 @dataclass
 class Position:
     """Where a (resumed) run starts."""
@@ -50,19 +65,11 @@ class Position:
 class Checkpointer:
     """One rank's side of the job's checkpoints (every call is collective over the grid)."""
 
-    def __init__(self, config: TrainConfig, grid: Grid, rank: int) -> None:
+    def __init__(self, config: TrainConfig, grid: Grid, rank: int, resume_from: str | None,
+                 run_id: str | None) -> None:
         self.config, self.grid, self.rank = config, grid, rank
-        # resolved before the split is chosen: a resumed run keeps the checkpoint's
-        self.resume_from: Path | None = resolve_resume(config.resume, config.run_dir)
-
-    def stored_split(self) -> list[int] | None:
-        """The split of the checkpoint to resume from, when it has this run's K and no
-        --split was given (its shards hold those stages; a fresh time profile may split
-        elsewhere). A checkpoint of another K has no usable split: resume() names both grids."""
-        if self.resume_from is None or self.config.split:
-            return None
-        manifest = read_manifest(self.resume_from)
-        return manifest["meta"].get("split") if manifest["stages"] == self.config.stages else None
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.run_id = run_id
 
     def resume(self, executor: StageExecutor, split: list[int]) -> Position:
         """Load this stage's state from the resume checkpoint; the position it records."""
@@ -82,10 +89,11 @@ class Checkpointer:
              global_step: int, split: list[int], comm: Any, stopped_by: str | None = None) -> Path:
         """Collective: checkpoint the position after (flushed) segment `seg`; `done` counts
         the batches trained since the run began; `stopped_by` names the signal of a
-        preemption. The folder written."""
+        preemption. Keeps the newest config.keep_checkpoints (0: all). The folder written."""
         cfg = self.config
         epoch, batch = next_position(seg, batches_per_epoch)
         meta = {"model": cfg.model, "epoch": epoch, "batch": batch, "step": done,
+                "global_step": global_step, "run_id": self.run_id,
                 "schedule": cfg.schedule, "dtype": cfg.dtype, "split": split}
         if stopped_by:
             meta["preempted"] = True
@@ -94,7 +102,8 @@ class Checkpointer:
             tag = f"epoch{epoch}" if batch == 0 else f"e{epoch}b{batch}"
         state = {**executor.state(), "epoch": epoch, "batch": batch, "iterations": done,
                  "global_step": global_step}
-        folder = save_checkpoint(cfg.run_dir, tag, self.grid, self.rank, state, meta, comm)
+        folder = save_checkpoint(cfg.run_dir, tag, self.grid, self.rank, state, meta, comm,
+                                 keep=cfg.keep_checkpoints or None)
         if stopped_by and self.rank == 0:
             print(f"dpsgs: stopped by {stopped_by} at epoch {epoch}, batch {batch}: checkpoint "
                   f"{folder} written; resume with --resume auto", file=sys.stderr, flush=True)

@@ -119,13 +119,20 @@ def merge_traces(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path
 
 class MetricsLog:
     """Appends one JSON object per write() to `path` (flushed, so a killed run keeps its
-    lines); path=None makes every call a no-op (ranks that do not log)."""
+    lines); path=None makes every call a no-op (ranks that do not log). `keep_below`: first
+    drop (atomically) the records of steps >= keep_below already in the file — a resumed run
+    redoes those steps, and a run restarted from the beginning passes 0."""
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    def __init__(self, path: str | os.PathLike | None, keep_below: int | None = None) -> None:
         self.path = Path(path) if path else None
         self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if keep_below is not None and self.path.exists():
+                kept = [r for r in read_metrics(self.path) if int(r.get("step", -1)) < keep_below]
+                tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
             self._file = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:

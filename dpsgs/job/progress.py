@@ -1,10 +1,12 @@
 """ProgressReporter: a training job's per-step record — the rank's metrics line, rank 0's
-progress bar fed with the last stage's live loss, and the job's metrics line per step.
+progress bar and the job's metrics line per step.
 
-As step hooks it sees each loss and each step's end. Per-step data live only until the end
-of their segment, when rank 0 gathers the last stages' losses and writes one metrics line
-per step (RUN_DIR/metrics.jsonl); every rank writes its own timings as it goes
-(RUN_DIR/metrics.rank{R}.jsonl).
+As step hooks it sees each loss and each step's end. Every rank writes its own timings as it
+goes (RUN_DIR/metrics.rank{R}.jsonl). Every last stage sends rank 0 one tiny message per step
+(its loss, or None); rank 0 writes a step's line (RUN_DIR/metrics.jsonl: the replicas' mean
+loss and accuracy, samples/s, time by category) as soon as it has its own timing of that
+step and the N messages, and feeds the bar the newest loss. Nothing is kept per step beyond
+the few steps the ranks are apart, so memory stays flat over any number of steps.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dpsgs.comm.grid import Grid
+from dpsgs.comm.waits import wait_for
 from dpsgs.config import TrainConfig
 from dpsgs.job.metrics import MetricsLog, Timeline
 from dpsgs.pipeline.hooks import StepHooks
@@ -23,30 +27,26 @@ Record = tuple[float, int, int]      # loss, correct, samples
 
 
 class ProgressReporter(StepHooks):
-    """One rank's per-step reporting (see the module docstring). `gather` is a
-    deadline-checked communicator (StepControl.bounded) for the segment-end gather."""
+    """One rank's per-step reporting (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, pycomm: Any, rank: int, replica: int, stage: int,
-                 timeline: Timeline, job_log: MetricsLog, rank_log: MetricsLog) -> None:
-        self.config, self.pycomm = config, pycomm
-        self.rank, self.replica, self.stage = rank, replica, stage
+    def __init__(self, config: TrainConfig, grid: Grid, pycomm: Any, rank: int, timeline: Timeline,
+                 job_log: MetricsLog, rank_log: MetricsLog) -> None:
+        self.config, self.grid, self.pycomm, self.rank = config, grid, pycomm, rank
+        self.replica, self.stage = grid.coords(rank)
         self.timeline, self.job_log, self.rank_log = timeline, job_log, rank_log
         self.every = max(1, int(config.metrics_every or 1))
         self.stash_bytes = lambda: 0          # set by the trainer once the executor exists
+        self.is_last = self.stage == config.stages - 1
+        self._senders = [grid.rank(r, config.stages - 1) for r in range(config.replicas)]
         self._bar: Any = None
         self._last_time = time.perf_counter()
         self._loss: Record | None = None     # this step's loss (last stage)
-        self._step_losses: dict[int, Record] = {}   # this segment's, by step (last stage)
-        self._history: list[dict[str, Any]] = []     # this segment's step times (rank 0)
-        self._feed: list[Any] = []
-        self._fed = 0
+        self._sends: list[Any] = []
+        self._steps: dict[int, dict[str, Any]] = {}      # rank 0: its timing, steps not written yet
+        self._losses: dict[int, list[Record | None]] = {}  # rank 0: the last stages' messages
+        self.epoch = 0                        # of the segment running (set by the trainer)
         self.last_train: dict[str, Any] = {}
         self.staleness_seen: set[int] = set()     # every staleness this stage's updates had
-
-    @property
-    def _feeding(self) -> bool:
-        """Replica 0's last stage feeds rank 0's progress bar (when there is one, K > 1)."""
-        return bool(self.config.progress) and self.config.stages > 1
 
     def start(self, total_steps: int) -> None:
         self._last_time = time.perf_counter()
@@ -69,69 +69,69 @@ class ProgressReporter(StepHooks):
         dt, self._last_time = now - self._last_time, now
         totals = self.timeline.step_totals()
         rec, self._loss = self._loss, None
-        if rec is not None:
-            self._step_losses[step] = rec
         if step % self.every == 0:
             self.rank_log.write({"step": step, "rank": self.rank, "replica": self.replica,
                                  "stage": self.stage, "seconds": dt, **totals,
                                  "stash_bytes": self.stash_bytes(),
                                  **({"loss": rec[0]} if rec else {})})
-        if rec and self._feeding and self.replica == 0 and self.stage == self.config.stages - 1:
-            # live loss for rank 0's progress bar (tiny, non-blocking; one per batch)
-            self._feed.append(self.pycomm.isend((step, rec), dest=0, tag=_LOSS_TAG))
+        if self.is_last:   # tiny and non-blocking; rank 0 matches them by step
+            self._sends = [r for r in self._sends if not r.Test()]
+            self._sends.append(self.pycomm.isend((step, rec), dest=0, tag=_LOSS_TAG))
         if self.rank == 0:
-            self._history.append({"step": step, "seconds": dt, **totals})
+            self._steps[step] = {"seconds": dt, **totals}
+            self._receive()
+            self._write_complete()
             if self._bar is not None:
                 self._bar.update(1)
-                live = rec
-                while self._feeding and self.pycomm.iprobe(source=self.config.stages - 1, tag=_LOSS_TAG):
-                    _, live = self.pycomm.recv(source=self.config.stages - 1, tag=_LOSS_TAG)
-                    self._fed += 1
-                if live:
-                    self._bar.set_postfix(loss=f"{live[0]:.4f}", acc=f"{live[1] / live[2]:.3f}",
-                                          refresh=False)
         return False
 
-    # -- segment and evaluation ----------------------------------------------------------
-    def end_segment(self, seg: list[tuple[int, int]], gather: Any) -> None:
-        """Collective: drain the bar's feed, then rank 0 writes one line per step of the
-        segment with the replicas' mean loss and accuracy."""
-        self._drain_feed(len(seg))
-        everyone = gather.gather(self._step_losses, root=0)
-        self._step_losses = {}
-        history, self._history = self._history, []
-        if self.rank != 0:
-            return
-        per_step: dict[int, list[Record]] = {}
-        for d in everyone:
-            for s, v in d.items():
-                per_step.setdefault(s, []).append(v)
-        B, N = self.config.batch_size, self.config.replicas
-        for h in history:
-            if h["step"] % self.every:
-                continue
-            rec: dict[str, Any] = {"step": h["step"], "epoch": seg[-1][0]}
-            vs = per_step.get(h["step"])
-            if vs:
-                rec["loss"] = sum(v[0] for v in vs) / len(vs)
-                rec["accuracy"] = sum(v[1] for v in vs) / sum(v[2] for v in vs)
-                rec["samples_per_s"] = B * N / h["seconds"] if h["seconds"] > 0 else None
-            rec.update({c: h[c] for c in ("compute", "channel", "reduce")})
-            self.job_log.write(rec)
-            if "loss" in rec:
-                self.last_train = rec
+    # -- rank 0: merging the last stages' messages ----------------------------------------
+    def _receive(self) -> bool:
+        got = False
+        for src in self._senders:
+            while self.pycomm.iprobe(source=src, tag=_LOSS_TAG):
+                step, rec = self.pycomm.recv(source=src, tag=_LOSS_TAG)
+                self._losses.setdefault(step, []).append(rec)
+                got = True
+        return got
 
-    def _drain_feed(self, batches: int) -> None:
-        """End of segment: the sender completes its sends, rank 0 receives the rest of the
-        `batches` messages (one per batch of the segment)."""
-        for req in self._feed:
-            req.wait()
-        self._feed = []
-        if self.rank == 0 and self._feeding:
-            while self._fed < batches:
-                self.pycomm.recv(source=self.config.stages - 1, tag=_LOSS_TAG)
-                self._fed += 1
-        self._fed = 0
+    def _write_complete(self) -> None:
+        B, N = self.config.batch_size, self.config.replicas
+        for step in sorted(self._steps):
+            recs = self._losses.get(step, [])
+            if len(recs) < N:
+                break                      # lines go out in step order
+            own = self._steps.pop(step)
+            del self._losses[step]
+            done = [r for r in recs if r is not None]
+            line: dict[str, Any] = {"step": step, "epoch": self.epoch}
+            if done:
+                line["loss"] = sum(r[0] for r in done) / len(done)
+                line["accuracy"] = sum(r[1] for r in done) / sum(r[2] for r in done)
+                line["samples_per_s"] = B * N / own["seconds"] if own["seconds"] > 0 else None
+                self.last_train = line
+                if self._bar is not None:
+                    self._bar.set_postfix(loss=f"{line['loss']:.4f}", acc=f"{line['accuracy']:.3f}",
+                                          refresh=False)
+            line.update({c: own[c] for c in ("compute", "channel", "reduce")})
+            if step % self.every == 0:
+                self.job_log.write(line)
+
+    def end_segment(self) -> None:
+        """The last stages' sends complete; rank 0 receives every message of the segment and
+        writes its lines (bounded by the job's timeout: a dead last stage is named)."""
+        for r in self._sends:
+            wait_for(r.Test, self.config.timeout, f"{self.grid.label(self.rank)}: metrics message to rank 0")
+        self._sends = []
+        if self.rank == 0:
+            def done() -> bool:
+                self._receive()
+                self._write_complete()
+                return not self._steps
+
+            missing = lambda: ", ".join(self.grid.label(s) for s in self._senders)  # noqa: E731
+            wait_for(done, self.config.timeout,
+                     f"{self.grid.label(0)}: per-step metrics of the last stages ({missing()})")
 
     def evaluated(self, test: dict[str, float]) -> None:
         if self._bar is not None:

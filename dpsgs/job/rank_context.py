@@ -46,7 +46,7 @@ def open_rank(config: TrainConfig, comm: Any, transport: str | Transport = "core
     if not isinstance(transport, str):
         made = transport
     elif transport == "core":
-        made = _core_transport(config, pycomm, replica, stage)
+        made = _core_transport(config, grid, pycomm, replica, stage)
     elif transport == "mpi4py":
         from dpsgs.comm.mpi4py_baseline import Mpi4pyTransport
 
@@ -57,11 +57,16 @@ def open_rank(config: TrainConfig, comm: Any, transport: str | Transport = "core
     return RankContext(config, grid, pycomm, rank, replica, stage, made)
 
 
-def _core_transport(config: TrainConfig, pycomm: Any, replica: int, stage: int) -> Transport:
+def _core_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int,
+                    stage: int) -> Transport:
     from dpsgs import _C
     from dpsgs.comm.mpi import MpiTransport
 
     core = _C.Communicator(pycomm, config.timeout, config.warn_after)
-    # the stage group (ordered by replica) averages gradients; channels use the grid's ranks
-    return MpiTransport(core, core.split(stage, replica), bucket_cap_mb=config.bucket_cap_mb,
+    core.set_labels([grid.label(r) for r in range(grid.size)])
+    # the stage group (ordered by replica) averages gradients; channels use the grid's ranks;
+    # its messages name job ranks with their (replica, stage), not ranks inside the group
+    stage_comm = core.split(stage, replica)
+    stage_comm.set_labels([grid.label(grid.rank(q, stage)) for q in range(grid.replicas)])
+    return MpiTransport(core, stage_comm, bucket_cap_mb=config.bucket_cap_mb,
                         first_bucket_mb=config.first_bucket_mb, algorithm=config.allreduce)

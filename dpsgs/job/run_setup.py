@@ -20,7 +20,8 @@ from dpsgs.job.optim import ScheduledOptimizer, build_optimizer
 from dpsgs.pipeline.partition import boundary_shapes, check_split, layer_costs, stage_bounds
 from dpsgs.pipeline.workload import StagePlace
 
-__all__ = ["DTYPES", "Setup", "check_names", "prepare", "torch_dtype", "segments", "eval_batches"]
+__all__ = ["DTYPES", "Loaded", "Setup", "assemble", "check_names", "choose_split", "load", "prepare",
+           "torch_dtype", "segments", "eval_batches"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -136,18 +137,28 @@ def check_names(config: TrainConfig) -> None:
     check_dataset(config.dataset, config.data_dir)
 
 
-def prepare(config: TrainConfig, model: nn.Sequential | None = None,
-            data: tuple[Dataset, Dataset] | None = None,
-            costs: Sequence[float] | None = None, profile: bool = True,
-            split: Sequence[int] | None = None) -> Setup:
-    """Data, seeded full model and split for `config`.
+@dataclass
+class Loaded:
+    """What one rank builds on its own from a config, before any collective: the data and the
+    seeded model (the split comes after, from rank 0 in a job: its profile, or a checkpoint)."""
 
-    model/data override config.model/config.dataset (embedding, tests). A given `model` is
-    used as is (the caller seeds it identically on every rank). `costs` (per layer) fixes the
-    balance; without them and with balance='time', layers are profiled here if `profile`
-    (the trainer profiles on rank 0 only and broadcasts the costs instead). `split`
-    overrides config.split (a resumed run keeps its checkpoint's split).
-    """
+    config: TrainConfig
+    train: Dataset
+    test: Dataset
+    model: nn.Sequential
+    dtype: torch.dtype
+    in_shape: tuple[int, ...]
+    sampler: BatchSampler
+
+    @property
+    def layers(self) -> int:
+        return len(list(self.model.children()))
+
+
+def load(config: TrainConfig, model: nn.Sequential | None = None,
+         data: tuple[Dataset, Dataset] | None = None) -> Loaded:
+    """The data and the seeded full model of `config` (model/data override config.model and
+    config.dataset: embedding, tests; a given model is used as is, seeded by the caller)."""
     from dpsgs.job.data import load_dataset
 
     config.validate()
@@ -157,35 +168,62 @@ def prepare(config: TrainConfig, model: nn.Sequential | None = None,
                             config.synthetic_samples, config.seed)
     train, test = data
     in_shape = tuple(train.x.shape[1:])
-    num_classes = config.num_classes or train.num_classes
     if model is None:
         from dpsgs.job.models import build_model
 
         torch.manual_seed(config.seed)
-        model = build_model(config.model, in_shape, num_classes)
+        model = build_model(config.model, in_shape, config.num_classes or train.num_classes)
     model = model.to(dtype)
-    layers = list(model.children())
-    K = config.stages
-    split = split or config.split
-    if split:
-        split = check_split(split, len(layers), K)
-    else:
-        if K > len(layers):
-            raise ValueError(f"model {config.model!r} has {len(layers)} blocks, cannot make "
-                             f"{K} stages (each stage needs at least one block)")
-        if costs is None and not (config.balance == "time" and not profile):
-            sample = train.x[:config.batch_size].to(dtype)
-            costs = layer_costs(model, config.balance, sample)
-        from dpsgs.pipeline.partition import balance as balance_costs
-
-        split = balance_costs(costs if costs is not None else [1.0] * len(layers), K)
-    bounds = stage_bounds(split, len(layers))
-    shapes = boundary_shapes(model, in_shape, dtype)
-    out_shapes = [shapes[b - 1] for _, b in bounds]
     sampler = BatchSampler(len(train), config.batch_size, config.replicas, config.seed,
                            drop_last=config.drop_last)
-    return Setup(config, train, test, sampler, model, split, bounds, dtype, in_shape,
-                 out_shapes, list(costs) if costs is not None else None)
+    loaded = Loaded(config, train, test, model, dtype, in_shape, sampler)
+    if config.split:
+        check_split(config.split, loaded.layers, config.stages)
+    elif config.stages > loaded.layers:
+        raise ValueError(f"model {config.model!r} has {loaded.layers} blocks, cannot make "
+                         f"{config.stages} stages (each stage needs at least one block)")
+    return loaded
+
+
+def choose_split(loaded: Loaded, costs: Sequence[float] | None = None, profile: bool = True,
+                 split: Sequence[int] | None = None) -> tuple[list[int], list[float] | None]:
+    """(split points, per-layer costs): `split` (a resumed run keeps its checkpoint's), else
+    config.split, else balanced by `costs`, or by costs measured here (balance=time, when
+    `profile`) or counted (params, layers)."""
+    config = loaded.config
+    split = split or config.split
+    if split:
+        return check_split(split, loaded.layers, config.stages), list(costs) if costs is not None else None
+    if costs is None and not (config.balance == "time" and not profile):
+        sample = loaded.train.x[:config.batch_size].to(loaded.dtype)
+        costs = layer_costs(loaded.model, config.balance, sample)
+    from dpsgs.pipeline.partition import balance as balance_costs
+
+    return balance_costs(costs if costs is not None else [1.0] * loaded.layers, config.stages), \
+        (list(costs) if costs is not None else None)
+
+
+def assemble(loaded: Loaded, split: Sequence[int], costs: Sequence[float] | None = None) -> Setup:
+    """The Setup of a loaded rank cut at `split`."""
+    split = check_split(split, loaded.layers, loaded.config.stages)
+    bounds = stage_bounds(split, loaded.layers)
+    shapes = boundary_shapes(loaded.model, loaded.in_shape, loaded.dtype)
+    out_shapes = [shapes[b - 1] for _, b in bounds]
+    return Setup(loaded.config, loaded.train, loaded.test, loaded.sampler, loaded.model, split,
+                 bounds, loaded.dtype, loaded.in_shape, out_shapes,
+                 list(costs) if costs is not None else None)
+
+
+def prepare(config: TrainConfig, model: nn.Sequential | None = None,
+            data: tuple[Dataset, Dataset] | None = None,
+            costs: Sequence[float] | None = None, profile: bool = True,
+            split: Sequence[int] | None = None) -> Setup:
+    """Data, seeded full model and split for `config`, in one process (load, choose_split,
+    assemble). `costs` (per layer) fixes the balance; without them and with balance='time',
+    layers are profiled here if `profile`. `split` overrides config.split."""
+    loaded = load(config, model, data)
+    chosen, costs = choose_split(loaded, costs, profile, split)
+    return assemble(loaded, chosen, costs)
 
 
 def segments(setup: Setup, start_epoch: int = 0) -> list[list[tuple[int, int]]]:

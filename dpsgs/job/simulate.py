@@ -1,7 +1,14 @@
-"""`--simulate`: a K x N run in one process (the pipeline's reference over the job's setup)."""
+"""`--simulate`: a K x N run in one process (the pipeline's reference over the job's setup).
+
+With config.run_dir it writes what a distributed run writes there — config.json, one
+metrics.jsonl line per step (the replicas' mean loss and accuracy) and an evaluation line,
+summary.json — in a folder that belongs to it (dpsgs.job.run_folder), so `python -m dpsgs
+plot RUN_DIR` works on it too.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -9,23 +16,75 @@ from torch import nn
 
 from dpsgs.config import TrainConfig
 from dpsgs.job.data import Dataset
+from dpsgs.job.metrics import MetricsLog
+from dpsgs.job.run_folder import RunFolder
 from dpsgs.job.run_setup import prepare
+from dpsgs.pipeline.hooks import StepHooks
 from dpsgs.pipeline.reference import Reference
 
 __all__ = ["reference_for", "simulate"]
 
 
+class _Bar(StepHooks):
+    """A progress bar over the plan steps of one virtual rank."""
+
+    def __init__(self, total: int, config: TrainConfig) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"dpsgs --simulate {config.schedule} K={config.stages} "
+                        f"N={config.replicas}", unit="step", dynamic_ncols=True)
+
+    def step_done(self, step: int) -> bool:
+        self.bar.update(1)
+        return False
+
+
 def reference_for(config: TrainConfig, model: nn.Sequential | None = None,
-                  data: tuple[Dataset, Dataset] | None = None) -> Reference:
+                  data: tuple[Dataset, Dataset] | None = None,
+                  progress: StepHooks | None = None) -> Reference:
     """The single-process reference of `config` (model/data override config.model/dataset)."""
-    return Reference(prepare(config, model, data))
+    return Reference(prepare(config, model, data), progress)
 
 
 def simulate(config: TrainConfig, model: nn.Sequential | None = None,
-             data: tuple[Dataset, Dataset] | None = None) -> dict[str, Any]:
-    """Train per `config` on K x N virtual ranks in this process; the summary dict."""
-    torch.manual_seed(config.seed)
-    ref = reference_for(config, model, data)
-    summary = ref.run()
-    summary["split"] = ref.workload.split
-    return summary
+             data: tuple[Dataset, Dataset] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train per `config` on K x N virtual ranks in this process; the summary dict. A progress
+    bar when `progress`; the run folder's files when config.run_dir is set."""
+    folder = RunFolder.open(config) if config.run_dir else None
+    try:
+        torch.manual_seed(config.seed)
+        setup = prepare(config, model, data)
+        bar = None
+        if progress:
+            from dpsgs.pipeline.schedule import fdg_steps
+
+            segs = setup.segments()
+            total = sum(len(s) if config.schedule == "sync" else fdg_steps(config.stages, len(s), config.overlap)
+                        for s in segs)
+            bar = _Bar(total, config)
+        ref = Reference(setup, bar)
+        summary = ref.run()
+        if bar is not None:
+            bar.bar.close()
+        summary["split"] = setup.split
+        if folder is not None:
+            summary["run_dir"] = config.run_dir
+            _write(folder, config, ref, summary)
+        return summary
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict[str, Any]) -> None:
+    folder.start(config, None)
+    config.save(folder.path / "config.json")
+    B, N = config.batch_size, config.replicas
+    with MetricsLog(folder.path / "metrics.jsonl") as log:
+        for h in ref.history:
+            log.write(h)
+        log.write({"step": ref.step - 1, "test_loss": summary["test_loss"],
+                   "test_accuracy": summary["test_accuracy"],
+                   "samples_per_s": summary["samples_per_s"], "global_batch": B * N})
+    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    folder.finish(summary)

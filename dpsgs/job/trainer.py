@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,33 @@ from dpsgs.comm.grid import Grid
 from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier
 from dpsgs.config import TrainConfig
-from dpsgs.job.checkpointer import Checkpointer, Position, skip_done
+from dpsgs.job.agreement import Outcome, SetupFailed, agree, job_digest
+from dpsgs.job.checkpoint import resolve_resume
+from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip_done
 from dpsgs.job.data import Dataset
+from dpsgs.job.failure import everywhere, log_traceback, report_failure
 from dpsgs.job.metrics import MetricsLog, Timeline
 from dpsgs.job.progress import ProgressReporter
 from dpsgs.job.rank_context import open_rank
-from dpsgs.job.run_setup import Setup, prepare, segments
+from dpsgs.job.run_folder import RunFolder
+from dpsgs.job.run_setup import Loaded, assemble, choose_split, load, segments
 from dpsgs.pipeline.executor import StageExecutor
 from dpsgs.pipeline.hooks import HookChain
 from dpsgs.pipeline.schedule import fdg_plan
 from dpsgs.reliability.faults import fault_hooks
+from dpsgs.reliability.preemption import PreemptionHandler
 from dpsgs.reliability.rank_map import announce_ranks
 from dpsgs.reliability.step_control import StepControl
 
-__all__ = ["Trainer", "train"]
+__all__ = ["RunFinished", "Trainer", "train"]
+
+
+class RunFinished(Exception):
+    """A resume of a run that already finished: nothing to do (the summary is attached)."""
+
+    def __init__(self, run_dir: str, summary: dict[str, Any]) -> None:
+        super().__init__(f"run folder {run_dir} holds a finished run: nothing to resume")
+        self.summary = summary
 
 
 class Trainer:
@@ -53,7 +65,14 @@ class Trainer:
     model/data override config.model/config.dataset (build `model` identically on every
     rank, e.g. under torch.manual_seed). transport: 'core' (dpsgs._C, the default),
     'mpi4py' (plain MPI baseline) or a dpsgs.comm.protocol.Transport. `hooks` are extra
-    step hooks (dpsgs.pipeline.hooks), e.g. a dpsgs.pipeline.recorder.Recorder."""
+    step hooks (dpsgs.pipeline.hooks), e.g. a dpsgs.pipeline.recorder.Recorder.
+
+    Start-up has two parts. First every rank does what it can alone — check the config, load
+    the data, build the model — and rank 0 takes the run folder (dpsgs.job.run_folder),
+    picks the checkpoint to resume from and the split (its profile, or the checkpoint's);
+    one agreement (dpsgs.job.agreement) then compares every rank's outcome and digest of the
+    job, so a failure or a disagreement anywhere is one error on every rank. Then the
+    collective part: communicators, transport, step control, the executor."""
 
     def __init__(self, config: TrainConfig, comm: Any = None, *, model: nn.Sequential | None = None,
                  data: tuple[Dataset, Dataset] | None = None, transport: str | Transport = "core",
@@ -62,29 +81,54 @@ class Trainer:
             from mpi4py import MPI
 
             comm = MPI.COMM_WORLD
-        config.validate()
         self.config = config
+        self.grid = Grid(config.stages, config.replicas)
+        self.folder: RunFolder | None = None
+        loaded, mine = None, Outcome()
+        try:
+            loaded = load(config, model, data)
+            mine.digest = job_digest(config, loaded.model, loaded.train, loaded.test)
+            if comm.Get_rank() == 0:
+                mine.decisions = self._decide(loaded)
+        except Exception as e:  # noqa: BLE001 - reported by every rank, through the agreement
+            mine.error = f"{type(e).__name__}: {e}"
+            log_traceback(e, comm.Get_rank(), config.run_dir)
+        try:
+            decided = agree(comm, self.grid, mine, config.timeout).decisions
+        except BaseException:
+            self._release_folder()
+            raise
+        if decided.get("finished"):
+            self._release_folder()
+            raise RunFinished(str(config.run_dir), decided["summary"])
+        self.run_id: str | None = decided.get("run_id")
+        self.setup = assemble(loaded, decided["split"], decided.get("costs"))
         self.ctx = ctx = open_rank(config, comm, transport)
-        self.grid, self.pycomm, self.rank = ctx.grid, ctx.pycomm, ctx.rank
+        self.pycomm, self.rank = ctx.pycomm, ctx.rank
         self.replica, self.stage = ctx.replica, ctx.stage
-        self.checkpointer = Checkpointer(config, self.grid, self.rank)
-        self.setup = self._prepare(model, data)
         if self.stage > 0:          # only stage 0 reads inputs; the last stage reads labels
             self.setup.drop_inputs()
+        resumed = decided.get("resume")
+        self.checkpointer = Checkpointer(config, self.grid, self.rank, resumed, self.run_id)
+        if self.folder is not None:
+            self.folder.start(config, resumed)
         self.timeline = Timeline(self.rank, config.trace)
         # reliability (docs/reliability.md): step-boundary vote (preemption signals, NaN/Inf
         # policy) with deadline-checked collectives, rank->pid map, fault points (only when
         # DPSGS_FAULT names this rank)
         barrier(self.pycomm, config.timeout, "start-up barrier")      # the vote's Dup has no deadline
         self.control = StepControl(self.pycomm, grid=self.grid, rank=self.rank, timeout=config.timeout,
-                                   warn_after=config.warn_after, on_nonfinite=config.on_nonfinite)
+                                   warn_after=config.warn_after, on_nonfinite=config.on_nonfinite,
+                                   preempt=_early_signals())
         announce_ranks(self.control.bounded(self.pycomm, "start-up rank map"), self.grid, config.run_dir)
         run_dir = Path(config.run_dir) if config.run_dir else None
         self.run_dir = run_dir
+        # a resumed run redoes the steps after its checkpoint: their old lines go
+        keep_below = int(decided.get("resume_step") or 0)
         self.progress = ProgressReporter(
-            config, self.pycomm, self.rank, self.replica, self.stage, self.timeline,
-            MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.rank == 0 else None),
-            MetricsLog(run_dir / f"metrics.rank{self.rank}.jsonl" if run_dir else None))
+            config, self.grid, self.pycomm, self.rank, self.timeline,
+            MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.rank == 0 else None, keep_below),
+            MetricsLog(run_dir / f"metrics.rank{self.rank}.jsonl" if run_dir else None, keep_below))
         # order matters: the step's metrics are written before the vote may stop the run
         self.executor = StageExecutor(self.setup, self.rank, ctx.transport,
                                       hooks=HookChain(fault_hooks(self.rank), self.progress,
@@ -96,16 +140,30 @@ class Trainer:
         self.global_step = 0
         self.evals: list[dict[str, Any]] = []
 
-    def _prepare(self, model: nn.Sequential | None, data: tuple[Dataset, Dataset] | None) -> Setup:
+    def _decide(self, loaded: Loaded) -> dict[str, Any]:
+        """Rank 0, before the agreement: the run folder, the checkpoint to resume, the split."""
         cfg = self.config
-        stored = self.checkpointer.stored_split()
-        if stored or cfg.split or cfg.balance != "time":
-            return prepare(cfg, model, data, split=stored)
-        # timing differs between ranks: rank 0 profiles, everyone uses its numbers
-        costs = prepare(cfg, model, data).costs if self.rank == 0 else None
-        barrier(self.pycomm, cfg.timeout, "profile broadcast")
-        costs = self.pycomm.bcast(costs, root=0)
-        return prepare(cfg, model, data, costs=costs, profile=False)
+        decided: dict[str, Any] = {"run_id": None}
+        if cfg.run_dir:
+            self.folder = RunFolder.open(cfg)
+            decided["run_id"] = self.folder.run_id
+            if self.folder.finished and not self.folder.changes:
+                summary = self.folder.path / "summary.json"
+                decided.update(finished=True, summary=json.loads(summary.read_text()) if summary.exists() else {})
+                return decided
+        resume = resolve_resume(cfg.resume, cfg.run_dir, decided["run_id"], cfg.resume_fallback,
+                                note=lambda text: print(f"dpsgs: {text}", file=sys.stderr, flush=True))
+        stored = None
+        if resume is not None:
+            plan = checkpoint_plan(resume, self.grid)
+            decided.update(resume=str(resume), resume_step=plan["global_step"])
+            stored = plan["split"]
+        decided["split"], decided["costs"] = choose_split(loaded, split=stored)
+        return decided
+
+    def _release_folder(self) -> None:
+        if self.folder is not None:
+            self.folder.close()
 
     # -- public --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -124,7 +182,6 @@ class Trainer:
         self.position = self.checkpointer.resume(ex, self.setup.split)
         self.global_step = self.position.global_step
         if self.rank == 0 and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
         segs = skip_done(segments(self.setup, self.position.epoch), self.position.batch)
         K = cfg.stages
@@ -133,8 +190,10 @@ class Trainer:
         t0 = time.perf_counter()
         iterations = 0
         test: dict[str, float] = {}
+        finished = False
         for i, seg in enumerate(segs):
             first = self.global_step
+            self.progress.epoch = seg[0][0]
             if cfg.schedule == "fdg":
                 plan = fdg_plan(K, len(seg), cfg.overlap)
                 cut = ex.run_fdg(plan, seg, first)
@@ -143,7 +202,7 @@ class Trainer:
                 cut = ex.run_sync(seg, first)
                 self.global_step += len(seg)
             iterations += len(seg)
-            self.progress.end_segment(seg, self.control.bounded(self.pycomm, "per-step loss gather"))
+            self.progress.end_segment()
             epoch = seg[-1][0]
             epoch_done = seg[-1][1] == self.setup.batches_per_epoch - 1
             is_final = i == len(segs) - 1
@@ -160,11 +219,14 @@ class Trainer:
             if cfg.run_dir and (is_final or (epoch_done and cfg.checkpoint_every
                                              and (epoch + 1) % cfg.checkpoint_every == 0)):
                 self._checkpoint(seg, iterations)
+            finished = is_final
         seconds = time.perf_counter() - t0
         self.progress.close()
         summary = self._summary(seconds, iterations, test)
         if self.rank == 0 and self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            if self.folder is not None and (finished or not segs):
+                self.folder.finish(summary)
         self.close()
         return summary
 
@@ -205,40 +267,42 @@ class Trainer:
         self.progress.job_log.close()
         self.progress.rank_log.close()
         self.ctx.close()
+        self._release_folder()
 
 
-def _raised_everywhere(e: BaseException) -> bool:
-    """Errors every rank raises at the same point (agreed by a vote or a collective)."""
-    from dpsgs.job.checkpoint import CheckpointError
-    from dpsgs.reliability.guards import NonFiniteError
+def _early_signals() -> PreemptionHandler | None:
+    """The handler the CLI installed at start-up (signals before training are kept), if any."""
+    from dpsgs.reliability.preemption import installed_handler
 
-    return isinstance(e, (NonFiniteError, CheckpointError))
+    return installed_handler()
 
 
 def train(config: TrainConfig, comm: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Train per `config` on `comm` (any mpi4py communicator; default COMM_WORLD) and return
-    the summary on every rank. A wrong world size raises ValueError on every rank; any other
-    failure is reported with rank/replica/stage and aborts the job (no rank is left waiting)."""
+    the summary on every rank. Errors (docs/errors.md): one clear line on stderr — from rank
+    0 when every rank raised it (a bad setting, ranks that disagree, a NaN/Inf stop), else
+    from the rank that saw it — and its traceback in RUN_DIR/logs/rank{R}.log. An error all
+    ranks share is raised on each (the caller decides); any other aborts the job, so no rank
+    is left waiting. A resume of a finished run returns its summary and changes nothing."""
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
     grid = Grid(config.stages, config.replicas)
-    grid.check_world(comm.Get_size())
+    rank = comm.Get_rank()
     try:
+        try:
+            grid.check_world(comm.Get_size())
+        except ValueError as e:
+            raise SetupFailed(str(e)) from None
         return Trainer(config, comm, **kwargs).fit()
+    except RunFinished as done:
+        if rank == 0:
+            print(f"dpsgs: {done}", file=sys.stderr, flush=True)
+        return done.summary
     except Exception as e:
-        rank = comm.Get_rank()
-        print(f"dpsgs: {grid.label(rank)} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        traceback.print_exc(file=sys.stderr)
-        sys.stderr.flush()
-        if comm.Get_size() > 1 and _raised_everywhere(e):
-            # every rank raises this one together (after a vote): let each print its own
-            # message before the first abort ends the job (bounded: never a hang)
-            try:
-                barrier(comm, 10.0, "error report")
-            except Exception:
-                pass
-        if comm.Get_size() > 1:
+        label = grid.label(rank) if rank < grid.size else f"rank {rank}"
+        report_failure(e, rank, label, config.run_dir)
+        if comm.Get_size() > 1 and not everywhere(e):
             abort_job(1)
         raise

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:      # the hooks load without torch: the CLI installs signal handlers first
+    import torch
 
 __all__ = ["StepHooks", "HookChain", "Spans", "NoSpans"]
 

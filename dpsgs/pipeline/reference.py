@@ -22,6 +22,7 @@ import torch
 
 from dpsgs.comm.loopback import LoopbackGroup, PeerFailed
 from dpsgs.pipeline.executor import StageExecutor
+from dpsgs.pipeline.hooks import HookChain, StepHooks
 from dpsgs.pipeline.recorder import Recorder, observed_staleness
 from dpsgs.pipeline.schedule import fdg_plan
 from dpsgs.pipeline.workload import Workload
@@ -34,7 +35,7 @@ Segment = list[tuple[int, int]]
 class Reference:
     """K x N virtual ranks of `workload`; `run(segments)` trains and returns the summary."""
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: Workload, progress: StepHooks | None = None) -> None:
         cfg = workload.config
         if cfg.schedule not in ("fdg", "sync"):
             raise ValueError(f"schedule must be fdg or sync, got {cfg.schedule!r}")
@@ -42,8 +43,10 @@ class Reference:
         K, N = cfg.stages, cfg.replicas
         self.group = LoopbackGroup(K, N, timeout=cfg.timeout)
         self.recorder = Recorder()
+        # `progress` (e.g. a bar) hears replica 0's last stage: one step_done per plan step
         self.executors = [[StageExecutor(workload, r * K + k, self.group.transport(r * K + k),
-                                         hooks=self.recorder.for_replica(r))
+                                         hooks=HookChain(self.recorder.for_replica(r),
+                                                         progress if (r, k) == (0, K - 1) else None))
                            for k in range(K)] for r in range(N)]
         self.history: list[dict[str, Any]] = []
         self.step = 0          # plan steps run (over all segments)

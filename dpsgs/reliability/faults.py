@@ -32,8 +32,9 @@ __all__ = ["ENV_VAR", "PHASES", "KINDS", "Fault", "FaultHooks", "FaultInjected",
 
 ENV_VAR = "DPSGS_FAULT"
 # Phase boundaries the trainer marks. `warmup` is marked at the top of each step while the
-# pipeline fills, so a warm-up fault hits before the first update of every stage.
-PHASES = ("warmup", "forward", "backward", "reduce", "flush", "eval", "save")
+# pipeline fills, so a warm-up fault hits before the first update of every stage; `end` after
+# training, before the CLI's end-of-job agreement (step 0).
+PHASES = ("warmup", "forward", "backward", "reduce", "flush", "eval", "save", "end")
 KINDS = ("sigkill", "exception", "oom", "exit", "hang", "sigterm")
 EXIT_CODE = 17          # kind=exit: distinctive, so logs tell it from a crash
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-__all__ = ["DEFAULT_SIGNALS", "PreemptionHandler", "signal_name"]
+__all__ = ["DEFAULT_SIGNALS", "PreemptionHandler", "install_early", "installed_handler", "signal_name"]
 
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -64,3 +64,23 @@ class PreemptionHandler:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+_early: PreemptionHandler | None = None
+
+
+def install_early(signals: Sequence[int] = DEFAULT_SIGNALS) -> PreemptionHandler:
+    """Install the handler at the very start of a process that owns its job (the CLI), so a
+    signal during start-up takes the clean path too: the job stops at its first agreed step
+    boundary. The trainer's step control takes this handler over (installed_handler)."""
+    global _early
+    if _early is None:
+        _early = PreemptionHandler(signals).install()
+    return _early
+
+
+def installed_handler() -> PreemptionHandler | None:
+    """The handler install_early put in place (taken: a later job installs its own)."""
+    global _early
+    handler, _early = _early, None
+    return handler

@@ -211,6 +211,6 @@ def test_sigterm_exits_zero_with_a_resumable_checkpoint(tmp_path: Path):
     for s in range(k):
         assert load_checkpoint(ckpt, _Grid(k, n), s)
     resumed = _train(k, n, tmp_path, "--resume", "auto", "--max-steps", str(stopped + 8),
-                     epochs=200)
+                     "--override", "max_steps", epochs=200)
     assert resumed.returncode == 0, _tail(resumed)
     assert read_manifest(latest_checkpoint(tmp_path))["meta"].get("step") > stopped

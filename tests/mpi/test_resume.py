@@ -20,7 +20,7 @@ def test_resumed_run_continues_the_step_numbering(tmp_path: Path) -> None:
     assert first.returncode == 0, _tail(first)
     files = ["metrics.jsonl", *(f"metrics.rank{r}.jsonl" for r in range(k * n))]
     before = {f: read_metrics(tmp_path / f) for f in files}
-    resumed = _train(k, n, tmp_path, "--resume", "auto", epochs=3)
+    resumed = _train(k, n, tmp_path, "--resume", "auto", "--override", "epochs", epochs=3)
     assert resumed.returncode == 0, _tail(resumed)
     for f in files:
         old, new = before[f], read_metrics(tmp_path / f)[len(before[f]):]
@@ -31,16 +31,19 @@ def test_resumed_run_continues_the_step_numbering(tmp_path: Path) -> None:
 
 def test_resume_keeps_the_checkpoints_split_under_balance_time(tmp_path: Path) -> None:
     k, n = 2, 1
-    # [3] leaves only the tiny output layer to stage 1: a time balance never picks it
-    first = _train(k, n, tmp_path, "--split", "3", epochs=1)
+    # balanced by parameter count, [3] leaves only the tiny output layer to stage 1: a time
+    # balance never picks it; the balance is operational, the split comes from the checkpoint
+    first = _train(k, n, tmp_path, "--balance", "params", epochs=1)
     assert first.returncode == 0, _tail(first)
-    resumed = _train(k, n, tmp_path, "--balance", "time", "--resume", "auto", epochs=2)
+    split = json.loads((tmp_path / "summary.json").read_text())["split"]
+    resumed = _train(k, n, tmp_path, "--balance", "time", "--resume", "auto", "--override", "epochs",
+                     epochs=2)
     assert resumed.returncode == 0, _tail(resumed)
-    assert json.loads((tmp_path / "summary.json").read_text())["split"] == [3]
-    assert read_manifest(latest_checkpoint(tmp_path))["meta"]["split"] == [3]
-    clash = _train(k, n, tmp_path, "--split", "2", "--resume", "auto", epochs=3)
+    assert json.loads((tmp_path / "summary.json").read_text())["split"] == split
+    assert read_manifest(latest_checkpoint(tmp_path))["meta"]["split"] == split
+    clash = _train(k, n, tmp_path, "--split", "1", "--resume", "auto", "--override", "epochs", epochs=3)
     assert clash.returncode != 0
-    assert "was saved with split=[3], this run has split=[2]" in clash.stderr, _tail(clash)
+    assert "with other identity settings: --split was None, now [1]" in clash.stderr, _tail(clash)
 
 
 def test_final_checkpoint_mid_epoch_gets_its_own_tag(tmp_path: Path) -> None:
@@ -49,14 +52,14 @@ def test_final_checkpoint_mid_epoch_gets_its_own_tag(tmp_path: Path) -> None:
     assert epoch_end.returncode == 0, _tail(epoch_end)
     epoch1 = tmp_path / "checkpoints" / "epoch1" / "manifest.json"
     saved = epoch1.read_bytes()
-    mid = _train(k, n, tmp_path, "--resume", "auto", "--max-steps", "12")
+    mid = _train(k, n, tmp_path, "--resume", "auto", "--max-steps", "12", "--override", "max_steps")
     assert mid.returncode == 0, _tail(mid)
     assert epoch1.read_bytes() == saved
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt == tmp_path / "checkpoints" / "e1b4", (ckpt, _tail(mid))
     meta = read_manifest(ckpt)["meta"]
     assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 4, 12), meta
-    rest = _train(k, n, tmp_path, "--resume", "auto")
+    rest = _train(k, n, tmp_path, "--resume", "auto", "--override", "max_steps")
     assert rest.returncode == 0, _tail(rest)
     assert f"resumed from {ckpt}" in rest.stderr, _tail(rest)
     assert json.loads((tmp_path / "summary.json").read_text())["iterations"] == 3 * 8 - 12

@@ -47,6 +47,7 @@ def test_wrong_world_size_every_rank():
     for rank in range(3):
         assert (f"rank {rank}: ValueError: world size 3 does not match the grid: "
                 f"K*N = 2*2 = 4 ranks needed") in r.stdout
+    assert r.stderr.count("dpsgs: error: world size 3 does not match") == 1, r.tail()
 
 
 def test_embedded_on_sub_communicator():
@@ -57,8 +58,10 @@ def test_embedded_on_sub_communicator():
     assert "steps=8" in lines[0] and acc0 == acc1           # 6 batches + 2(K-1) flush steps
 
 
-def test_failing_rank_aborts_job():
+def test_a_rank_with_another_model_is_named_at_start_up():
     r = run_ranks(2, "trainer_cases.py", "bad_peer", CORE, timeout=120, expect_ok=False)
     assert r.returncode != 0
     assert r.seconds < 100
-    assert "rank 1 (replica 0, stage 1) failed" in r.stderr
+    assert ("the ranks do not run the same job: the model's parameter shapes differ between "
+            "rank 0 (replica 0, stage 0) and rank 1 (replica 0, stage 1)") in r.stderr, r.tail()
+    assert r.stderr.count("dpsgs: error:") == 1, r.tail()

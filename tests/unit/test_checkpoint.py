@@ -37,8 +37,9 @@ def state(v: float) -> dict:
             "rng": torch.get_rng_state()}
 
 
-def save(run: Path, tag: str, v: float, model: str = "mlp") -> Path:
-    return save_checkpoint(run, tag, ONE, 0, state(v), {"model": model, "step": int(v)}, None)
+def save(run: Path, tag: str, v: float, model: str = "mlp", run_id: str | None = None) -> Path:
+    meta = {"model": model, "step": int(v), **({"run_id": run_id} if run_id else {})}
+    return save_checkpoint(run, tag, ONE, 0, state(v), meta, None)
 
 
 def test_round_trip_bit_exact(tmp_path: Path) -> None:
@@ -56,21 +57,46 @@ def test_round_trip_bit_exact(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "stage0.pt"]
 
 
-def test_latest_skips_incomplete_and_prefers_higher_step(tmp_path: Path) -> None:
+def test_latest_skips_uncommitted_but_never_a_damaged_committed_one(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) is None
     save(tmp_path, "b", 2.0)
-    save(tmp_path, "a", 5.0)                      # newer by step even though its name sorts first
+    save(tmp_path, "a", 5.0)                      # newer by commit even though its name sorts first
     save(tmp_path, "c", 9.0)
     (tmp_path / "checkpoints" / "c" / "manifest.json").unlink()        # interrupted save
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "a"
     (tmp_path / "checkpoints" / "a" / "stage0.pt").write_bytes(b"short")  # truncated shard
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "b"
-    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / "b"
-    assert resolve_resume(str(tmp_path), None) == tmp_path / "checkpoints" / "b"
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/a cannot be resumed: shard .*/a/stage0.pt "
+                                              r"is truncated or overwritten: 5 bytes.*--resume-fallback"):
+        latest_checkpoint(tmp_path)
+    notes: list[str] = []
+    assert latest_checkpoint(tmp_path, fallback=True, note=notes.append) == tmp_path / "checkpoints" / "b"
+    assert len(notes) == 1 and "checkpoints/a cannot be resumed" in notes[0] and "skipped" in notes[0]
+    assert resolve_resume("auto", tmp_path, fallback=True, note=notes.append) == tmp_path / "checkpoints" / "b"
+    assert resolve_resume(str(tmp_path), None, fallback=True, note=notes.append) == tmp_path / "checkpoints" / "b"
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        resolve_resume(str(tmp_path / "checkpoints" / "a"), None)
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume("auto", tmp_path / "fresh") is None          # nothing yet: start anew
     with pytest.raises(CheckpointError, match="--resume auto needs --run-dir"):
         resolve_resume("auto", None)
+
+
+def test_every_damage_is_named_and_all_damaged_is_an_error(tmp_path: Path) -> None:
+    save(tmp_path, "e0", 1.0)
+    save(tmp_path, "e1", 2.0)
+    (tmp_path / "checkpoints" / "e1" / "stage0.pt").unlink()                  # deleted shard
+    with pytest.raises(CheckpointError, match=r"e1 cannot be resumed: shard .*stage0.pt is missing"):
+        latest_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "e0" / "manifest.json").write_text("{ torn")  # corrupt manifest
+    with pytest.raises(CheckpointError, match=r"no checkpoint can be resumed: (?=.*e1.*missing)(?=.*e0.*corrupt)"):
+        latest_checkpoint(tmp_path, fallback=True)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
+    save(tmp_path, "x", 1.0, run_id="run-A")
+    assert latest_checkpoint(tmp_path, run_id="run-A") == tmp_path / "checkpoints" / "x"
+    with pytest.raises(CheckpointError, match="belongs to run run-A, not to this folder's run run-B"):
+        latest_checkpoint(tmp_path, run_id="run-B")
 
 
 def test_resaving_a_tag_uncommits_it_first(tmp_path: Path) -> None:
@@ -109,8 +135,6 @@ def test_truncated_and_corrupt_shards_name_the_file(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text("{ torn")
     with pytest.raises(CheckpointError, match=r"manifest '.*manifest.json' is corrupt"):
         load_checkpoint(folder, ONE, 0)
-    shard.unlink()
-    assert latest_checkpoint(tmp_path) is None
 
 
 def test_mismatched_grid_and_model_name_both(tmp_path: Path) -> None:

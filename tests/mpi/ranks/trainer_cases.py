@@ -2,8 +2,8 @@
 
     world_size   call train() with K*N != world size; every rank prints its ValueError
     embedded     ranks 0-1 train K=2 x N=1 on a split of COMM_WORLD while rank 2 works alone
-    bad_peer     stage 1 builds a model with another boundary shape: the header check fails
-                 on the receiver, train() reports rank/stage and aborts the whole job
+    bad_peer     stage 1 builds a model with other parameter shapes: the start-up agreement
+                 names both ranks, on every rank, before any batch moves
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
                                   nn.Linear(8, 3))
         train(toy_config(stages=2, replicas=1, split=[2]), world, model=model,
               data=toy_data(), transport=transport)
-        raise SystemExit(f"rank {world.rank}: the mismatch went unnoticed")
+        raise SystemExit(f"rank {world.rank}: the mismatch went unnoticed")   # train() raised instead
     raise SystemExit(f"unknown case {case!r}")
 
 
