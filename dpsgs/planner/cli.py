@@ -1,4 +1,4 @@
-"""`python -m dpsgs plan`: predict the step time of every K x N grid on a cluster, recommend one.
+r"""`python -m dpsgs plan`: predict the step time of every K x N grid on a cluster, recommend one.
 
     python -m dpsgs plan --model resnet56 --gpus 16 --gpus-per-node 4 --intra-bw 100e9 \
         --inter-bw 12.5e9 --alpha-intra 5e-6 --alpha-inter 2e-5 --batch 128 --profile
@@ -24,37 +24,66 @@ from dpsgs.planner.recommend import Candidate, candidates, recommend
 __all__ = ["main", "build_parser"]
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The description's command lines as written, and "(default: X)" after each option's
+    help, except where the help already states its default or there is none to state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False):
+            return text
+        if isinstance(action.default, float):   # 1e+11, not 100000000000.0
+            return text + " (default: %(default)g)"
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpsgs plan", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="dpsgs plan", description=__doc__,
+                                formatter_class=_HelpFormatter)
     p.add_argument("--model", default="resnet56", help="a dpsgs.job.models name")
-    p.add_argument("--in-shape", default="3,32,32", help="input shape without batch (C,H,W)")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--gpus", type=int, default=8, help="devices = K x N ranks")
-    p.add_argument("--gpus-per-node", type=int, default=4)
+    p.add_argument("--in-shape", default="3,32,32",
+                   help="shape of one input sample, without the batch dimension (C,H,W)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes the model outputs")
+    p.add_argument("--gpus", type=int, default=8,
+                   help="devices in the cluster, one rank each (= K x N)")
+    p.add_argument("--gpus-per-node", type=int, default=4, help="devices per node")
     p.add_argument("--nics-per-node", type=int, default=1,
                    help="NICs per node; concurrent cross-node rings share them")
-    p.add_argument("--intra-bw", type=float, default=100e9, help="bytes/s inside a node")
-    p.add_argument("--inter-bw", type=float, default=12.5e9, help="bytes/s of one NIC")
-    p.add_argument("--alpha-intra", type=float, default=5e-6, help="s per message in a node")
-    p.add_argument("--alpha-inter", type=float, default=2e-5, help="s per message across")
-    p.add_argument("--batch", type=int, default=128,
-                   help="global batch per step, the same for every K x N (per replica B/N)")
+    p.add_argument("--intra-bw", type=float, default=100e9, metavar="BYTES/S",
+                   help="bandwidth between two devices of a node, bytes/s")
+    p.add_argument("--inter-bw", type=float, default=12.5e9, metavar="BYTES/S",
+                   help="bandwidth of one NIC between nodes, bytes/s")
+    p.add_argument("--alpha-intra", type=float, default=5e-6, metavar="SECONDS",
+                   help="latency inside a node, seconds per message")
+    p.add_argument("--alpha-inter", type=float, default=2e-5, metavar="SECONDS",
+                   help="latency between nodes, seconds per message")
+    p.add_argument("--batch", type=int, default=128, metavar="SAMPLES",
+                   help="global batch, samples per step, the same for every K x N "
+                        "(each replica takes batch/N samples)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--profile", action="store_true",
                      help="profile the model's layers here (the default without --layer-times)")
     src.add_argument("--layer-times", metavar="FILE", help="per-layer profile JSON (see docs)")
     p.add_argument("--save-profile", metavar="FILE", help="write the profile used as JSON")
-    p.add_argument("--profile-reps", type=int, default=2)
+    p.add_argument("--profile-reps", type=int, default=2,
+                   help="timed repetitions of each layer and batch size while profiling")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while profiling")
     p.add_argument("--compute-scale", type=float, default=1.0,
-                   help="multiply profiled times (e.g. CPU here -> target device ratio)")
-    p.add_argument("--stash", choices=("weights", "recompute"), default="weights")
-    p.add_argument("--overlap", choices=("none", "backward", "step"), default="backward")
-    p.add_argument("--micro-batches", type=int, default=4, help="gpipe/1f1b micro-batches")
+                   help="factor on the profiled seconds: target device time / this "
+                        "machine's (e.g. 0.05 for a device 20x faster)")
+    p.add_argument("--stash", choices=("weights", "recompute"), default="weights",
+                   help="fdg: keep the weight versions of in-flight batches, or recompute "
+                        "their activations")
+    p.add_argument("--overlap", choices=("none", "backward", "step"), default="backward",
+                   help="compute the all-reduce hides behind: none, the backward pass "
+                        "(DDP buckets), or the whole step")
+    p.add_argument("--micro-batches", type=int, default=4,
+                   help="gpipe/1f1b micro-batches per step")
     p.add_argument("--schedules", default="fdg,1f1b,gpipe",
-                   help="schedules to consider for K > 1 (K = 1 is always DDP)")
-    p.add_argument("--memory-limit", type=float, help="bytes per device (skip larger)")
+                   help="comma-separated schedules to consider for K > 1 (K = 1 is always DDP)")
+    p.add_argument("--memory-limit", type=float, metavar="BYTES",
+                   help="bytes per device; skip configurations needing more (default: no limit)")
     p.add_argument("--json", metavar="FILE", help="write every prediction as JSON")
     p.add_argument("--validate", metavar="RESULTS", nargs="+",
                    help="predict the configurations measured by `python -m dpsgs.bench.train` "

@@ -226,3 +226,32 @@ def test_layer_times_file_round_trip_and_cli(tmp_path, capsys) -> None:
     doc = json.loads(out.read_text())
     assert doc["recommended"].startswith("fdg K=8")
     assert {c["label"] for c in doc["candidates"]} >= {"ddp N=8", "fdg K=2 N=4 weights"}
+
+
+def test_plan_help_shows_defaults_with_units(capsys, monkeypatch) -> None:
+    from dpsgs import cli
+
+    monkeypatch.setenv("COLUMNS", "100")               # the same wrapping whatever the tty
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--help"])                   # = python -m dpsgs plan --help
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    lines: dict[str, str] = {}                         # option -> its entry, unwrapped
+    for ln in out.split("\noptions:\n")[1].splitlines():
+        if ln.startswith("  -"):
+            flag = ln.split()[0]
+        lines[flag] = " ".join((lines.get(flag, "") + " " + ln).split())
+    assert lines["--inter-bw"].endswith("between nodes, bytes/s (default: 1.25e+10)")
+    assert lines["--intra-bw"].endswith("bytes/s (default: 1e+11)")
+    assert lines["--alpha-inter"].endswith("seconds per message (default: 2e-05)")
+    assert "samples per step" in lines["--batch"] and lines["--batch"].endswith("(default: 128)")
+    assert lines["--memory-limit"].endswith("bytes per device; skip configurations needing "
+                                            "more (default: no limit)")
+    assert lines["--stash"].endswith("(default: weights)")
+    # no default to state (None, store_true) or stated in the help: nothing appended
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert lines["--profile"].endswith("(the default without --layer-times)")
+    assert lines["--json"] == "--json FILE write every prediction as JSON"
+    # the description's command lines, as written
+    assert "--intra-bw 100e9 \\\n        --inter-bw 12.5e9" in out
+    assert "python -m dpsgs plan --validate bench/results/train-cnn.json" in out
