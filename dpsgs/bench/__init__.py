@@ -3,7 +3,8 @@
 Communication (`python -m dpsgs.bench.comm`): `harness` (sizes, timing, tables, JSON,
 verification), `p2p` (channel latency and bandwidth), `allreduce` (time/algbw/busbw),
 `overlap` (OSU overlap %), `report` (side-by-side tables, summary), `comm` (entry point).
-Training (`python -m dpsgs.bench.train`): the `train*` and `tta` modules.
+Training (`python -m dpsgs.bench.train`): the `train*` and `tta` modules. Both write through
+`outputs`: a new run-specific name by default, never over another run's results.
 """
 
-__all__ = ["allreduce", "comm", "harness", "overlap", "p2p", "report"]
+__all__ = ["allreduce", "comm", "harness", "outputs", "overlap", "p2p", "report"]

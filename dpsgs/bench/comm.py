@@ -1,13 +1,16 @@
 """Communication benchmark entry point: p2p, all-reduce and overlap, dpsgs vs raw mpi4py.
 
     mpirun -n 2 python -m dpsgs.bench.comm                      # 8 B .. 64 MiB, x4
+    mpirun -n 2 python -m dpsgs.bench.comm --check --out bench/results/comm-2ranks.json --force
     mpirun -n 2 python -m dpsgs.bench.comm -b 8 -e 64M -f 4 -n 20 -w 5 --check --out FILE
     mpirun -n 2 python -m dpsgs.bench.comm --raw-only -e 1M     # mpi4py side only
     python -m dpsgs bench comm ...                              # the same, via the CLI
 
 Prints nccl-tests/OSU-style tables with dpsgs and raw side by side and ratio columns,
-then summary lines; rank 0 writes JSON (machine info, command line, every row) to --out
-(default bench/results/comm-<np>ranks.json). Exit 1 when --check finds wrong data.
+then summary lines; rank 0 writes JSON (machine info, command line, every row) to --out,
+by default a new file per run, runs/bench/comm-<np>ranks-<YYYYmmdd-HHMMSS>.json (the
+published figures in bench/results are written only when named). An --out that exists is
+refused (exit 2) unless --force. Exit 1 when --check finds wrong data.
 """
 
 from __future__ import annotations
@@ -21,20 +24,29 @@ from typing import Any
 from dpsgs.comm.abort import abort_job
 from .harness import MIB, BenchContext, add_common_args, command_line, machine_info, \
     parse_size, size_sweep, write_json
+from .outputs import RUNS, existing_error, stamp
 from .report import print_tables, summarize, summary_lines
 
-__all__ = ["SECTIONS", "build_parser", "default_out", "main"]
+__all__ = ["SECTIONS", "build_parser", "default_out", "main", "resolve_out"]
 
 SECTIONS = ("p2p", "allreduce", "overlap")
 SUMMARY_SIZES = (8, MIB, 64 * MIB)
 
 
-def default_out(nprocs: int) -> Path:
-    """bench/results/comm-<np>ranks.json in the repository when run from a checkout,
-    else under the current directory."""
-    repo = Path(__file__).resolve().parents[2]
-    root = repo if (repo / "bench").is_dir() else Path.cwd()
-    return root / "bench" / "results" / f"comm-{nprocs}ranks.json"
+def default_out(nprocs: int, when: str | None = None) -> Path:
+    """runs/bench/comm-<np>ranks-<when>.json under the current directory; `when` defaults
+    to now (YYYYmmdd-HHMMSS), so each run gets its own file."""
+    return RUNS / f"comm-{nprocs}ranks-{when or stamp()}.json"
+
+
+def resolve_out(out: str | None, force: bool, nprocs: int) -> tuple[str | None, str | None]:
+    """(the JSON path, None for '-'; the one-line refusal, or None). Rank 0 decides and
+    broadcasts it, so every rank agrees on the name and on exiting."""
+    if out == "-":
+        return None, None
+    if out is None:
+        return str(default_out(nprocs)), None
+    return out, existing_error("dpsgs.bench.comm", [Path(out)], force)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0,
                    help="dpsgs wait deadline in seconds (default 120)")
     p.add_argument("--out", default=None,
-                   help="JSON output (default bench/results/comm-<np>ranks.json); '-' for none")
+                   help="JSON output (default: a new runs/bench/comm-<np>ranks-<YYYYmmdd-"
+                        "HHMMSS>.json); '-' for none; an existing file is refused")
+    p.add_argument("--force", action="store_true",
+                   help="let --out overwrite an existing file (e.g. the published results)")
     return p
 
 
@@ -75,6 +90,13 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise SystemExit(f"--only: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    # before any work: a run that would overwrite another's results stops here, on all ranks
+    out, refused = comm.bcast(resolve_out(args.out, args.force, comm.Get_size())
+                              if comm.Get_rank() == 0 else None, root=0)
+    if refused:
+        if comm.Get_rank() == 0:
+            print(refused, file=sys.stderr, flush=True)
+        return 2
     dp, dp_info = None, None
     if not args.raw_only:
         try:
@@ -115,8 +137,7 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
         print_tables(results, ctx.size, dp is not None)
         for line in summary_lines(summary, ctx.size, args, info):
             print(line)
-        out = args.out if args.out is not None else str(default_out(ctx.size))
-        if out != "-":
+        if out is not None:
             data = {"benchmark": "dpsgs.bench.comm", "format": 1,
                     "command": command_line("dpsgs.bench.comm", argv, ctx.size),
                     "argv": list(argv), "process_argv": [sys.executable, *sys.argv],
@@ -124,7 +145,8 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
                     "dpsgs": dp is not None, "checked": args.check, "sizes": sizes,
                     **results, "summary": summary, "wrong": wrong,
                     "ok": (wrong == 0) if args.check else None}
-            print(f"# JSON: {write_json(out, data)}", flush=True)
+            path = write_json(out, data, overwrite=args.force and args.out is not None)
+            print(f"# JSON: {path}", flush=True)
     comm.Barrier()
     return 1 if args.check and wrong else 0
 

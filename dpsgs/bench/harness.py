@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .outputs import write_new
+
 __all__ = [
     "KIB", "MIB", "PERIOD", "BenchContext", "Timing", "Table", "add_common_args",
     "command_line", "count_wrong", "fmt_num", "format_size", "iters_for", "machine_info",
@@ -283,12 +285,17 @@ def machine_info(comm: Any, dp_info: dict[str, Any] | None = None) -> dict[str, 
     }
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write `data` (no NaN: missing values are None) atomically enough for one writer."""
+def write_json(path: str | Path, data: dict[str, Any], overwrite: bool = True) -> Path:
+    """Write `data` (no NaN: missing values are None) atomically enough for one writer.
+    overwrite=False never replaces a file: a name taken meanwhile (a concurrent run) gets
+    -2, -3, ... instead. Returns the path written."""
     out = Path(path)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    if not overwrite:
+        return write_new(out, text)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    tmp.write_text(text)
     tmp.replace(out)
     return out
 

@@ -1,6 +1,6 @@
 """Training throughput of dpsgs against its peers on the same cores, model, global batch and data.
 
-    python -m dpsgs.bench.train --workload all --steps 30 --out bench/results/
+    python -m dpsgs.bench.train --workload all --steps 30 --out bench/results/ --force
     python -m dpsgs.bench.train --workload cnn --only backprop-1rank,dpsgs-fdg-weights
 
 Each configuration runs in its own process group (mpirun for multi-rank ones) with a
@@ -9,7 +9,9 @@ samples/s (median and IQR over the steps after warm-up), speedup over 1-rank bac
 scaling efficiency, the per-stage compute/channel/reduce split and exposed communication
 (dpsgs metrics; DDP: step - no_sync step), and stash memory. Results go to
 OUT/train-WORKLOAD.json and OUT/train-WORKLOAD*.png; a configuration that cannot run here
-is kept in the JSON and the table with the reason.
+is kept in the JSON and the table with the reason. OUT is by default a new folder per run,
+runs/bench/train-<YYYYmmdd-HHMMSS>/; an --out already holding any of those files (e.g. the
+published bench/results) is refused (exit 2) unless --force.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import launch, runner_command
+from .outputs import existing_error, out_folder
 from .train_configs import WORKLOADS, BenchConfig, Workload, bench_configs, unavailable_reason
 from .train_stats import derive
 
@@ -219,6 +222,13 @@ def _table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _outputs(out: Path, workloads: list[str], plots: bool) -> list[Path]:
+    """The files a run of `workloads` writes into `out`."""
+    stems = [f"train-{w}" for w in workloads]
+    pngs = [out / f"{s}{tail}.png" for s in stems for tail in ("", "-split")] if plots else []
+    return [out / f"{s}.json" for s in stems] + pngs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dpsgs.bench.train",
                                 description=__doc__.splitlines()[0])
@@ -232,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every configuration this many times, interleaved, steps pooled")
-    p.add_argument("--out", default="bench/results", help="folder for JSON and PNG")
+    p.add_argument("--out", help="folder for JSON and PNG (default: a new runs/bench/"
+                                 "train-<YYYYmmdd-HHMMSS>/); refused if it holds this run's "
+                                 "files already")
+    p.add_argument("--force", action="store_true",
+                   help="let --out overwrite existing results (e.g. the published ones)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     configs = bench_configs(a.micro_batches)
@@ -243,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown configuration(s) {unknown}; known: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in want]
     names = list(WORKLOADS) if a.workload == "all" else [a.workload]
+    if a.out:       # checked before minutes of runs, not when writing
+        refused = existing_error("dpsgs.bench.train",
+                                 _outputs(Path(a.out), names, not a.no_plot), a.force)
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
+    out = out_folder(a.out, "train")
     from .harness import write_json
 
     for name in names:
@@ -250,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.batch or a.model:
             w = Workload(w.name, a.model or w.model, w.in_shape, a.batch or w.batch, w.why)
         doc = run_workload(w, configs, a.steps, a.warmup, a.timeout, a.repeat)
-        path = write_json(Path(a.out) / f"train-{name}.json", doc)
+        path = write_json(out / f"train-{name}.json", doc, overwrite=a.force)
         print(_table(doc))
         print(f"# wrote {path}")
         if not a.no_plot:
             from .train_plot import plot_workload
-            for png in plot_workload(doc, Path(a.out)):
+            for png in plot_workload(doc, out):
                 print(f"# wrote {png}")
     return 0
 

@@ -1,8 +1,8 @@
 """Time to accuracy: wall time and epochs of fdg, sync, dpsgs data-parallel and DDP to one accuracy.
 
-    python -m dpsgs.bench.tta --dataset digits --epochs 20 --target 0.95 --out bench/results/
+    python -m dpsgs.bench.tta --dataset digits --epochs 20 --target 0.95
     python -m dpsgs.bench.tta --dataset digits --model resnet20 --epochs 10 --target 0.95 \
-        --out bench/results/
+        --out bench/results/ --force
     python -m dpsgs.bench.tta --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
         --model resnet20 --batch 128 --epochs 30 --target 0.85
 
@@ -10,7 +10,9 @@ Every configuration trains the same model from the same seed on the same data, w
 global batch, optimizer and learning-rate schedule, on 2 ranks (the 1-rank backprop
 reference on one); the test set is evaluated after every epoch, and training seconds exclude
 evaluation. Writes OUT/tta-DATASET-MODEL.json and OUT/tta-DATASET-MODEL.png (accuracy vs
-wall time).
+wall time). OUT is by default a new folder per run, runs/bench/tta-<YYYYmmdd-HHMMSS>/; an
+--out already holding those files (e.g. the published bench/results) is refused (exit 2)
+unless --force.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import launch, runner_command
+from .outputs import existing_error, out_folder
 from .train import machine
 
 __all__ = ["main", "TtaConfig", "tta_configs", "time_to_target"]
@@ -129,9 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="comma-separated configuration names")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", help="folder for JSON and PNG (default: a new runs/bench/"
+                                 "tta-<YYYYmmdd-HHMMSS>/); refused if it holds this run's "
+                                 "files already")
+    p.add_argument("--force", action="store_true",
+                   help="let --out overwrite existing results (e.g. the published ones)")
     a = p.parse_args(argv)
     model = a.model or ("mlp" if a.dataset == "digits" else "resnet20")
+    stem = f"tta-{a.dataset}-{model}"
+    if a.out:       # checked before minutes of training, not when writing
+        refused = existing_error("dpsgs.bench.tta", [Path(a.out) / f"{stem}{ext}"
+                                                     for ext in (".json", ".png")], a.force)
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
+    out = out_folder(a.out, "tta")
     base = {"model": model, "dataset": a.dataset, "data_dir": a.data_dir, "epochs": a.epochs,
             "lr": a.lr, "lr_schedule": a.lr_schedule, "seed": a.seed, "eval_every": 1,
             "checkpoint_every": 0, "metrics_every": 1, "progress": False}
@@ -164,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                                              *(argv if argv is not None else sys.argv[1:])],
            "results": results}
     from .harness import write_json
-    stem = f"tta-{a.dataset}-{model}"
-    path = write_json(Path(a.out) / f"{stem}.json", doc)
+    path = write_json(out / f"{stem}.json", doc, overwrite=a.force)
     print(f"# wrote {path}")
-    png = _plot(doc, Path(a.out) / f"{stem}.png")
+    png = _plot(doc, path.with_suffix(".png"))
     if png:
         print(f"# wrote {png}")
     fdg = next((r for r in results if r["name"] == "dpsgs-fdg" and r["status"] == "ok"), None)

@@ -40,11 +40,12 @@ class RankRun:
 
 def run_ranks(nprocs: int, program: str | Path, *args: str, timeout: float = 120.0,
               expect_ok: bool = True, env: dict[str, str] | None = None,
-              module: bool = False, wrapper: list[str] | None = None) -> RankRun:
+              module: bool = False, wrapper: list[str] | None = None,
+              cwd: Path | None = None) -> RankRun:
     """Launch `nprocs` ranks of `program` (a file in tests/mpi/ranks/ or a path, or a module
     name with module=True). With expect_ok, assert that every rank exited 0. `wrapper` goes
     between mpirun's options and the python command (e.g. a shell that sets per-rank
-    variables and execs the rest)."""
+    variables and execs the rest). `cwd`: the ranks' working folder (default: this one)."""
     import time
 
     if module:
@@ -63,7 +64,7 @@ def run_ranks(nprocs: int, program: str | Path, *args: str, timeout: float = 120
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=full_env, stdin=subprocess.DEVNULL)
+                              env=full_env, stdin=subprocess.DEVNULL, cwd=cwd)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")

@@ -1,12 +1,14 @@
 """The comm microbenchmark runs end to end under 2 real ranks, verifies its data and writes
-the JSON the README describes (fields and ratios only: no timing assertions)."""
+the JSON the README describes (fields and ratios only: no timing assertions); by default to
+a new file per run, and never over an existing one without --force."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from launcher import run_ranks
+from launcher import REPO, run_ranks
 
 __all__: list[str] = []
 
@@ -69,3 +71,31 @@ def test_bench_comm_raw_only(tmp_path: Path) -> None:
     _common(data, stdout)
     assert data["dpsgs"] is False
     assert all("dpsgs" not in r for r in data["p2p"]["latency"])
+
+
+def test_bench_comm_writes_a_new_file_and_refuses_an_existing_out(tmp_path: Path) -> None:
+    """Default: runs/bench/comm-2ranks-<stamp>.json under the working folder, not the
+    published bench/results; naming that file again is refused (exit 2) unless --force."""
+    published = {p: p.read_bytes() for p in (REPO / "bench" / "results").glob("comm-*")}
+    small = ["-b", "8", "-e", "64", "-n", "2", "-w", "0", "--only", "allreduce", "--check"]
+    first = run_ranks(2, "dpsgs.bench.comm", *small, module=True, timeout=120.0, cwd=tmp_path)
+    made = sorted((tmp_path / "runs" / "bench").iterdir())
+    assert len(made) == 1 and re.fullmatch(r"comm-2ranks-\d{8}-\d{6}\.json", made[0].name)
+    assert f"# JSON: runs/bench/{made[0].name}" in first.stdout
+    assert json.loads(made[0].read_text())["ok"] is True
+    kept = made[0].read_bytes()
+
+    again = run_ranks(2, "dpsgs.bench.comm", *small, "--out", str(made[0]), module=True,
+                      timeout=60.0, cwd=tmp_path, expect_ok=False)
+    assert again.returncode == 2, again.tail()
+    assert again.stderr.strip().splitlines() == [
+        f"dpsgs.bench.comm: {made[0]} already exists (another run's results); pass another "
+        "--out, or --force to overwrite it"]
+    assert "# JSON" not in again.stdout and made[0].read_bytes() == kept   # refused up front
+
+    forced = run_ranks(2, "dpsgs.bench.comm", *small, "--out", str(made[0]), "--force",
+                       module=True, timeout=120.0, cwd=tmp_path)
+    assert f"# JSON: {made[0]}" in forced.stdout
+    assert json.loads(made[0].read_text())["argv"][-1] == "--force"
+    assert sorted((tmp_path / "runs" / "bench").iterdir()) == made
+    assert {p: p.read_bytes() for p in published} == published          # bench/results intact
