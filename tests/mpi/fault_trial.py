@@ -3,7 +3,7 @@ set, and measure how the job ends (exit code, time from the fault to the exit, w
 names the dead rank or the operation). Used by tests/mpi/test_faults.py (a few trials) and
 scripts/fault-matrix.sh (the full matrix):
 
-    python tests/mpi/fault_trial.py --trials 24 --seed 1 --json bench/results/fault-matrix.json
+    python tests/mpi/fault_trial.py --trials 24 --seed 1 --json runs/fault-matrix/seed1.json
 """
 
 from __future__ import annotations
