@@ -63,6 +63,11 @@ HELP: dict[str, str] = {
     "drop_last": "drop the partial last batch of an epoch (--no-drop-last: fill it by "
                  "wrapping around; shapes never change)",
     "dtype": "parameter and activation dtype",
+    "device": "where each rank's stage runs: cuda (one GPU per rank by local rank, NCCL "
+              "channels and all-reduce), cpu (MPI), or auto (cuda when every rank sees a GPU "
+              "and the NCCL backend is built)",
+    "amp": "bf16: autocast forward/backward in bfloat16, CUDA or CPU (float32 weights, bfloat16 "
+           "activations between stages); none: the run's dtype throughout",
     "epochs": "training epochs",
     "max_steps": "stop after this many steps (the pipeline is still flushed)",
     "optimizer": "sgd (momentum, weight decay, Nesterov), adam or adamw",

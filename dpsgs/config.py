@@ -16,7 +16,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "balance": ("time", "params", "layers"), "dataset": ("digits", "cifar10", "synthetic"),
     "dtype": ("float32", "float64"), "optimizer": ("sgd", "adam", "adamw"),
     "lr_schedule": ("constant", "step", "cosine"), "allreduce": ("auto", "ring", "mpi"),
-    "on_nonfinite": ("stop", "skip"),
+    "on_nonfinite": ("stop", "skip"), "device": ("auto", "cpu", "cuda"), "amp": ("none", "bf16"),
 }
 
 # Settings a run may change when it resumes: they decide how it runs, not its numbers. Every
@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 OPERATIONAL = frozenset({
     "data_dir", "balance", "bucket_cap_mb", "first_bucket_mb", "allreduce", "timeout", "warn_after",
     "run_dir", "metrics_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
-    "resume_fallback", "override", "trace", "progress", "on_nonfinite",
+    "resume_fallback", "override", "trace", "progress", "on_nonfinite", "device",
 })
 
 
@@ -53,6 +53,8 @@ class TrainConfig:
     batch_size: int = 32               # per replica per step (global batch = N * batch_size)
     drop_last: bool = True             # partial last batch: dropped (documented in README)
     dtype: str = "float32"             # float32 | float64
+    device: str = "auto"               # auto (cuda where every rank has a GPU and NCCL) | cpu | cuda
+    amp: str = "none"                  # none | bf16: autocast (for GPUs; bf16 activations between stages)
 
     # optimisation
     epochs: int = 10
@@ -123,6 +125,8 @@ class TrainConfig:
                              f"by micro_batches {self.micro_batches}")
         if self.split is not None and len(self.split) != self.stages - 1:
             raise ValueError(f"--split needs K-1 = {self.stages - 1} split points, got {self.split}")
+        if self.amp != "none" and self.dtype != "float32":
+            raise ValueError(f"--amp {self.amp} trains float32 weights: drop --dtype {self.dtype}")
         if self.resume == "auto" and not self.run_dir:
             raise ValueError("--resume auto needs --run-dir: the run folder to resume in")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["LOCAL_RANK_VARS", "DeviceChoice", "GpuSlot", "SharedGPUError", "check_unique_gpus",
+           "resolve_device",
            "device_for", "find_shared_gpus", "gpu_identity", "host_identity", "local_rank_from_env",
            "local_rank_from_hosts", "physical_gpu_id", "select_device", "visible_gpu_count"]
 
@@ -57,6 +58,41 @@ def host_identity(env: Mapping[str, str] | None = None) -> str:
     name), else the host name."""
     env = os.environ if env is None else env
     return env.get("NCCL_HOSTID", "").strip() or socket.gethostname()
+
+
+def resolve_device(requested: str) -> str:
+    """'cpu' or 'cuda' for a --device setting, from what this process can see. 'auto' is
+    cuda when a GPU is visible and dpsgs._C has the NCCL backend, else cpu; 'cuda' without
+    them is a ValueError saying which is missing. (Ranks compare their answers at start.)"""
+    if requested == "cpu":
+        return "cpu"
+    if requested not in ("auto", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+    why = _cuda_missing()
+    if why is None:
+        return "cuda"
+    if requested == "cuda":
+        raise ValueError(f"--device cuda: {why}")
+    return "cpu"
+
+
+def _cuda_missing() -> str | None:
+    """Why this process cannot train on CUDA, or None when it can."""
+    try:
+        from dpsgs import _C
+    except ImportError as e:
+        return f"dpsgs._C does not import: {e}"
+    if not _C.build_info()["nccl"]:
+        return "dpsgs._C was built without the NCCL backend (rebuild with DPSGS_CUDA=1)"
+    if visible_gpu_count() < 1:
+        return "no CUDA device is visible"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "this torch has no CUDA (a CPU wheel)"
+    return None
 
 
 def local_rank_from_env(env: Mapping[str, str]) -> tuple[int, str] | None:

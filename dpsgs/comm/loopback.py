@@ -45,9 +45,11 @@ class _Round:
 class LoopbackGroup:
     """Shared state of the grid's virtual ranks: message queues and all-reduce rounds."""
 
-    def __init__(self, stages: int, replicas: int, timeout: float = 300.0) -> None:
+    def __init__(self, stages: int, replicas: int, timeout: float = 300.0,
+                 device: torch.device | str = "cpu") -> None:
         self.grid = Grid(stages, replicas)
         self.timeout = timeout
+        self.device = torch.device(device)     # every virtual rank's tensors live there
         self._cv = threading.Condition()
         self._queues: dict[tuple[int, int, int], deque] = {}
         self._rounds: dict[tuple[int, int], _Round] = {}
@@ -152,10 +154,9 @@ class _Channel:
 class LoopbackTransport:
     """One virtual rank's face of a LoopbackGroup."""
 
-    device = torch.device("cpu")
-
     def __init__(self, group: LoopbackGroup, rank: int) -> None:
         self.group, self.rank = group, rank
+        self.device = group.device
         self.replica, self.stage = group.grid.coords(rank)
         self._seq = 0
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,11 +37,22 @@ class Timeline(Spans):
     rank_path(trace_path, rank): complete events (ph "X", µs since the Unix epoch so several
     ranks' files line up), pid = rank, one thread per category (named by "M" metadata
     events, since viewers want integer tids).
+
+    gpu=True (a rank whose stage runs on CUDA): a span's time is what the GPU spent between
+    two CUDA events recorded on the current stream at its start and end (the host only
+    enqueues kernels, so its clock would time the launches), read without stalling the host:
+    step_totals() adds the spans whose events have completed, and waits only when more than
+    a few steps are pending. In the trace, "ts" is when the host issued a span, "dur" its GPU
+    time.
     """
 
+    _MAX_PENDING = 256     # spans waiting for their events before step_totals waits
+
     def __init__(self, rank: int, trace_path: str | os.PathLike | None = None,
-                 max_events: int = 500_000) -> None:
+                 max_events: int = 500_000, gpu: bool = False) -> None:
         self.rank, self.max_events, self.dropped = rank, max_events, 0
+        self.gpu = gpu
+        self._pending: deque[tuple[str, str, float, Any, Any, dict[str, Any]]] = deque()
         self.trace_path = rank_path(trace_path, rank) if trace_path else None
         self._totals: dict[str, float] = defaultdict(float)
         self._events: list[dict[str, Any]] | None = [] if self.trace_path else None
@@ -52,13 +63,30 @@ class Timeline(Spans):
     @contextmanager
     def span(self, name: str, category: str, **args: Any) -> Iterator[None]:
         start = time.perf_counter()
+        begin = _cuda_event() if self.gpu else None
         try:
             yield
         finally:
-            end = time.perf_counter()
-            self._totals[category] += end - start
+            if self.gpu:
+                self._pending.append((name, category, start, begin, _cuda_event(), args))
+            else:
+                end = time.perf_counter()
+                self._totals[category] += end - start
+                if self._events is not None:
+                    self._record(name, category, start, end, args)
+
+    def _resolve(self) -> None:
+        """Account the GPU spans whose events completed (all of them past a backlog)."""
+        while self._pending:
+            name, category, start, begin, end, args = self._pending[0]
+            if len(self._pending) <= self._MAX_PENDING and not end.query():
+                return
+            end.synchronize()
+            self._pending.popleft()
+            seconds = begin.elapsed_time(end) / 1e3
+            self._totals[category] += seconds
             if self._events is not None:
-                self._record(name, category, start, end, args)
+                self._record(name, category, start, start + seconds, args)
 
     def add(self, name: str, category: str, seconds: float, **args: Any) -> None:
         """Account `seconds` that ended now (for time measured elsewhere, e.g. in C++)."""
@@ -82,6 +110,8 @@ class Timeline(Spans):
 
     def step_totals(self, reset: bool = True) -> dict[str, float]:
         """Seconds per category since the last reset (every CATEGORIES key present)."""
+        if self.gpu:
+            self._resolve()
         totals = {c: 0.0 for c in CATEGORIES}
         totals.update(self._totals)
         if reset:
@@ -89,6 +119,9 @@ class Timeline(Spans):
         return totals
 
     def close(self) -> None:
+        if self.gpu:
+            self._MAX_PENDING = 0
+            self._resolve()
         if self._events is None or self.trace_path is None:
             return
         meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": 0,
@@ -104,6 +137,15 @@ class Timeline(Spans):
         with open(self.trace_path, "w") as f:
             json.dump(trace, f)
         self._events = []
+
+
+def _cuda_event() -> Any:
+    """A timing CUDA event recorded on the current stream now."""
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def merge_traces(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:

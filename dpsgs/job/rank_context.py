@@ -33,10 +33,12 @@ class RankContext:
         self.transport.close()
 
 
-def open_rank(config: TrainConfig, comm: Any, transport: str | Transport = "core") -> RankContext:
+def open_rank(config: TrainConfig, comm: Any, transport: str | Transport = "core",
+              device: str = "cpu") -> RankContext:
     """Collective over `comm` (an mpi4py communicator of exactly K*N ranks): the grid, a
-    duplicate communicator and the transport. `transport`: "core" (dpsgs._C over MPI),
-    "mpi4py" (the plain-MPI baseline) or a Transport object made by the caller."""
+    duplicate communicator and the transport. `transport`: "core" (dpsgs._C: over MPI for
+    device "cpu", over NCCL for "cuda"), "mpi4py" (the plain-MPI baseline, CPU) or a
+    Transport object made by the caller. `device` is what --device resolved to (agreed)."""
     grid = Grid(config.stages, config.replicas)
     grid.check_world(comm.Get_size())        # the same on every rank: all fail alike
     barrier(comm, config.timeout, "start-up barrier")
@@ -45,15 +47,19 @@ def open_rank(config: TrainConfig, comm: Any, transport: str | Transport = "core
     replica, stage = grid.coords(rank)
     if not isinstance(transport, str):
         made = transport
+    elif transport == "core" and device == "cuda":
+        made = _nccl_transport(config, pycomm, replica, stage)
     elif transport == "core":
         made = _core_transport(config, grid, pycomm, replica, stage)
-    elif transport == "mpi4py":
+    elif transport == "mpi4py" and device == "cpu":
         from dpsgs.comm.mpi4py_baseline import Mpi4pyTransport
 
         made = Mpi4pyTransport(pycomm, pycomm.Split(stage, replica), timeout=config.timeout,
                                bucket_cap_mb=config.bucket_cap_mb, first_bucket_mb=config.first_bucket_mb)
     else:
-        raise ValueError(f"transport must be one of {TRANSPORTS} or a Transport, got {transport!r}")
+        raise ValueError(f"transport must be one of {TRANSPORTS} or a Transport, got {transport!r}"
+                         + (" (the mpi4py baseline moves host memory: use --device cpu)"
+                            if transport == "mpi4py" else ""))
     return RankContext(config, grid, pycomm, rank, replica, stage, made)
 
 
@@ -70,3 +76,13 @@ def _core_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int,
     stage_comm.set_labels([grid.label(grid.rank(q, stage)) for q in range(grid.replicas)])
     return MpiTransport(core, stage_comm, bucket_cap_mb=config.bucket_cap_mb,
                         first_bucket_mb=config.first_bucket_mb, algorithm=config.allreduce)
+
+
+def _nccl_transport(config: TrainConfig, pycomm: Any, replica: int, stage: int) -> Transport:
+    """The GPU chosen by local rank (the shared-GPU check first), NCCL over the grid and the
+    stage group, the GPU made current for torch."""
+    from dpsgs.comm import nccl
+
+    world = nccl.init(pycomm, timeout=config.timeout)
+    return nccl.NcclTransport(world, world.split(stage, replica), bucket_cap_mb=config.bucket_cap_mb,
+                              first_bucket_mb=config.first_bucket_mb)

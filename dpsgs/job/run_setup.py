@@ -24,6 +24,7 @@ __all__ = ["DTYPES", "Loaded", "Setup", "assemble", "check_names", "choose_split
            "torch_dtype", "segments", "eval_batches"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -74,7 +75,7 @@ class Setup:
         replica, stage = divmod(rank, K)
         return StagePlace(rank, replica, stage, K, N,
                           self.in_shape if stage == 0 else self.out_shapes[stage - 1],
-                          self.out_shapes[stage], self.dtype)
+                          self.out_shapes[stage], self.dtype, AMP_DTYPES[self.config.amp])
 
     def stage_module(self, replica: int, stage: int) -> nn.Sequential:
         """Stage `stage`'s layers of replica `replica`'s model. The first replica asked for

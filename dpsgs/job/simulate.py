@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpsgs.comm.device import resolve_device
 from dpsgs.config import TrainConfig
 from dpsgs.job.data import Dataset
 from dpsgs.job.metrics import MetricsLog
@@ -42,8 +43,13 @@ class _Bar(StepHooks):
 def reference_for(config: TrainConfig, model: nn.Sequential | None = None,
                   data: tuple[Dataset, Dataset] | None = None,
                   progress: StepHooks | None = None) -> Reference:
-    """The single-process reference of `config` (model/data override config.model/dataset)."""
-    return Reference(prepare(config, model, data), progress)
+    """The single-process reference of `config` (model/data override config.model/dataset),
+    on the device --device resolves to here (every virtual rank on the current GPU)."""
+    return Reference(prepare(config, model, data), progress, _device(config))
+
+
+def _device(config: TrainConfig) -> torch.device:
+    return torch.device("cuda") if resolve_device(config.device) == "cuda" else torch.device("cpu")
 
 
 def simulate(config: TrainConfig, model: nn.Sequential | None = None,
@@ -62,7 +68,7 @@ def simulate(config: TrainConfig, model: nn.Sequential | None = None,
             total = sum(len(s) if config.schedule == "sync" else fdg_steps(config.stages, len(s), config.overlap)
                         for s in segs)
             bar = _Bar(total, config)
-        ref = Reference(setup, bar)
+        ref = Reference(setup, bar, _device(config))
         summary = ref.run()
         if bar is not None:
             bar.bar.close()

@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from dpsgs.comm.abort import abort_job
+from dpsgs.comm.device import resolve_device
 from dpsgs.comm.grid import Grid
 from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier
@@ -84,10 +85,12 @@ class Trainer:
         self.config = config
         self.grid = Grid(config.stages, config.replicas)
         self.folder: RunFolder | None = None
-        loaded, mine = None, Outcome()
+        loaded, mine, device = None, Outcome(), "cpu"
         try:
+            device = resolve_device(config.device)
             loaded = load(config, model, data)
             mine.digest = job_digest(config, loaded.model, loaded.train, loaded.test)
+            mine.digest["--device (as resolved here)"] = repr(device)
             if comm.Get_rank() == 0:
                 mine.decisions = self._decide(loaded)
         except Exception as e:  # noqa: BLE001 - reported by every rank, through the agreement
@@ -103,7 +106,8 @@ class Trainer:
             raise RunFinished(str(config.run_dir), decided["summary"])
         self.run_id: str | None = decided.get("run_id")
         self.setup = assemble(loaded, decided["split"], decided.get("costs"))
-        self.ctx = ctx = open_rank(config, comm, transport)
+        self.device = device
+        self.ctx = ctx = open_rank(config, comm, transport, device)
         self.pycomm, self.rank = ctx.pycomm, ctx.rank
         self.replica, self.stage = ctx.replica, ctx.stage
         if self.stage > 0:          # only stage 0 reads inputs; the last stage reads labels
@@ -112,7 +116,7 @@ class Trainer:
         self.checkpointer = Checkpointer(config, self.grid, self.rank, resumed, self.run_id)
         if self.folder is not None:
             self.folder.start(config, resumed)
-        self.timeline = Timeline(self.rank, config.trace)
+        self.timeline = Timeline(self.rank, config.trace, gpu=device == "cuda")
         # reliability (docs/reliability.md): step-boundary vote (preemption signals, NaN/Inf
         # policy) with deadline-checked collectives, rank->pid map, fault points (only when
         # DPSGS_FAULT names this rank)

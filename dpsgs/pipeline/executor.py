@@ -58,7 +58,7 @@ class StageExecutor:
         self.spans = spans or NoSpans()
         shrink = cfg.shrink if cfg.schedule == "fdg" else 1.0
         module = workload.stage_module(place.replica, place.stage).to(self.device)
-        self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink)
+        self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink, place.amp)
         self.optimizer = workload.make_optimizer(self.compute.params)
         self._named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         k, r = place.stage, place.replica
@@ -92,20 +92,26 @@ class StageExecutor:
 
     def _recv(self, ch: Any, rows: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
         with self.spans.span(f"recv {what}", "channel"):
-            return ch.recv(self.place.dtype, (rows, *shape))   # an owned tensor (transport contract)
+            return ch.recv(self.place.wire_dtype, (rows, *shape))   # an owned tensor (transport contract)
 
     def _send(self, ch: Any, t: torch.Tensor, what: str) -> None:
         with self.spans.span(f"send {what}", "channel"):
-            self._sends.append(ch.send(t.contiguous()))
+            # under autocast a stage may end in float32 (a norm, a softmax): the wire is fixed
+            self._sends.append(ch.send(t.to(self.place.wire_dtype).contiguous()))
             # keep only handles still in flight (the channel bounds them at two anyway)
             self._sends = [w for w in self._sends if not w.is_completed()]
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host batch onto this rank's device without blocking the host (pinned first)."""
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _input(self, eb: tuple[int, int]) -> torch.Tensor:
-        x = self.workload.inputs(*eb, self.replica)
-        return x.to(self.device, non_blocking=True)
+        return self._to_device(self.workload.inputs(*eb, self.replica))
 
     def _labels(self, eb: tuple[int, int]) -> torch.Tensor:
-        return self.workload.labels(*eb, self.replica).to(self.device, non_blocking=True)
+        return self._to_device(self.workload.labels(*eb, self.replica))
 
     def wait_sends(self) -> None:
         with self.spans.span("send drain", "channel"):
@@ -266,14 +272,15 @@ class StageExecutor:
         try:
             for a, b in self.workload.eval_spans(self.replica):
                 if self.stage == 0:
-                    h = self.workload.eval_inputs(a, b).to(self.device, non_blocking=True)
+                    h = self._to_device(self.workload.eval_inputs(a, b))
                 else:
                     h = self._recv(self.act_in, b - a, self.place.in_shape, "eval act")
-                with self.spans.span("eval forward", "compute"):
+                with self.spans.span("eval forward", "compute"), self.compute.autocast():
                     h = module(h)
                 if self.compute.is_last:
-                    y = self.workload.eval_labels(a, b).to(self.device, non_blocking=True)
-                    loss_sum += float(torch.nn.functional.cross_entropy(h, y, reduction="sum"))
+                    y = self._to_device(self.workload.eval_labels(a, b))
+                    logits = h if h.element_size() >= 4 else h.float()
+                    loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
                     correct += int((h.argmax(dim=1) == y).sum())
                     n += b - a
                 else:
@@ -285,8 +292,9 @@ class StageExecutor:
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"model": self.compute.module.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer else {}}
+        """Model and optimizer state as host tensors: a checkpoint resumes on either device."""
+        return _to_host({"model": self.compute.module.state_dict(),
+                         "optimizer": self.optimizer.state_dict() if self.optimizer else {}})
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.compute.module.load_state_dict(state["model"])
@@ -298,3 +306,13 @@ class StageExecutor:
         if self.reducer is not None:
             self.reducer.close()
 
+
+def _to_host(obj: Any) -> Any:
+    """`obj` with every tensor in it copied to the host (nested dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_host(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj

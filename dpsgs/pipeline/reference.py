@@ -35,13 +35,14 @@ Segment = list[tuple[int, int]]
 class Reference:
     """K x N virtual ranks of `workload`; `run(segments)` trains and returns the summary."""
 
-    def __init__(self, workload: Workload, progress: StepHooks | None = None) -> None:
+    def __init__(self, workload: Workload, progress: StepHooks | None = None,
+                 device: torch.device | str = "cpu") -> None:
         cfg = workload.config
         if cfg.schedule not in ("fdg", "sync"):
             raise ValueError(f"schedule must be fdg or sync, got {cfg.schedule!r}")
         self.workload, self.config = workload, cfg
         K, N = cfg.stages, cfg.replicas
-        self.group = LoopbackGroup(K, N, timeout=cfg.timeout)
+        self.group = LoopbackGroup(K, N, timeout=cfg.timeout, device=device)
         self.recorder = Recorder()
         # `progress` (e.g. a bar) hears replica 0's last stage: one step_done per plan step
         self.executors = [[StageExecutor(workload, r * K + k, self.group.transport(r * K + k),

@@ -22,6 +22,9 @@ needs: on stage 0 (input without gradient) a Linear keeps its input but no weigh
 
 BatchNorm running statistics are updated once, at forward time; a recompute forward runs
 on copies of the buffers so it never updates them twice.
+amp (e.g. torch.bfloat16): every forward, the recompute included, runs under autocast on the
+module's device; the backward runs outside it, as PyTorch prescribes; the loss is computed
+in float32 from the logits.
 Shrink: the incoming output-gradient is multiplied by beta at every stage boundary, so stage
 k's gradient is scaled by beta**(K-1-k) (FDG's gradient shrinking).
 """
@@ -59,6 +62,7 @@ class _Stash:
     x: torch.Tensor                      # stage input (requires grad on stages > 0)
     out: torch.Tensor | None = None      # graph root (weights/live); None for recompute
     rng: torch.Tensor | None = None      # CPU RNG state at forward time (recompute)
+    cuda_rng: torch.Tensor | None = None  # and the device's, when the stage runs on CUDA
     root: torch.Tensor | None = None     # scaled loss (last stage)
     nbytes: int = 0
 
@@ -67,7 +71,7 @@ class StageCompute:
     """Forward, stash and backward of stage `stage` of `stages` (see module docstring)."""
 
     def __init__(self, module: nn.Module, stage: int, stages: int, stash: str = "weights",
-                 shrink: float = 1.0) -> None:
+                 shrink: float = 1.0, amp: torch.dtype | None = None) -> None:
         if stash not in STASH_MODES:
             raise ValueError(f"stash must be one of {STASH_MODES}, got {stash!r}")
         if not 0 <= stage < stages:
@@ -86,6 +90,13 @@ class StageCompute:
         self._stash: dict[Any, _Stash] = {}
         self.stash_bytes = 0
         self.peak_stash_bytes = 0
+        first = next(iter(module.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.amp = amp
+
+    def autocast(self) -> Any:
+        """Autocast to the stage's amp dtype on its device (a no-op without amp)."""
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
     @property
     def is_first(self) -> bool:
@@ -110,10 +121,14 @@ class StageCompute:
         if not self.is_first and x.is_floating_point():
             x.requires_grad_(True)
         if self.stash_mode == "recompute" and not live:
-            entry = _Stash(x=x, rng=torch.get_rng_state() if self._random else None)
-            with torch.no_grad():
+            entry = _Stash(x=x)
+            if self._random:
+                entry.rng = torch.get_rng_state()
+                if self.device.type == "cuda":
+                    entry.cuda_rng = torch.cuda.get_rng_state(self.device)
+            with torch.no_grad(), self.autocast():
                 out = self.module(x)
-            entry.nbytes = _nbytes(x) + _nbytes(entry.rng)
+            entry.nbytes = _nbytes(x) + _nbytes(entry.rng) + _nbytes(entry.cuda_rng)
         else:
             entry = _Stash(x=x)
             saved: dict[tuple[int, int], int] = {}
@@ -124,7 +139,7 @@ class StageCompute:
                         t.untyped_storage().nbytes()
                 return t
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
                 if live:
                     out = self.module(x)
                 else:
@@ -149,7 +164,8 @@ class StageCompute:
         if entry.out is None:
             raise ValueError(f"stage {self.stage}: loss of batch {key!r} needs a live or "
                              f"weights-stashed forward")
-        loss = F.cross_entropy(entry.out, y)
+        logits = entry.out if entry.out.element_size() >= 4 else entry.out.float()
+        loss = F.cross_entropy(logits, y)      # at least float32, also under autocast
         entry.root = loss * scale if scale != 1.0 else loss
         correct = int((entry.out.detach().argmax(dim=1) == y).sum())
         return float(loss.detach()), correct
@@ -207,9 +223,13 @@ class StageCompute:
         copies of the buffers (running statistics are not updated twice)."""
         buffers = {n: b.clone() for n, b in self.module.named_buffers()}
         if entry.rng is None:
-            return functional_call(self.module, buffers, (entry.x,))
-        with torch.random.fork_rng(devices=[]):
+            with self.autocast():
+                return functional_call(self.module, buffers, (entry.x,))
+        devices = [self.device] if entry.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), self.autocast():
             torch.set_rng_state(entry.rng)
+            if entry.cuda_rng is not None:
+                torch.cuda.set_rng_state(entry.cuda_rng, self.device)
             return functional_call(self.module, buffers, (entry.x,))
 
     def drop_all(self) -> None:

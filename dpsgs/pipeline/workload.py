@@ -51,7 +51,13 @@ class StagePlace:
     replicas: int
     in_shape: tuple[int, ...]     # one sample entering the stage
     out_shape: tuple[int, ...]    # one sample leaving it
-    dtype: torch.dtype
+    dtype: torch.dtype            # the parameters'
+    amp: torch.dtype | None = None  # autocast dtype (the activations between stages), or None
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """What crosses a stage boundary: activations forward, their gradients back."""
+        return self.amp if self.amp is not None else self.dtype
 
     @property
     def is_first(self) -> bool:

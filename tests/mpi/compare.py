@@ -47,11 +47,11 @@ def compare_to_reference(dump: dict, spec: dict) -> dict:
         want_st = sorted(s for s in ref.staleness if s[0] == k)
         assert sorted(d["staleness"]) == want_st
         assert {s[2] for s in d["staleness"]} == {expect}, (k, d["staleness"][:4])
-        for p, q in zip(d["params"], ref.parameters(r)[k], strict=True):
-            worst_param = max(worst_param, float((p - q).abs().max()))
+        for p, q in zip(d["params"], ref.parameters(r)[k], strict=True):   # (a GPU reference too)
+            worst_param = max(worst_param, float((p.cpu() - q.cpu()).abs().max()))
         ref_buffers = list(ref.executors[r][k].compute.module.buffers())
         for b, c in zip(d.get("buffers", ref_buffers), ref_buffers, strict=True):
-            worst_param = max(worst_param, float((b.double() - c.double()).abs().max()))
+            worst_param = max(worst_param, float((b.cpu().double() - c.cpu().double()).abs().max()))
     assert worst_loss <= 1e-10, f"loss differs by {worst_loss:.3e}"
     assert worst_param <= 1e-10, f"parameters differ by {worst_param:.3e}"
     for k in range(K):   # replicas of a stage hold identical parameters

@@ -35,8 +35,8 @@ def main() -> None:
         mine = {"rank": t.rank, "replica": t.replica, "stage": t.stage,
                 "losses": {g: v for (g, _), v in rec.losses.items()},
                 "staleness": list(rec.staleness),
-                "params": [p.detach().clone() for p in w.compute.params],
-                "buffers": [b.detach().clone() for b in w.compute.module.buffers()],
+                "params": [p.detach().cpu().clone() for p in w.compute.params],
+                "buffers": [b.detach().cpu().clone() for b in w.compute.module.buffers()],
                 "stash_peak_bytes": w.compute.peak_stash_bytes,
                 "grad_sets": w.reducer.buffers if w.reducer else 0}
         everyone = comm.gather(mine, root=0)

@@ -1,0 +1,123 @@
+"""The parts of the GPU path that need no GPU: device choice, the settings, bfloat16 autocast
+between stages (runs on CPU too), device-free checkpoint state, CUDA-event timing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dpsgs.comm import device as device_mod
+from dpsgs.config import OPERATIONAL, TrainConfig
+from dpsgs.job.data import Dataset
+from dpsgs.job.metrics import Timeline
+from dpsgs.job.simulate import reference_for
+from dpsgs.pipeline.executor import _to_host
+
+
+def _data(n=192, f=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(f, classes, generator=g)
+    x = torch.randn(n, f, generator=g)
+    y = (x @ teacher).argmax(1)
+    return Dataset(x, y, classes, "toy"), Dataset(x[:48], y[:48], classes, "toy")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+
+
+def test_auto_is_cpu_without_a_gpu_and_cuda_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(device_mod, "_cuda_missing", lambda: "no CUDA device is visible")
+    assert device_mod.resolve_device("auto") == "cpu"
+    assert device_mod.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device is visible"):
+        device_mod.resolve_device("cuda")
+    monkeypatch.setattr(device_mod, "_cuda_missing", lambda: None)
+    assert device_mod.resolve_device("auto") == "cuda"
+    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
+        device_mod.resolve_device("tpu")
+
+
+def test_device_is_operational_and_amp_is_identity():
+    # a run may resume on another device; bfloat16 autocast changes its numbers
+    assert "device" in OPERATIONAL and "amp" not in OPERATIONAL
+    assert "device" not in TrainConfig().identity() and "amp" in TrainConfig().identity()
+    with pytest.raises(ValueError, match="--amp bf16 trains float32 weights: drop --dtype float64"):
+        TrainConfig(amp="bf16", dtype="float64").validate()
+    with pytest.raises(ValueError, match="--device must be one of auto, cpu, cuda"):
+        TrainConfig(device="gpu").validate()
+
+
+def test_bf16_autocast_crosses_stages_in_bfloat16_and_trains():
+    """--amp bf16 on CPU: the same executor, bfloat16 activations and gradients on every
+    channel (a float32 message would be a HeaderMismatch), float32 weights, the loss falls."""
+    cfg = TrainConfig(stages=3, replicas=2, split=[2, 4], amp="bf16", device="cpu", epochs=6,
+                      batch_size=16, lr=0.1, lr_schedule="constant", progress=False, seed=1)
+    ref = reference_for(cfg, _model(), _data())
+    ex = ref.executors[0][1]
+    assert ex.place.wire_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in ex.compute.params)
+    summary = ref.run()
+    losses = [h["loss"] for h in ref.history if "loss" in h]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    assert summary["test_accuracy"] > 0.6
+
+
+def test_bf16_is_not_float32():
+    """The autocast path really computes in bfloat16: it differs from float32 training."""
+    base = dict(stages=2, replicas=1, split=[2], epochs=1, batch_size=16, progress=False, device="cpu")
+    a = reference_for(TrainConfig(**base), _model(), _data())
+    b = reference_for(TrainConfig(amp="bf16", **base), copy.deepcopy(_model()), _data())
+    a.run()
+    b.run()
+    pa, pb = a.parameters()[0][0], b.parameters()[0][0]
+    assert not torch.equal(pa, pb) and float((pa - pb).abs().max()) < 0.05
+
+
+def test_checkpoint_state_is_on_the_host():
+    state = {"model": {"w": torch.ones(2, requires_grad=True)},
+             "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]}}
+    host = _to_host(state)
+    assert host["model"]["w"].device.type == "cpu" and not host["model"]["w"].requires_grad
+    assert host["optimizer"]["param_groups"] == [{"lr": 0.1}]
+    assert torch.equal(host["optimizer"]["state"][0]["momentum_buffer"], torch.zeros(2))
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: completes when told, times what it is told."""
+
+    clock = 0.0
+    done = True
+
+    def __init__(self):
+        self.t = _FakeEvent.clock
+
+    def query(self):
+        return _FakeEvent.done
+
+    def synchronize(self):
+        return None
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3        # milliseconds, as CUDA reports
+
+
+def test_gpu_timeline_uses_event_times_and_never_waits_for_recent_spans(monkeypatch):
+    from dpsgs.job import metrics
+
+    monkeypatch.setattr(metrics, "_cuda_event", _FakeEvent)
+    t = Timeline(0, gpu=True)
+    _FakeEvent.clock, _FakeEvent.done = 0.0, False
+    with t.span("forward", "compute"):
+        _FakeEvent.clock = 0.25                 # the GPU took 0.25 s, whatever the host did
+    assert t.step_totals()["compute"] == 0.0     # not completed yet: no wait, nothing counted
+    _FakeEvent.done = True
+    with t.span("recv", "channel"):
+        _FakeEvent.clock = 0.75
+    totals = t.step_totals()
+    assert totals["compute"] == pytest.approx(0.25) and totals["channel"] == pytest.approx(0.5)
