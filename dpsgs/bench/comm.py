@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from dpsgs.comm.abort import abort_job
+from . import outputs
 from .harness import MIB, BenchContext, add_common_args, command_line, machine_info, \
     parse_size, size_sweep, write_json
-from .outputs import RUNS, existing_error, stamp
+from .outputs import RUNS, stamp
 from .report import print_tables, summarize, summary_lines
 
 __all__ = ["SECTIONS", "build_parser", "default_out", "main", "resolve_out"]
@@ -42,11 +43,7 @@ def default_out(nprocs: int, when: str | None = None) -> Path:
 def resolve_out(out: str | None, force: bool, nprocs: int) -> tuple[str | None, str | None]:
     """(the JSON path, None for '-'; the one-line refusal, or None). Rank 0 decides and
     broadcasts it, so every rank agrees on the name and on exiting."""
-    if out == "-":
-        return None, None
-    if out is None:
-        return str(default_out(nprocs)), None
-    return out, existing_error("dpsgs.bench.comm", [Path(out)], force)
+    return outputs.resolve_out("dpsgs.bench.comm", out, force, default_out(nprocs))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,11 +78,11 @@ def iters_for(nbytes: int, iters: int) -> int:
     return iters * max(1, min(10, MIB // max(nbytes, 1)))
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser, maxbytes: str = "64M") -> None:
     p.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("8"),
                    help="smallest message size in bytes (K/M/G suffixes; default 8)")
-    p.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("64M"),
-                   help="largest message size (default 64M)")
+    p.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size(maxbytes),
+                   help=f"largest message size (default {maxbytes})")
     p.add_argument("-f", "--stepfactor", type=int, default=4,
                    help="multiply the size by this between rows (default 4)")
     p.add_argument("-n", "--iters", type=int, default=20,

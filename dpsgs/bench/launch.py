@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "runner_command", "launch"]
+__all__ = ["REPO", "free_port", "launch", "runner_command"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,8 @@ def _mpirun() -> str:
     return str(beside) if beside.exists() else "mpirun"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a torch.distributed rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +45,7 @@ def launch(cmd: list[str], out: Path, threads: int, timeout: float) -> dict[str,
     exited non-zero or wrote no result, {"status": "timeout" | "failed", "reason", "command",
     "stderr_tail"} (plus "wall_s" when failed)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()),
+               MASTER_PORT=str(free_port()),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     t0 = time.monotonic()
     try:

@@ -7,8 +7,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["RUNS", "claim_dir", "existing_error", "free_names", "out_folder", "stamp",
-           "write_new"]
+__all__ = ["RUNS", "claim_dir", "existing_error", "free_names", "out_folder", "resolve_out",
+           "stamp", "write_new"]
 
 # Default outputs go here (git-ignored, like the trainer's runs/<timestamp>); bench/results
 # holds the published figures, written only when asked for by --out.
@@ -73,3 +73,15 @@ def existing_error(prog: str, paths: Iterable[Path], force: bool) -> str | None:
         return None
     return (f"{prog}: {taken} already exists (another run's results); pass another --out, "
             f"or --force to overwrite it")
+
+
+def resolve_out(prog: str, out: str | None, force: bool,
+                default: Path) -> tuple[str | None, str | None]:
+    """(the JSON path to write, None for '-'; the one-line refusal, or None) of a one-file
+    benchmark: `default` (a new run-specific name) when --out is not given, an explicitly
+    named file refused when it exists, unless --force."""
+    if out == "-":
+        return None, None
+    if out is None:
+        return str(default), None
+    return out, existing_error(prog, [Path(out)], force)
