@@ -27,6 +27,7 @@ from .harness import MIB, BenchContext, add_common_args, command_line, machine_i
     parse_size, size_sweep, write_json
 from .outputs import RUNS, stamp
 from .report import print_tables, summarize, summary_lines
+from .threads import compute_threads, pin_compute_threads, threads_line
 
 __all__ = ["SECTIONS", "build_parser", "default_out", "main", "resolve_out"]
 
@@ -82,7 +83,7 @@ def _open_dpsgs(comm: Any, timeout: float) -> tuple[Any, dict[str, Any]]:
     return _C.Communicator(comm, timeout=timeout), dict(_C.build_info())
 
 
-def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
+def _run(args: argparse.Namespace, argv: list[str], comm: Any, who: dict[str, str]) -> int:
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -108,12 +109,16 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
     sizes = size_sweep(args.minbytes, args.maxbytes, args.stepfactor, SUMMARY_SIZES)
     algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
     info = machine_info(comm, dp_info)
+    # every rank's: a rank whose launcher passed other variables shows
+    info["compute_threads"] = comm.allgather(compute_threads(who))
     ctx.log(f"# dpsgs.bench.comm: {ctx.size} ranks on {', '.join(info['hosts'])}; "
             f"{info['cpu_model']}, {info['cpu_count']} cores, load {info['loadavg']}")
     ctx.log(f"# {info['mpi_library']}; mpi4py {info['mpi4py']}; numpy {info['numpy']}; "
             f"dpsgs {'on' if dp is not None else 'OFF (--raw-only)'}")
     ctx.log(f"# sizes {args.minbytes}..{args.maxbytes} x{args.stepfactor} (+end, 1M, 64M); "
             f"-n {args.iters} -w {args.warmup}; check {'on' if args.check else 'off'}")
+    if "overlap" in sections:
+        ctx.log(threads_line(info["compute_threads"]))
 
     results: dict[str, Any] = {}
     if "p2p" in sections:
@@ -155,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # NumPy's OpenBLAS (and any OpenMP pool) would start a thread per core in every rank of
+    # a many-core machine; the overlap test then measured that contention, not overlap.
+    who = pin_compute_threads()
     comm = MPI.COMM_WORLD
     try:
-        return _run(args, argv, comm)
+        return _run(args, argv, comm, who)
     except SystemExit:
         raise
     except BaseException:

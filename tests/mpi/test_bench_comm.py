@@ -99,3 +99,31 @@ def test_bench_comm_writes_a_new_file_and_refuses_an_existing_out(tmp_path: Path
     assert json.loads(made[0].read_text())["argv"][-1] == "--force"
     assert sorted((tmp_path / "runs" / "bench").iterdir()) == made
     assert {p: p.read_bytes() for p in published} == published          # bench/results intact
+
+
+def test_overlap_compute_runs_on_one_thread_per_rank(tmp_path: Path) -> None:
+    """With no thread variable set, NumPy's OpenBLAS would start a thread per core in every
+    rank; the bench pins the compute's environment to 1 and says so in its header."""
+    import os
+    import subprocess
+    import sys
+
+    unset = {"OMP_NUM_THREADS": "", "OPENBLAS_NUM_THREADS": "", "MKL_NUM_THREADS": ""}
+    probe = "import numpy; from dpsgs.bench.threads import blas_threads; print(blas_threads())"
+    unpinned = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              env={**os.environ, **unset, "PYTHONPATH": str(REPO)}, check=True)
+    assert int(unpinned.stdout) == os.cpu_count()        # what the bench had before (2 here)
+    out = tmp_path / "overlap.json"
+    run = run_ranks(2, "dpsgs", "bench", "comm", "--only", "overlap", "-e", "64K", "-n", "2",
+                    "-w", "1", "--out", str(out), module=True, env=unset, timeout=120.0)
+    header = [ln for ln in run.stdout.splitlines() if ln.startswith("# overlap compute")]
+    assert header == ["# overlap compute threads per rank: NumPy ufunc on the calling thread "
+                      "(1), BLAS pool 1; OMP_NUM_THREADS=1 (bench), OPENBLAS_NUM_THREADS=1 "
+                      "(bench), MKL_NUM_THREADS=1 (bench)"]
+    ranks = json.loads(out.read_text())["machine"]["compute_threads"]
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["blas"] == 1 and r["torch"] is None
+        assert r["env"] == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                            "MKL_NUM_THREADS": "1"}
+        assert set(r["set_by"].values()) == {"bench"}
