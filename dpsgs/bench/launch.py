@@ -11,9 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "free_port", "launch", "runner_command"]
+__all__ = ["REPO", "SHARE_GPU", "free_port", "launch", "runner_command"]
 
 REPO = Path(__file__).resolve().parents[2]
+# Between mpirun's options and the rank's command where ranks outnumber GPUs: each rank gets
+# its own NCCL_HOSTID (hydra's PMI_RANK, Open MPI's rank), so NCCL takes the ranks for
+# separate hosts and connects them over its socket transport on lo instead of refusing a
+# shared GPU. The launcher sets it, never the runner (dpsgs's shared-GPU guard keeps its
+# meaning: the same rule as tests/gpu and scripts/gpu-check.sh).
+SHARE_GPU = ["bash", "-c", 'export NCCL_HOSTID="dpsgs-bench-${PMI_RANK:-${OMPI_COMM_WORLD_RANK'
+             ':-0}}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"; exec "$@"', "share-gpu"]
 
 
 def _mpirun() -> str:
@@ -29,12 +36,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def runner_command(runner: str, args: list[str], ranks: int, mpi4py: bool) -> list[str]:
+def runner_command(runner: str, args: list[str], ranks: int, mpi4py: bool,
+                   share_gpu: bool = False) -> list[str]:
     """`python [-m mpi4py] -m dpsgs.bench.peers.RUNNER ARGS`, under `mpirun -n RANKS` unless it
-    is one rank that needs no MPI."""
+    is one rank that needs no MPI; `share_gpu`: each rank through SHARE_GPU (its own
+    NCCL_HOSTID), for more ranks than GPUs."""
     py = [sys.executable, *(["-m", "mpi4py"] if mpi4py else []), "-m",
           f"dpsgs.bench.peers.{runner}", *args]
-    return py if ranks == 1 and not mpi4py else [_mpirun(), "-n", str(ranks), *py]
+    if ranks == 1 and not mpi4py:
+        return py
+    return [_mpirun(), "-n", str(ranks), *(SHARE_GPU if share_gpu else []), *py]
 
 
 def launch(cmd: list[str], out: Path, threads: int, timeout: float) -> dict[str, Any]:

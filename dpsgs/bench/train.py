@@ -2,6 +2,7 @@
 
     python -m dpsgs.bench.train --workload all --steps 30 --out bench/results/ --force
     python -m dpsgs.bench.train --workload cnn --only backprop-1rank,dpsgs-fdg-weights
+    python -m dpsgs.bench.train --device cuda --workload cnn     # the same workloads on GPUs
 
 Each configuration runs in its own process group (mpirun for multi-rank ones) with a
 timeout; its runner (dpsgs/bench/peers/) writes raw per-step times, this file derives
@@ -12,6 +13,14 @@ OUT/train-WORKLOAD.json and OUT/train-WORKLOAD*.png; a configuration that cannot
 is kept in the JSON and the table with the reason. OUT is by default a new folder per run,
 runs/bench/train-<YYYYmmdd-HHMMSS>/; an --out already holding any of those files (e.g. the
 published bench/results) is refused (exit 2) unless --force.
+
+--device cuda runs every configuration on GPUs, one per rank by local rank: dpsgs with the
+trainer's --device cuda (NCCL channels and all-reduce), DDP over NCCL, 1-rank backprop on
+one GPU; the peers with no GPU form here (torch pipelining over gloo, the 2-thread CPU peer)
+are reported as not run, with the reason. Where ranks outnumber the visible GPUs, each rank
+gets its own NCCL_HOSTID from the launch (launch.SHARE_GPU) and the output flags those
+figures: NCCL then runs over sockets, on one GPU's compute. Without a usable GPU, --device
+cuda is refused (exit 2) before anything runs. The K=2 split still comes from a CPU profile.
 """
 
 from __future__ import annotations
@@ -28,10 +37,12 @@ from typing import Any
 
 from .launch import launch, runner_command
 from .outputs import existing_error, out_folder
-from .train_configs import WORKLOADS, BenchConfig, Workload, bench_configs, unavailable_reason
+from .train_configs import DEVICES, WORKLOADS, BenchConfig, Workload, bench_configs, \
+    cuda_unavailable, unavailable_reason, visible_gpus
 from .train_stats import derive
 
-__all__ = ["main", "run_workload", "run_config", "bench_profile", "pipeline_split", "headline"]
+__all__ = ["main", "run_workload", "run_config", "config_command", "bench_profile",
+           "pipeline_split", "headline"]
 
 
 def bench_profile(w: Workload, configs: list[BenchConfig]) -> Any:
@@ -77,22 +88,34 @@ def _pool(recs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     return out
 
 
+def config_command(cfg: BenchConfig, w: Workload, steps: int, warmup: int,
+                   split: list[int] | None, out: Path) -> list[str]:
+    """The command line that runs `cfg` on workload `w`, its result going to `out`: on cuda
+    with `--device cuda`, and each rank through launch.SHARE_GPU when ranks outnumber GPUs
+    (CPU command lines are as they always were)."""
+    args = ["--model", w.model, "--in-shape", ",".join(map(str, w.in_shape)),
+            "--batch", str(w.batch), "--steps", str(steps), "--warmup", str(warmup),
+            "--threads", str(cfg.threads), "--out", str(out), *cfg.args]
+    if cfg.pipeline and split:
+        args += ["--split", ",".join(map(str, split))]
+    if cfg.device != "cpu":
+        args += ["--device", cfg.device]
+    return runner_command(cfg.runner, args, cfg.ranks, cfg.mpi4py, cfg.share_gpu)
+
+
 def run_config(cfg: BenchConfig, w: Workload, steps: int, warmup: int, split: list[int] | None,
                timeout: float, workdir: Path) -> dict[str, Any]:
     """Launch one configuration; return its raw record plus status ('ok', 'failed',
     'unavailable', 'timeout') and the reason when not ok."""
     base = {"name": cfg.name, "runner": cfg.runner, "ranks": cfg.ranks, "threads": cfg.threads,
             "cores": cfg.cores, "plan": cfg.plan, "batch": w.batch, "warmup": warmup}
+    if cfg.device != "cpu":
+        base.update(device=cfg.device, share_gpu=cfg.share_gpu)
     why = unavailable_reason(cfg)
     if why:
         return {**base, "status": "unavailable", "reason": why}
     out = workdir / f"{w.name}-{cfg.name}.json"
-    args = ["--model", w.model, "--in-shape", ",".join(map(str, w.in_shape)),
-            "--batch", str(w.batch), "--steps", str(steps), "--warmup", str(warmup),
-            "--threads", str(cfg.threads), "--out", str(out), *cfg.args]
-    if cfg.pipeline and split:
-        args += ["--split", ",".join(map(str, split))]
-    cmd = runner_command(cfg.runner, args, cfg.ranks, cfg.mpi4py)
+    cmd = config_command(cfg, w, steps, warmup, split, out)
     run = launch(cmd, out, cfg.threads, timeout)
     if run["status"] != "ok":
         return {**base, **run}
@@ -100,6 +123,19 @@ def run_config(cfg: BenchConfig, w: Workload, steps: int, warmup: int, split: li
     return {**base, **raw, "impl": raw.get("runner"), "runner": cfg.runner, "name": cfg.name,
             "plan": cfg.plan, "cores": cfg.cores,
             "status": "ok", "command": cmd, "wall_s": run["wall_s"]}
+
+
+def gpus_info() -> dict[str, Any]:
+    """The GPUs this process sees, for a --device cuda run's JSON and header."""
+    import torch
+
+    count = torch.cuda.device_count()
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:  # noqa: BLE001 - only a label (a torch without NCCL)
+        nccl = None
+    return {"count": count, "names": [torch.cuda.get_device_name(i) for i in range(count)],
+            "cuda": torch.version.cuda, "nccl": nccl}
 
 
 def machine() -> dict[str, Any]:
@@ -127,10 +163,17 @@ def run_workload(w: Workload, configs: list[BenchConfig], steps: int, warmup: in
                  timeout: float, repeat: int = 1, log=print) -> dict[str, Any]:
     """Run every configuration `repeat` times, interleaved (round r runs all of them once),
     so a change of load on a shared machine hits every configuration alike."""
+    device = configs[0].device if configs else "cpu"
     prof = bench_profile(w, configs)
     split = pipeline_split(prof, w.batch) if any(c.pipeline for c in configs) else None
     log(f"# workload {w.name}: {w.model} {w.in_shape}, global batch {w.batch}, {steps} timed "
-        f"steps after {warmup} warm-up, x{repeat}; K=2 split at block {split}")
+        f"steps after {warmup} warm-up, x{repeat}; K=2 split at block {split}"
+        + (" (from a 1-thread CPU profile)" if device != "cpu" else ""))
+    gpus = gpus_info() if device != "cpu" else None
+    if gpus is not None:
+        log(f"# device cuda: {gpus['count']} GPU(s) visible ({', '.join(gpus['names'])})")
+        for line in _sharing_lines(configs):
+            log(line)
     runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="dpsgs-train-bench-") as tmp:
         for rnd in range(repeat):
@@ -153,6 +196,7 @@ def run_workload(w: Workload, configs: list[BenchConfig], steps: int, warmup: in
         if r["status"] == "ok":
             r.update(derive(r, base_sps, r["cores"], 0))
     return {"bench": "train", "workload": w.name, "summary": headline(results),
+            "device": device, **({"gpus": gpus} if gpus is not None else {}),
             "model": w.model, "in_shape": list(w.in_shape),
             "num_classes": 10, "global_batch": w.batch, "steps": steps, "warmup": warmup,
             "split": split, "why": w.why, "baseline": "backprop-1rank", "repeat": repeat,
@@ -160,6 +204,17 @@ def run_workload(w: Workload, configs: list[BenchConfig], steps: int, warmup: in
             "machine": machine(), "command": [sys.executable, "-m", "dpsgs.bench.train",
                                               *sys.argv[1:]],
             "results": results}
+
+
+def _sharing_lines(configs: list[BenchConfig]) -> list[str]:
+    """What a GPU run with more ranks than GPUs can and cannot show (its configurations)."""
+    shared = [c.name for c in configs if c.share_gpu and unavailable_reason(c) is None]
+    if not shared:
+        return []
+    return [(f"# SHARED GPU: {', '.join(shared)} run more ranks than GPUs, each rank with its "
+             "own NCCL_HOSTID: NCCL connects them over sockets and they share one GPU's "
+             "compute, so their throughput is not what they would reach with a GPU each over "
+             "NVLink")]
 
 
 def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -186,11 +241,15 @@ def _table(doc: dict[str, Any]) -> str:
     from .harness import Table
 
     runs = doc.get("repeat", 1)
-    t = Table(f"Training throughput: {doc['model']} {tuple(doc['in_shape'])}, global batch "
-              f"{doc['global_batch']}, median [IQR] over {doc['steps']} steps (x{runs} runs) "
-              f"after {doc['warmup']} warm-up;\nspeedup over backprop-1rank; "
-              f"efficiency = speedup / cores",
-              [("configuration", 22), ("cores", 5), ("samples/s", 10), ("IQR", 8),
+    gpu = doc.get("device", "cpu") != "cpu"
+    where = f" on CUDA ({doc['gpus']['count']} GPU(s) visible)" if gpu else ""
+    unit = "ranks (one GPU each, unless shared)" if gpu else "cores"
+    t = Table(f"Training throughput{where}: {doc['model']} {tuple(doc['in_shape'])}, global "
+              f"batch {doc['global_batch']}, median [IQR] over {doc['steps']} steps (x{runs} "
+              f"runs) after {doc['warmup']} warm-up;\nspeedup over backprop-1rank; "
+              f"efficiency = speedup / {unit}",
+              [("configuration", 22), ("ranks" if gpu else "cores", 5), ("samples/s", 10),
+               ("IQR", 8),
                ("speedup", 7), ("effic", 6), ("exp.comm ms", 11), ("stash MB", 8),
                ("status", 12)])
     rows = []
@@ -206,6 +265,10 @@ def _table(doc: dict[str, Any]) -> str:
                      r["exposed_comm_s"] * 1e3 if r["exposed_comm_s"] is not None else None,
                      max(stash.values()) / 1e6 if stash else None, "ok"])
     lines = [t.render(rows)]
+    shared = [r["name"] for r in doc["results"] if r.get("share_gpu") and r["status"] == "ok"]
+    if shared:
+        lines.append(f"# shared GPU (several ranks per GPU over NCCL sockets): "
+                     f"{', '.join(shared)}: not what a GPU per rank over NVLink would reach")
     head = doc.get("summary", {})
     for name, v in head.items():
         if isinstance(v, dict) and v.get("over_best_peer") is not None:
@@ -248,8 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true",
                    help="let --out overwrite existing results (e.g. the published ones)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu (gloo, MPI; the default) or cuda: every configuration on GPUs, "
+                        "one per rank by local rank (dpsgs with --device cuda, DDP over NCCL; "
+                        "peers without a GPU form reported as not run); more ranks than GPUs "
+                        "share them, each rank with its own NCCL_HOSTID")
     a = p.parse_args(argv)
-    configs = bench_configs(a.micro_batches)
+    if a.device == "cuda":      # refused before any profiling or run
+        why = cuda_unavailable()
+        if why:
+            print(f"dpsgs.bench.train: --device cuda: {why}; nothing was run", file=sys.stderr)
+            return 2
+    configs = bench_configs(a.micro_batches, a.device,
+                            visible_gpus() if a.device == "cuda" else 0)
     if a.only:
         want = [s.strip() for s in a.only.split(",") if s.strip()]
         unknown = sorted(set(want) - {c.name for c in configs})

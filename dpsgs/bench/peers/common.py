@@ -1,4 +1,4 @@
-"""What the peer runners share: arguments, model, synthetic batches, gloo setup, timer, result."""
+"""What the peer runners share: arguments, model, batches, device, process group, step timer."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,8 @@ from torch import nn
 
 __all__ = ["Workload", "add_workload_args", "workload_from_args", "config_args", "make_model",
            "make_batches", "make_optimizer", "StepTimer", "write_result", "mpi_rank_size",
-           "init_gloo", "close_gloo", "slowest_per_step", "set_threads"]
+           "init_gloo", "init_group", "close_gloo", "slowest_per_step", "set_threads",
+           "gpu_index", "cuda_device", "device_sync"]
 
 
 @dataclass
@@ -45,6 +47,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--out", required=True, help="result JSON (written by rank 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu, or cuda: one GPU per rank by local rank (NCCL between ranks)")
 
 
 def workload_from_args(a: argparse.Namespace) -> Workload:
@@ -78,17 +82,48 @@ def make_model(w: Workload) -> nn.Sequential:
     return build_model(w.model, w.in_shape, w.num_classes)
 
 
-def make_batches(w: Workload, batch: int,
-                 offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(w: Workload, batch: int, offset: int = 0,
+                 device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`pool` synthetic (x, y) batches of `batch` samples; `offset` picks a replica's slice
-    so data-parallel ranks see different samples of the same global batch."""
+    so data-parallel ranks see different samples of the same global batch. Drawn on the CPU
+    (the same samples whatever the device), then moved to `device` once, before timing."""
     g = torch.Generator().manual_seed(w.seed + 1)
     out = []
     for _ in range(w.pool):
         x = torch.randn(w.batch, *w.in_shape, generator=g)
         y = torch.randint(0, w.num_classes, (w.batch,), generator=g)
-        out.append((x[offset:offset + batch].contiguous(), y[offset:offset + batch].contiguous()))
+        x, y = x[offset:offset + batch].contiguous(), y[offset:offset + batch].contiguous()
+        out.append((x, y) if device is None else (x.to(device), y.to(device)))
     return out
+
+
+def gpu_index(env: Mapping[str, str], rank: int, visible: int) -> int:
+    """This rank's CUDA ordinal: its local rank (the launcher's MPI_LOCALRANKID,
+    OMPI_COMM_WORLD_LOCAL_RANK or SLURM_LOCALID; else the global rank, one host) modulo the
+    visible GPUs, as dpsgs.comm.device chooses for the trainer."""
+    from dpsgs.comm.device import device_for, local_rank_from_env
+
+    found = local_rank_from_env(env)
+    return device_for(found[0] if found else rank, visible)
+
+
+def cuda_device(rank: int) -> torch.device:
+    """This rank's GPU (gpu_index), made current; SystemExit with the reason when torch
+    cannot use CUDA here. More ranks than GPUs need a NCCL_HOSTID per rank, which the
+    launcher sets (dpsgs.bench.launch.SHARE_GPU), not this runner."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} cannot use CUDA here "
+                         f"({'no CUDA build' if torch.version.cuda is None else 'no GPU visible'})")
+    dev = torch.device("cuda", gpu_index(os.environ, rank, torch.cuda.device_count()))
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def device_sync(device: torch.device | None) -> Callable[[], None] | None:
+    """What a step timer calls to wait for the GPU's queued work (None on CPU: nothing)."""
+    if device is None or device.type != "cuda":
+        return None
+    return lambda: torch.cuda.synchronize(device)
 
 
 def make_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -98,14 +133,21 @@ def make_optimizer(params: Any) -> torch.optim.Optimizer:
 
 @dataclass
 class StepTimer:
-    """Wall seconds of every step (warm-up included; the report drops it)."""
+    """Wall seconds of every step (warm-up included; the report drops it). With `sync` (on a
+    GPU: torch.cuda.synchronize) the clock starts and stops on an idle device, so a step's
+    time is its kernels', not the time to queue them."""
     times: list[float] = field(default_factory=list)
     _t0: float = 0.0
+    sync: Callable[[], None] | None = None
 
     def start(self) -> None:
+        if self.sync is not None:
+            self.sync()
         self._t0 = time.perf_counter()
 
     def stop(self) -> float:
+        if self.sync is not None:
+            self.sync()
         dt = time.perf_counter() - self._t0
         self.times.append(dt)
         return dt
@@ -124,6 +166,13 @@ def mpi_rank_size() -> tuple[int, int]:
 def init_gloo(rank: int, size: int, port: int) -> None:
     """The gloo process group, rendezvousing at MASTER_ADDR/PORT when the launcher set them,
     else at 127.0.0.1:`port`."""
+    init_group("gloo", rank, size, port)
+
+
+def init_group(backend: str, rank: int, size: int, port: int,
+               device: torch.device | None = None) -> None:
+    """The process group (gloo, or nccl bound to `device`, this rank's GPU), rendezvousing
+    at MASTER_ADDR/PORT when the launcher set them, else at 127.0.0.1:`port`."""
     import torch.distributed as dist
     # Imported before the group exists: its functions bind group.WORLD as a default argument
     # at import, and pipelining and DDP's lazy imports pull it in; imported after init, it
@@ -132,12 +181,15 @@ def init_gloo(rank: int, size: int, port: int) -> None:
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
+    bound = {"device_id": device} if backend == "nccl" and device is not None else {}
+    dist.init_process_group(backend, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=120), **bound)
 
 
 def close_gloo() -> None:
-    """Tear the gloo group down while the interpreter is still whole; every rank calls it
-    after its last collective, with its models (DDP, pipeline stages hold the group) gone.
+    """Tear the process group (gloo, or nccl) down while the interpreter is still whole;
+    every rank calls it after its last collective, with its models (DDP, pipeline stages
+    hold the group) gone.
 
     The barrier keeps a rank from closing its connections while a peer still talks to it.
     The group's worker threads are joined only when its last reference goes: if that is at
@@ -150,12 +202,13 @@ def close_gloo() -> None:
     import torch.distributed as dist
 
     dist.barrier()
+    backend = dist.get_backend()
     group = weakref.ref(dist.group.WORLD)
     dist.destroy_process_group()
     gc.collect()   # a model in a reference cycle may still hold the group
     if group() is not None:
         raise RuntimeError(
-            "the gloo process group outlived destroy_process_group; something still holds it "
+            f"the {backend} process group outlived destroy_process_group; something still holds it "
             "(e.g. torch.distributed.nn imported after init_process_group binds group.WORLD "
             "as a default argument), so its threads would race interpreter exit")
 

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--split", help="comma-separated split points (block indices)")
     a = p.parse_args(argv)
+    if a.device != "cpu":   # said, not faked: the bench reports it as not run on GPU
+        p.error(f"--device {a.device}: this torch pipelining peer runs over gloo on CPU only")
     set_threads(a.threads)
     w = workload_from_args(a)
     rank, size = mpi_rank_size()
