@@ -268,6 +268,7 @@ BENCHMARKS = {
             "mpi4py (mpirun -n 2 ...)",
     "train": "training throughput of fdg, sync, DDP, torch pipelining, one process (spawns its runs)",
     "tta": "time to a target test accuracy of the same configurations (spawns its runs)",
+    "nccl": "dpsgs NCCL all-reduce and channel vs torch.distributed NCCL, on GPUs (mpirun -n 2 ...)",
 }
 
 

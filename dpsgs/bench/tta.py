@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     out = out_folder(a.out, "tta")
     base = {"model": model, "dataset": a.dataset, "data_dir": a.data_dir, "epochs": a.epochs,
             "lr": a.lr, "lr_schedule": a.lr_schedule, "seed": a.seed, "eval_every": 1,
-            "checkpoint_every": 0, "metrics_every": 1, "progress": False}
+            "checkpoint_every": 0, "metrics_every": 1, "progress": False,
+            "device": "cpu"}   # the torch peers run on the CPU: dpsgs too, even where "auto" sees a GPU
     configs = tta_configs(a.micro_batches)
     if a.only:
         want = {s.strip() for s in a.only.split(",")}

@@ -4,7 +4,6 @@ peers' device choice and step timing; CPU command lines exactly as before."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from dpsgs.bench import train
 from dpsgs.bench import train_configs as tc
 from dpsgs.bench.launch import SHARE_GPU
-from dpsgs.bench.peers import common, ddp, dpsgs_run, pipe, single
+from dpsgs.bench.peers import common, ddp, pipe, single
 
 __all__: list[str] = []
 
@@ -123,22 +122,11 @@ def _fake_launch(calls: list[list[str]]):
     return launch
 
 
-@pytest.mark.parametrize("trainer_device", [False, True])
 def test_a_cuda_run_launches_gpu_commands_and_reports_the_rest(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-        trainer_device: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Everything of a --device cuda run but the GPU: a stand-in launcher records the
-    commands and answers with step times; with and without the trainer's device setting."""
-    import dpsgs.config
+    commands and answers with step times."""
     from dpsgs.comm import nccl
-
-    TrainConfig = dpsgs.config.TrainConfig
-    if trainer_device and "device" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        @dataclasses.dataclass
-        class WithDevice(TrainConfig):
-            device: str = "auto"
-        monkeypatch.setattr(dpsgs.config, "TrainConfig", WithDevice)
-        TrainConfig = WithDevice
 
     calls: list[list[str]] = []
     monkeypatch.setattr(train, "cuda_unavailable", lambda: None)
@@ -164,19 +152,13 @@ def test_a_cuda_run_launches_gpu_commands_and_reports_the_rest(
     assert by["backprop-1rank"]["status"] == "ok" and not by["backprop-1rank"]["share_gpu"]
     assert by["torch-ddp"]["status"] == "ok" and by["torch-ddp"]["share_gpu"] is True
     assert by["torch-ddp"]["speedup"] == pytest.approx(1.0)     # same fake times
-    has_device = "device" in {f.name for f in dataclasses.fields(TrainConfig)}
-    if has_device:          # the GPU trainer is in: dpsgs runs with --device cuda
-        assert by["dpsgs-fdg-weights"]["status"] == "ok"
-    else:
-        assert by["dpsgs-fdg-weights"]["reason"] == (
-            "this dpsgs trainer has no device setting (TrainConfig.device) yet")
-    assert len(calls) == 2 + has_device
+    assert by["dpsgs-fdg-weights"]["status"] == "ok"          # the trainer's --device cuda
+    assert len(calls) == 3
     assert all(c[-2:] == ["--device", "cuda"] for c in calls)
-    assert [("bash" in c) for c in calls] == [False, True, *([True] if has_device else [])]
+    assert [("bash" in c) for c in calls] == [False, True, True]
     out = capsys.readouterr().out
     assert "# device cuda: 1 GPU(s) visible (NVIDIA H200)" in out
-    shared = "torch-ddp, dpsgs-fdg-weights" if has_device else "torch-ddp"
-    assert f"# SHARED GPU: {shared} run more ranks than GPUs" in out
+    assert "# SHARED GPU: torch-ddp, dpsgs-fdg-weights run more ranks than GPUs" in out
     assert "Training throughput on CUDA" in out
     assert "# shared GPU (several ranks per GPU over NCCL sockets): torch-ddp" in out
     assert "efficiency = speedup / ranks" in out
@@ -222,19 +204,3 @@ def test_pipe_peer_has_no_gpu_form(tmp_path: Path, capsys: pytest.CaptureFixture
     assert e.value.code == 2
     assert "--device cuda: this torch pipelining peer runs over gloo on CPU only" in \
         capsys.readouterr().err
-
-
-def test_dpsgs_runner_device_setting() -> None:
-    @dataclasses.dataclass
-    class WithDevice:
-        device: str = "auto"
-
-    @dataclasses.dataclass
-    class Without:
-        model: str = "mlp"
-
-    assert dpsgs_run.device_setting("cpu", WithDevice) == {"device": "cpu"}   # never "auto"
-    assert dpsgs_run.device_setting("cuda", WithDevice) == {"device": "cuda"}
-    assert dpsgs_run.device_setting("cpu", Without) == {}
-    with pytest.raises(ValueError, match="no device setting"):
-        dpsgs_run.device_setting("cuda", Without)

@@ -7,14 +7,13 @@ The global batch is split over the N replicas (batch_size = B/N), exactly as the
 it. Per-step compute/channel/reduce seconds and the step time come from the trainer's own
 metrics JSON lines (every rank's file), so the split is measured where the time is spent.
 --device goes to the trainer's own setting (TrainConfig.device: cuda = a GPU per rank by
-local rank, NCCL channels and all-reduce); a CPU run names cpu explicitly where the trainer
-has the setting, so it stays on the CPU even where the trainer's "auto" would take a GPU.
+local rank, NCCL channels and all-reduce); a CPU run names cpu explicitly, so it stays on
+the CPU even where the trainer's "auto" would take a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import shutil
 import sys
@@ -26,7 +25,7 @@ import torch
 
 from .common import add_workload_args, set_threads, workload_from_args, write_result
 
-__all__ = ["device_setting", "main", "step_records"]
+__all__ = ["main", "step_records"]
 
 # Key spellings the trainer may use for a step's wall time (first found wins).
 _STEP_KEYS = ("seconds", "step_time", "step_seconds", "time", "wall")
@@ -94,20 +93,6 @@ def summarize_run(records: dict[int, list[dict[str, Any]]], batch: int,
             "stash_peak_bytes": dict(sorted(stash.items()))}
 
 
-def device_setting(device: str, config_cls: Any = None) -> dict[str, str]:
-    """TrainConfig's keyword for --device: {"device": device} where the trainer has the
-    setting; {} for cpu where it has none (its runs are CPU runs); ValueError for cuda where
-    it has none."""
-    if config_cls is None:
-        from dpsgs.config import TrainConfig as config_cls
-    if "device" in {f.name for f in dataclasses.fields(config_cls)}:
-        return {"device": device}
-    if device == "cpu":
-        return {}
-    raise ValueError(f"--device {device}: this dpsgs trainer has no device setting "
-                     "(TrainConfig.device)")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_workload_args(p)
@@ -150,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                       batch_size=w.batch // a.replicas, epochs=1, max_steps=steps,
                       lr=0.01, lr_schedule="constant", seed=w.seed, run_dir=run_dir,
                       checkpoint_every=0, progress=False, metrics_every=1,
-                      **device_setting(a.device))
+                      device=a.device)
     summary = train(cfg, comm)
     comm.Barrier()
     if comm.rank == 0:
