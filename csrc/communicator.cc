@@ -32,22 +32,12 @@ const char* thread_level_name(int level) {
 }  // namespace
 
 void Communicator::set_labels(std::vector<std::string> labels) {
-  DPSGS_CHECK_ARG(labels.size() == size_t(size_), "Communicator.set_labels on rank ", rank_, ": ", labels.size(),
-                  " labels for ", size_, " ranks");
-  std::lock_guard<std::mutex> lock(labels_mu_);
-  labels_ = std::move(labels);
+  labels_.set(std::move(labels), size_, str_cat("Communicator.set_labels on rank ", rank_));
 }
 
-std::string Communicator::label(int r) const {
-  std::lock_guard<std::mutex> lock(labels_mu_);
-  if (r >= 0 && size_t(r) < labels_.size()) return labels_[size_t(r)];
-  return str_cat("rank ", r);
-}
+std::string Communicator::label(int r) const { return labels_(r); }
 
-bool Communicator::labelled() const {
-  std::lock_guard<std::mutex> lock(labels_mu_);
-  return !labels_.empty();
-}
+bool Communicator::labelled() const { return !labels_.empty(); }
 
 void wait_request(MPI_Request* req, const Communicator& comm, const std::function<std::string()>& what,
                   int peer, double timeout_s, double yield_s, double spin_s) {

@@ -18,6 +18,7 @@
 #include "common/buffer.h"
 #include "common/backoff.h"
 #include "common/mpi_wait.h"
+#include "common/rank_labels.h"
 #include "common/work.h"
 
 namespace dpsgs {
@@ -99,8 +100,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   MPI_Comm p2p_ = MPI_COMM_NULL;
   MPI_Comm coll_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, world_rank_ = 0;
-  mutable std::mutex labels_mu_;
-  std::vector<std::string> labels_;
+  RankLabels labels_;
   double timeout_s_, warn_after_s_;
 
   mutable std::mutex mu_;

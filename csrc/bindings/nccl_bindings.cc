@@ -122,6 +122,9 @@ void bind_nccl(py::module_& m) {
       .def_property_readonly("connected", &NcclCommunicator::connected)
       .def_property_readonly("stream", [](const NcclCommunicator& c) { return reinterpret_cast<uintptr_t>(c.stream()); },
                              "the collectives' CUDA stream (cudaStream_t as int)")
+      .def("set_labels", &NcclCommunicator::set_labels, py::arg("labels"),
+           "How messages name each rank of this communicator (one label per rank)")
+      .def("label", &NcclCommunicator::label, py::arg("rank"))
       .def("split", &NcclCommunicator::split, py::arg("color"), py::arg("key"),
            py::call_guard<py::gil_scoped_release>(),
            "Collective: ncclCommSplit + MPI_Comm_split; None for color < 0.")

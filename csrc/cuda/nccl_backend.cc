@@ -220,6 +220,10 @@ std::shared_ptr<NcclCommunicator> NcclCommunicator::split(int color, int key) {
   return sub;
 }
 
+void NcclCommunicator::set_labels(std::vector<std::string> labels) {
+  labels_.set(std::move(labels), size_, str_cat("NcclCommunicator.set_labels on rank ", rank_));
+}
+
 void NcclCommunicator::add_pending(PendingConnect p) {
   check_open("creating a channel");
   std::lock_guard<std::mutex> lock(mu_);

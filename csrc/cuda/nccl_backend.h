@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/mpi_wait.h"
+#include "common/rank_labels.h"
 #include "cuda/cuda_stream.h"
 #include "cuda/device_issuer.h"
 #include "cuda/nccl_handle.h"
@@ -78,6 +79,9 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   cudaStream_t stream() const { return stream_->get(); }  // the collectives' stream
   bool connected() const { return connected_; }
   bool closed() const { return closed_; }
+  // How messages name rank r of this communicator ("rank r" unless set; see RankLabels).
+  void set_labels(std::vector<std::string> labels);
+  std::string label(int r) const { return labels_(r); }
 
   // Collective over this communicator. color < 0: this rank joins no group (nullptr).
   std::shared_ptr<NcclCommunicator> split(int color, int key);
@@ -118,6 +122,7 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   std::mutex mu_;
   std::vector<PendingConnect> pending_;
   std::vector<std::weak_ptr<NcclHandle>> channel_handles_;  // closed by close(), before ours
+  RankLabels labels_;
 };
 
 // Closes every NcclCommunicator of the process still alive, newest first (children before

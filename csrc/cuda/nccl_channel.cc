@@ -100,12 +100,12 @@ NcclChannel::~NcclChannel() {
 
 std::string NcclChannel::describe_end() const {
   int src = is_sender_ ? rank_ : peer_, dst = is_sender_ ? peer_ : rank_;
-  return str_cat("NcclChannel '", name_, "' (rank ", src, " -> rank ", dst, ", tag ", tag_, ")");
+  return str_cat("NcclChannel '", name_, "' (", comm_->label(src), " -> ", comm_->label(dst), ", tag ", tag_, ")");
 }
 
 std::string NcclChannel::op_name(const char* op, uint64_t seq) const {
-  return str_cat("rank ", rank_, ": ", describe_end(), " ", op, " #", seq, is_sender_ ? " to rank " : " from rank ",
-                 peer_);
+  return str_cat(comm_->label(rank_), ": ", describe_end(), " ", op, " #", seq, is_sender_ ? " to " : " from ",
+                 comm_->label(peer_));
 }
 
 void NcclChannel::check_buffer(const Buffer& b, const char* op) const {
@@ -208,14 +208,14 @@ std::shared_ptr<NcclWork> NcclChannel::recv_into(const Buffer& dst, Owner owner)
                    [&] { return op_name("recv header", seq); });
   NcclHeader h = headers_[slot];
   DPSGS_CHECK_ARG(h.magic == kMagic && h.ndim >= 0 && h.ndim <= kNcclMaxDims && valid_dtype_code(h.dtype),
-                  describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+                  describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
                   ": malformed header (is the peer using the MPI Channel with the same tag?)");
-  DPSGS_CHECK_ARG(h.seq == seq, describe_end(), " on rank ", rank_, ": expected message #", seq, " from rank ",
-                  peer_, " but received #", h.seq);
+  DPSGS_CHECK_ARG(h.seq == seq, describe_end(), " on ", comm_->label(rank_), ": expected message #", seq, " from ",
+                  comm_->label(peer_), " but received #", h.seq);
   std::vector<int64_t> shape(h.shape, h.shape + h.ndim);
   DType dt = static_cast<DType>(h.dtype);
   if (dt != dst.dtype || shape != dst.shape || h.nbytes != dst.bytes) {
-    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on rank ", rank_, " from rank ", peer_,
+    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
                              ": expected dtype ", dtype_name(dst.dtype), " shape ", dst.shape_string(),
                              " but received dtype ", dtype_name(dt), " shape ", shape_str(h.shape, h.ndim)));
   }

@@ -20,7 +20,7 @@ std::shared_ptr<NcclWork> NcclReducer::allreduce(const Buffer& buf, Owner owner,
                   " before NcclCommunicator.connect(); call connect() on every rank first");
   if (comm_->closed()) throw CommError(str_cat("NcclReducer.allreduce on rank ", rank, " after its NcclCommunicator was closed"));
   uint64_t seq = count_++;
-  auto work = std::make_shared<NcclWork>(str_cat("rank ", rank, ": NcclReducer allreduce #", seq, " (",
+  auto work = std::make_shared<NcclWork>(str_cat(comm_->label(rank), ": NcclReducer allreduce #", seq, " (",
                                                  buf.bytes, " bytes over ", comm_->size(), " ranks)"),
                                          comm_->handle(), device, kNoPeer, std::move(owner));
   if (buf.bytes == 0 || comm_->size() == 1) {

@@ -48,7 +48,7 @@ def open_rank(config: TrainConfig, comm: Any, transport: str | Transport = "core
     if not isinstance(transport, str):
         made = transport
     elif transport == "core" and device == "cuda":
-        made = _nccl_transport(config, pycomm, replica, stage)
+        made = _nccl_transport(config, grid, pycomm, replica, stage)
     elif transport == "core":
         made = _core_transport(config, grid, pycomm, replica, stage)
     elif transport == "mpi4py" and device == "cpu":
@@ -78,11 +78,14 @@ def _core_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int,
                         first_bucket_mb=config.first_bucket_mb, algorithm=config.allreduce)
 
 
-def _nccl_transport(config: TrainConfig, pycomm: Any, replica: int, stage: int) -> Transport:
+def _nccl_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int, stage: int) -> Transport:
     """The GPU chosen by local rank (the shared-GPU check first), NCCL over the grid and the
-    stage group, the GPU made current for torch."""
+    stage group, the GPU made current for torch; messages name ranks as the MPI path's do."""
     from dpsgs.comm import nccl
 
     world = nccl.init(pycomm, timeout=config.timeout)
-    return nccl.NcclTransport(world, world.split(stage, replica), bucket_cap_mb=config.bucket_cap_mb,
+    world.set_labels([grid.label(r) for r in range(grid.size)])
+    stage_comm = world.split(stage, replica)
+    stage_comm.set_labels([grid.label(grid.rank(q, stage)) for q in range(grid.replicas)])
+    return nccl.NcclTransport(world, stage_comm, bucket_cap_mb=config.bucket_cap_mb,
                               first_bucket_mb=config.first_bucket_mb)

@@ -27,7 +27,7 @@ def test_channel_byte_exact_both_directions():
     assert_clean(run)
 
 
-def test_channel_header_mismatch_names_both_ranks():
+def test_channel_header_mismatch_names_both_ranks_by_label():
     run = gpu_ranks(2, "nccl_mismatch_ranks.py")
     assert "got HeaderMismatch" in run.stdout and run.stdout.count("OK") == 2, run.tail()
 

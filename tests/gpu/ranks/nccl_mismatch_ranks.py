@@ -1,6 +1,6 @@
 """2 ranks: a receiver expecting another shape/dtype gets a HeaderMismatch (the ValueError
-every transport raises for it) naming both ranks, the expected and the received shape,
-before any device memory is written.
+every transport raises for it) naming both ranks by the labels the trainer sets, the
+expected and the received shape, before any device memory is written.
 
     mpirun -n 2 python -m mpi4py tests/gpu/ranks/nccl_mismatch_ranks.py
 """
@@ -22,6 +22,7 @@ def main() -> None:
     rank = comm.Get_rank()
     arr = pick()
     ncomm = nccl.init(comm, timeout=60.0)
+    ncomm.set_labels(["rank 0 (replica 0, stage 0)", "rank 1 (replica 0, stage 1)"])
     ch = nccl.TensorChannel(ncomm, 1 - rank, 7, rank == 0, "act s0->s1")
     ncomm.connect()
     ok = True
@@ -35,7 +36,8 @@ def main() -> None:
         except HeaderMismatch as e:
             text = str(e)
             print(f"rank 1: got HeaderMismatch: {text}", flush=True)
-            ok = all(s in text for s in ("rank 0", "rank 1", "(4, 9)", "(4, 8)"))
+            ok = all(s in text for s in ("rank 0 (replica 0, stage 0)", "rank 1 (replica 0, stage 1)",
+                                         "(4, 9)", "(4, 8)"))
     ok = comm.allreduce(ok, op=MPI.LAND)
     print(f"rank {rank}: {'OK' if ok else 'FAIL'}", flush=True)
     # The unmatched ncclSend can never finish: leave without finalizing NCCL.
