@@ -60,15 +60,16 @@ def host_identity(env: Mapping[str, str] | None = None) -> str:
     return env.get("NCCL_HOSTID", "").strip() or socket.gethostname()
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, nccl: bool = True) -> str:
     """'cpu' or 'cuda' for a --device setting, from what this process can see. 'auto' is
-    cuda when a GPU is visible and dpsgs._C has the NCCL backend, else cpu; 'cuda' without
-    them is a ValueError saying which is missing. (Ranks compare their answers at start.)"""
+    cuda when a GPU is visible to a CUDA torch and (with `nccl`: ranks talk over it)
+    dpsgs._C has the NCCL backend, else cpu; 'cuda' without them is a ValueError saying
+    which is missing. (Ranks compare their answers at start.)"""
     if requested == "cpu":
         return "cpu"
     if requested not in ("auto", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
-    why = _cuda_missing()
+    why = _cuda_missing(nccl)
     if why is None:
         return "cuda"
     if requested == "cuda":
@@ -76,22 +77,24 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
-def _cuda_missing() -> str | None:
+def _cuda_missing(nccl: bool) -> str | None:
     """Why this process cannot train on CUDA, or None when it can."""
-    try:
-        from dpsgs import _C
-    except ImportError as e:
-        return f"dpsgs._C does not import: {e}"
-    if not _C.build_info()["nccl"]:
-        return "dpsgs._C was built without the NCCL backend (rebuild with DPSGS_CUDA=1)"
-    if visible_gpu_count() < 1:
-        return "no CUDA device is visible"
+    if nccl:
+        try:
+            from dpsgs import _C
+        except ImportError as e:
+            return f"dpsgs._C does not import: {e}"
+        if not _C.build_info()["nccl"]:
+            return "dpsgs._C was built without the NCCL backend (rebuild with DPSGS_CUDA=1)"
+        if visible_gpu_count() < 1:
+            return "no CUDA device is visible"
     try:
         import torch
     except ImportError:
         return "torch is not installed"
     if not torch.cuda.is_available():
-        return "this torch has no CUDA (a CPU wheel)"
+        return ("no CUDA device is visible" if torch.version.cuda
+                else f"this torch ({torch.__version__}) is a CPU build")
     return None
 
 

@@ -49,13 +49,15 @@ def reference_for(config: TrainConfig, model: nn.Sequential | None = None,
 
 
 def _device(config: TrainConfig) -> torch.device:
-    return torch.device("cuda") if resolve_device(config.device) == "cuda" else torch.device("cpu")
+    """One process, no NCCL: a CUDA torch and a GPU are all --device cuda needs here."""
+    return torch.device("cuda") if resolve_device(config.device, nccl=False) == "cuda" else torch.device("cpu")
 
 
 def simulate(config: TrainConfig, model: nn.Sequential | None = None,
              data: tuple[Dataset, Dataset] | None = None, progress: bool = False) -> dict[str, Any]:
     """Train per `config` on K x N virtual ranks in this process; the summary dict. A progress
     bar when `progress`; the run folder's files when config.run_dir is set."""
+    device = _device(config)                  # a setting's error before any file is made
     folder = RunFolder.open(config) if config.run_dir else None
     try:
         torch.manual_seed(config.seed)
@@ -68,7 +70,7 @@ def simulate(config: TrainConfig, model: nn.Sequential | None = None,
             total = sum(len(s) if config.schedule == "sync" else fdg_steps(config.stages, len(s), config.overlap)
                         for s in segs)
             bar = _Bar(total, config)
-        ref = Reference(setup, bar, _device(config))
+        ref = Reference(setup, bar, device)
         summary = ref.run()
         if bar is not None:
             bar.bar.close()

@@ -4,6 +4,7 @@ between stages (runs on CPU too), device-free checkpoint state, CUDA-event timin
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -31,15 +32,33 @@ def _model(seed=0):
 
 
 def test_auto_is_cpu_without_a_gpu_and_cuda_names_what_is_missing(monkeypatch):
-    monkeypatch.setattr(device_mod, "_cuda_missing", lambda: "no CUDA device is visible")
+    monkeypatch.setattr(device_mod, "_cuda_missing", lambda nccl: "no CUDA device is visible")
     assert device_mod.resolve_device("auto") == "cpu"
     assert device_mod.resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="--device cuda: no CUDA device is visible"):
         device_mod.resolve_device("cuda")
-    monkeypatch.setattr(device_mod, "_cuda_missing", lambda: None)
+    monkeypatch.setattr(device_mod, "_cuda_missing", lambda nccl: None)
     assert device_mod.resolve_device("auto") == "cuda"
     with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
         device_mod.resolve_device("tpu")
+
+
+def test_what_cuda_needs_here_is_named():
+    """This machine: the trainer names the missing NCCL build or GPU; --simulate (no NCCL)
+    names the CPU torch. Both before anything starts."""
+    import torch
+
+    from dpsgs import _C
+
+    with pytest.raises(ValueError) as e:
+        device_mod.resolve_device("cuda")
+    if not _C.build_info()["nccl"]:
+        assert "built without the NCCL backend" in str(e.value)
+    else:
+        assert str(e.value) == "--device cuda: no CUDA device is visible"
+    with pytest.raises(ValueError, match=re.escape(f"--device cuda: this torch ({torch.__version__}) is a CPU build")):
+        device_mod.resolve_device("cuda", nccl=False)
+    assert device_mod.resolve_device("auto", nccl=False) == "cpu"
 
 
 def test_device_is_operational_and_amp_is_identity():
@@ -121,3 +140,13 @@ def test_gpu_timeline_uses_event_times_and_never_waits_for_recent_spans(monkeypa
         _FakeEvent.clock = 0.75
     totals = t.step_totals()
     assert totals["compute"] == pytest.approx(0.25) and totals["channel"] == pytest.approx(0.5)
+
+
+def test_simulate_refuses_cuda_before_making_its_run_folder(tmp_path):
+    from dpsgs.job.simulate import simulate
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(ValueError, match="--device cuda: "):
+        simulate(TrainConfig(device="cuda", run_dir=str(tmp_path / "run"), epochs=1))
+    assert not (tmp_path / "run").exists()
