@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
-from dpsgs.comm.abort import abort_job
 from . import outputs
 from .harness import MIB, BenchContext, add_common_args, command_line, machine_info, \
-    parse_size, size_sweep, write_json
+    parse_size, run_on_world, size_sweep, write_json
 from .outputs import RUNS, stamp
 from .report import print_tables, summarize, summary_lines
 from .threads import compute_threads, pin_compute_threads, threads_line
@@ -156,23 +154,12 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any, who: dict[str, st
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark on COMM_WORLD; returns the exit code (1 on wrong data). Any error
     on any rank aborts the whole job, so no peer hangs in a collective."""
-    from mpi4py import MPI
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     # NumPy's OpenBLAS (and any OpenMP pool) would start a thread per core in every rank of
     # a many-core machine; the overlap test then measured that contention, not overlap.
     who = pin_compute_threads()
-    comm = MPI.COMM_WORLD
-    try:
-        return _run(args, argv, comm, who)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        if comm.Get_size() > 1:
-            abort_job(1)
-        return 1
+    return run_on_world(lambda comm: _run(args, argv, comm, who))
 
 
 if __name__ == "__main__":

@@ -304,3 +304,24 @@ def command_line(module: str, argv: Sequence[str], nprocs: int) -> str:
     """The command that reproduces this run (the launcher's own flags are not visible to a
     rank; `sys.argv` goes into the JSON as well)."""
     return shlex.join(["mpirun", "-n", str(nprocs), "python", "-m", module, *argv])
+
+
+def run_on_world(body: Callable[[Any], int]) -> int:
+    """body(COMM_WORLD)'s exit code. Any other error on any rank prints its traceback and
+    aborts the whole job, so no peer hangs in a collective waiting for it."""
+    import traceback
+
+    from mpi4py import MPI
+
+    from dpsgs.comm.abort import abort_job
+
+    comm = MPI.COMM_WORLD
+    try:
+        return body(comm)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        if comm.Get_size() > 1:
+            abort_job(1)
+        return 1

@@ -32,7 +32,6 @@ import hashlib
 import os
 import socket
 import sys
-import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -44,7 +43,7 @@ import numpy as np
 from . import outputs
 from .allreduce import bus_factor
 from .harness import MIB, BenchContext, Table, add_common_args, command_line, iters_for, \
-    machine_info, pattern, ratio, size_sweep, time_iterations, write_json
+    machine_info, pattern, ratio, run_on_world, size_sweep, time_iterations, write_json
 from .launch import free_port
 from .outputs import RUNS, stamp
 
@@ -583,20 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     run). Any other error on any rank aborts the whole job, so no peer hangs in NCCL."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)     # --help and bad options need no MPI
-    from mpi4py import MPI
-
-    from dpsgs.comm.abort import abort_job
-
-    comm = MPI.COMM_WORLD
-    try:
-        return _run(args, argv, comm)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        if comm.Get_size() > 1:
-            abort_job(1)
-        return 1
+    return run_on_world(lambda comm: _run(args, argv, comm))
 
 
 if __name__ == "__main__":
