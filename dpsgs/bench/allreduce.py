@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from .harness import PERIOD, BenchContext, count_wrong, iters_for, pattern, ratio, \
+from .harness import PERIOD, BenchContext, count_wrong, element_counts, iters_for, pattern, ratio, \
     time_iterations
 
 __all__ = ["DTYPES", "RAW_VARIANTS", "Buffers", "bus_factor", "expected_sum", "memcpy_row",
@@ -96,11 +96,7 @@ def run(ctx: BenchContext, sizes: list[int], dtype: str = "float32",
         from dpsgs import _C
         reducers = {a: _reducer(_C, ctx.dp, a) for a in algorithms}
     rows = []
-    for nbytes in sizes:
-        count = nbytes // dt.itemsize
-        if count == 0:
-            continue
-        size = count * dt.itemsize
+    for count, size in element_counts(sizes, dt.itemsize):
         iters = iters_for(size, ctx.iters)
         b = Buffers(count, dt, ctx.rank)
         expect = expected_sum(count, dt, n) if ctx.check else None

@@ -68,11 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip dpsgs (its extension is not built); raw mpi4py side only")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="dpsgs wait deadline in seconds (default 120)")
-    p.add_argument("--out", default=None,
-                   help="JSON output (default: a new runs/bench/comm-<np>ranks-<YYYYmmdd-"
-                        "HHMMSS>.json); '-' for none; an existing file is refused")
-    p.add_argument("--force", action="store_true",
-                   help="let --out overwrite an existing file (e.g. the published results)")
+    outputs.add_out_args(p, "comm", folder=False, force_example="e.g. the published results")
     return p
 
 

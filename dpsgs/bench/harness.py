@@ -11,7 +11,7 @@ import shlex
 import socket
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,15 @@ def size_sweep(begin: int, end: int, factor: int, include: Iterable[int] = ()) -
         s *= factor
     sizes.update(x for x in include if begin <= x <= end)
     return sorted(sizes)
+
+
+def element_counts(sizes: Iterable[int], itemsize: int) -> Iterator[tuple[int, int]]:
+    """(elements, bytes) of each sweep size in whole elements of `itemsize` bytes; a size
+    below one element is skipped."""
+    for nbytes in sizes:
+        count = nbytes // itemsize
+        if count:
+            yield count, count * itemsize
 
 
 def iters_for(nbytes: int, iters: int) -> int:

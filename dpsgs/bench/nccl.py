@@ -42,7 +42,7 @@ import numpy as np
 
 from . import outputs
 from .allreduce import bus_factor
-from .harness import MIB, BenchContext, Table, add_common_args, command_line, iters_for, \
+from .harness import MIB, BenchContext, Table, add_common_args, command_line, element_counts, iters_for, \
     machine_info, pattern, ratio, run_on_world, size_sweep, time_iterations, write_json
 from .launch import free_port
 from .outputs import RUNS, stamp
@@ -287,11 +287,7 @@ def allreduce_rows(ctx: BenchContext, sides: Any, sizes: list[int], dtype: str,
     table = allreduce_table(dtype, sides.torch_redop)
     ctx.log(table.header())
     rows = []
-    for nbytes in sizes:
-        count = nbytes // itemsize
-        if count == 0:
-            continue
-        size = count * itemsize
+    for count, size in element_counts(sizes, itemsize):
         init = _device_pattern(sides, count, dtype, 2 * ctx.rank)
         x = init.clone()     # one buffer for both sides, refilled from `init`
         iters = iters_for(size, ctx.iters)
@@ -337,11 +333,7 @@ def channel_rows(ctx: BenchContext, sides: Any, sizes: list[int], dtype: str,
     table = channel_table()
     ctx.log(table.header())
     rows = []
-    for nbytes in sizes:
-        count = nbytes // itemsize
-        if count == 0:
-            continue
-        size = count * itemsize
+    for count, size in element_counts(sizes, itemsize):
         sent = _device_pattern(sides, count, dtype, 3)
         buf = sent if ctx.rank == 0 else sides.torch.zeros_like(sent)
         iters = iters_for(size, ctx.iters)
@@ -456,11 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sections: allreduce, channel (default both)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="NCCL init and wait deadline, seconds, both sides (default 300)")
-    p.add_argument("--out", default=None,
-                   help="JSON output (default: a new runs/bench/nccl-<np>ranks-<YYYYmmdd-"
-                        "HHMMSS>.json); '-' for none; an existing file is refused")
-    p.add_argument("--force", action="store_true",
-                   help="let --out overwrite an existing file")
+    outputs.add_out_args(p, "nccl", folder=False)
     return p
 
 

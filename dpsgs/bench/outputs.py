@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["RUNS", "claim_dir", "existing_error", "free_names", "out_folder", "resolve_out",
-           "stamp", "write_new"]
+__all__ = ["RUNS", "add_out_args", "claim_dir", "existing_error", "free_names", "out_folder",
+           "resolve_out", "stamp", "write_new"]
 
 # Default outputs go here (git-ignored, like the trainer's runs/<timestamp>); bench/results
 # holds the published figures, written only when asked for by --out.
 RUNS = Path("runs") / "bench"
+
+
+def add_out_args(p: argparse.ArgumentParser, name: str, folder: bool,
+                 force_example: str = "") -> None:
+    """--out and --force of a benchmark writing runs/bench/NAME-...: one JSON file (`folder`
+    False; '-' writes none) or a folder of JSON and PNG files."""
+    if folder:
+        p.add_argument("--out", help=f"folder for JSON and PNG (default: a new runs/bench/"
+                                     f"{name}-<YYYYmmdd-HHMMSS>/); refused if it holds this "
+                                     f"run's files already")
+        force = "let --out overwrite existing results"
+    else:
+        p.add_argument("--out", default=None,
+                       help=f"JSON output (default: a new runs/bench/{name}-<np>ranks-"
+                            f"<YYYYmmdd-HHMMSS>.json); '-' for none; an existing file is refused")
+        force = "let --out overwrite an existing file"
+    p.add_argument("--force", action="store_true",
+                   help=f"{force} ({force_example})" if force_example else force)
 
 
 def stamp() -> str:

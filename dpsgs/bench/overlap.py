@@ -32,7 +32,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .allreduce import Buffers
-from .harness import BenchContext, Timing, time_iterations
+from .harness import BenchContext, Timing, element_counts, time_iterations
 
 __all__ = ["COMPUTE_KINDS", "Compute", "SleepCompute", "overlap_percent", "run"]
 
@@ -148,14 +148,11 @@ def run(ctx: BenchContext, sizes: list[int], dtype: str = "float32",
         from dpsgs import _C
         reducer = _C.Reducer(ctx.dp, algorithm)
     rows = []
-    for nbytes in sizes:
-        count = nbytes // dt.itemsize
-        if count == 0:
-            continue
+    for count, size in element_counts(sizes, dt.itemsize):
         b = Buffers(count, dt, ctx.rank)
         # Overlap needs fewer repetitions than latency; the plain count is enough.
         iters = ctx.iters
-        row: dict[str, Any] = {"size": count * dt.itemsize, "count": count, "type": dtype,
+        row: dict[str, Any] = {"size": size, "count": count, "type": dtype,
                                "iters": iters, "compute": compute_kind,
                                "compute_us_per_unit": per_unit * 1e6}
         comm = ctx.comm

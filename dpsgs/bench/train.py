@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import launch, runner_command
-from .outputs import existing_error, out_folder
+from .outputs import add_out_args, existing_error, out_folder
 from .train_configs import DEVICES, WORKLOADS, BenchConfig, Workload, bench_configs, \
     cuda_unavailable, unavailable_reason, visible_gpus
 from .train_stats import derive
@@ -305,11 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every configuration this many times, interleaved, steps pooled")
-    p.add_argument("--out", help="folder for JSON and PNG (default: a new runs/bench/"
-                                 "train-<YYYYmmdd-HHMMSS>/); refused if it holds this run's "
-                                 "files already")
-    p.add_argument("--force", action="store_true",
-                   help="let --out overwrite existing results (e.g. the published ones)")
+    add_out_args(p, "train", folder=True, force_example="e.g. the published ones")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu (gloo, MPI; the default) or cuda: every configuration on GPUs, "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import launch, runner_command
-from .outputs import existing_error, out_folder
+from .outputs import add_out_args, existing_error, out_folder
 from .train import machine
 
 __all__ = ["main", "TtaConfig", "tta_configs", "time_to_target"]
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="comma-separated configuration names")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
-    p.add_argument("--out", help="folder for JSON and PNG (default: a new runs/bench/"
-                                 "tta-<YYYYmmdd-HHMMSS>/); refused if it holds this run's "
-                                 "files already")
-    p.add_argument("--force", action="store_true",
-                   help="let --out overwrite existing results (e.g. the published ones)")
+    add_out_args(p, "tta", folder=True, force_example="e.g. the published ones")
     a = p.parse_args(argv)
     model = a.model or ("mlp" if a.dataset == "digits" else "resnet20")
     stem = f"tta-{a.dataset}-{model}"
