@@ -14,7 +14,6 @@ Load: torch.load(weights_only=True) after checking the grid, the expected metada
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dpsgs.job.atomic_file import atomic_write, fsync_dir
 from dpsgs.reliability import faults
 
 __all__ = ["CheckpointError", "CheckpointSaveError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
@@ -50,32 +50,6 @@ class CheckpointSaveError(CheckpointError):
 
 def _shard_name(stage: int) -> str:
     return f"stage{stage}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:   # some file systems cannot fsync a directory; the rename still holds
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """tmp file in the same folder, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def _check_loadable(obj: Any, where: str) -> None:
@@ -130,7 +104,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
             folder.mkdir(parents=True, exist_ok=True)
             if (folder / MANIFEST).exists():
                 (folder / MANIFEST).unlink()
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as e:
             status = f"rank 0: cannot prepare {folder}: {e}"
     status = bcast(status)
@@ -147,7 +121,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
             torch.save({"format": _FORMAT, "stage": stage, "stages": stages,
                         "state": stage_state}, buf)
             data = buf.getvalue()
-            _atomic_write(folder / _shard_name(stage), data)
+            atomic_write(folder / _shard_name(stage), data)
             info = {"stage": stage, "file": _shard_name(stage), "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest()}
         except Exception as e:
@@ -167,7 +141,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
                 manifest = {"format": _FORMAT, "version": _VERSION, "tag": tag,
                             "stages": stages, "replicas": replicas, "created": time.time(),
                             "meta": meta, "shards": shards}
-                _atomic_write(folder / MANIFEST,
+                atomic_write(folder / MANIFEST,
                               (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
             except Exception as e:
                 errors = [f"rank 0: manifest: {type(e).__name__}: {e}"]
@@ -325,7 +299,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     doomed = committed_checkpoints(run_dir)[:-keep] if keep > 0 else []
     for folder in doomed:
         (folder / MANIFEST).unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)
         for f in folder.iterdir():
             f.unlink()
         folder.rmdir()

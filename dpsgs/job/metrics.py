@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from dpsgs.job.atomic_file import atomic_write
 from dpsgs.pipeline.hooks import Spans
 
 __all__ = ["CATEGORIES", "Timeline", "MetricsLog", "read_metrics", "rank_path", "merge_traces"]
@@ -172,9 +173,7 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if keep_below is not None and self.path.exists():
                 kept = [r for r in read_metrics(self.path) if int(r.get("step", -1)) < keep_below]
-                tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                os.replace(tmp, self.path)
+                atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self._file = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:

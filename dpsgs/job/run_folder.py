@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dpsgs.config import TrainConfig
+from dpsgs.job.atomic_file import atomic_write
 
 __all__ = ["RunFolder", "RunFolderError", "RUN_FILE", "LOCK_FILE", "check_run_dir"]
 
@@ -53,9 +54,7 @@ def check_run_dir(path: str) -> Path:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @dataclass
