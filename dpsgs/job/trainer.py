@@ -106,7 +106,6 @@ class Trainer:
             raise RunFinished(str(config.run_dir), decided["summary"])
         self.run_id: str | None = decided.get("run_id")
         self.setup = assemble(loaded, decided["split"], decided.get("costs"))
-        self.device = device
         self.ctx = ctx = open_rank(config, comm, transport, device)
         self.pycomm, self.rank = ctx.pycomm, ctx.rank
         self.replica, self.stage = ctx.replica, ctx.stage
