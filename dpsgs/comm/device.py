@@ -80,14 +80,11 @@ def resolve_device(requested: str, nccl: bool = True) -> str:
 def _cuda_missing(nccl: bool) -> str | None:
     """Why this process cannot train on CUDA, or None when it can."""
     if nccl:
-        try:
-            from dpsgs import _C
-        except ImportError as e:
-            return f"dpsgs._C does not import: {e}"
-        if not _C.build_info()["nccl"]:
-            return "dpsgs._C was built without the NCCL backend (rebuild with DPSGS_CUDA=1)"
-        if visible_gpu_count() < 1:
-            return "no CUDA device is visible"
+        from dpsgs.comm.nccl import available    # (nccl imports this module: not at the top)
+
+        ok, why = available()
+        if not ok:
+            return why
     try:
         import torch
     except ImportError:
