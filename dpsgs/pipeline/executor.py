@@ -58,7 +58,8 @@ class StageExecutor:
         self.spans = spans or NoSpans()
         shrink = cfg.shrink if cfg.schedule == "fdg" else 1.0
         module = workload.stage_module(place.replica, place.stage).to(self.device)
-        self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink, place.amp)
+        self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink, place.amp,
+                                    device=self.device)
         self.optimizer = workload.make_optimizer(self.compute.params)
         self._named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         k, r = place.stage, place.replica
@@ -136,7 +137,8 @@ class StageExecutor:
         if self.reducer is not None:
             with self.spans.span("reduce wait", "reduce"):
                 self.reducer.wait()
-        if self.optimizer is not None and self.hooks.update_ok(step, self._named):
+        grads = [(n, p.grad) for n, p in self._named]
+        if self.optimizer is not None and self.hooks.update_ok(step, grads):
             with self.spans.span("update", "compute"):
                 self.optimizer.step(g)
 

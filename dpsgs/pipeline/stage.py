@@ -71,7 +71,8 @@ class StageCompute:
     """Forward, stash and backward of stage `stage` of `stages` (see module docstring)."""
 
     def __init__(self, module: nn.Module, stage: int, stages: int, stash: str = "weights",
-                 shrink: float = 1.0, amp: torch.dtype | None = None) -> None:
+                 shrink: float = 1.0, amp: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         if stash not in STASH_MODES:
             raise ValueError(f"stash must be one of {STASH_MODES}, got {stash!r}")
         if not 0 <= stage < stages:
@@ -90,8 +91,11 @@ class StageCompute:
         self._stash: dict[Any, _Stash] = {}
         self.stash_bytes = 0
         self.peak_stash_bytes = 0
+        # given by the executor: a stage without parameters (a lone activation) still runs
+        # on its rank's device, so its autocast and recompute RNG are the device's
         first = next(iter(module.parameters()), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else (
+            first.device if first is not None else torch.device("cpu"))
         self.amp = amp
 
     def autocast(self) -> Any:

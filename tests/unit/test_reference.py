@@ -13,6 +13,7 @@ from dpsgs.job.run_setup import prepare
 from dpsgs.config import TrainConfig
 from dpsgs.job.data import Dataset, get_batch
 from dpsgs.job.simulate import reference_for, simulate
+from dpsgs.pipeline.hooks import StepHooks
 
 
 def _data(n=96, f=6, classes=3, seed=0):
@@ -247,3 +248,27 @@ def test_labels_without_inputs():
     assert original.x.shape == (96, 6)                       # the caller's data is untouched
     got = [s.labels(1, b, r) for b in range(3) for r in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+class _GradSpy(StepHooks):
+    """Records, per update_ok call, whether each named tensor is its parameter's .grad."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, torch.Tensor] = {}
+        self.calls: list[list[bool]] = []
+
+    def update_ok(self, step, named_grads):
+        self.calls.append([t is not None and t is self.params[n].grad and t is not self.params[n]
+                           for n, t in named_grads])
+        return True
+
+
+@pytest.mark.parametrize("overlap", ["backward", "step"])
+def test_update_guard_sees_the_gradients_not_the_weights(overlap):
+    # regression: the executor handed the NaN/Inf guard (name, parameter) pairs, so a
+    # non-finite gradient was applied and caught only once the weights had gone bad
+    spy = _GradSpy()
+    ref = reference_for(_config(replicas=2, overlap=overlap), _model(), _data(), progress=spy)
+    spy.params = dict(ref.executors[0][1]._named)
+    ref.run()
+    assert len(spy.calls) == 6 and all(c and all(c) for c in spy.calls), spy.calls

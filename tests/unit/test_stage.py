@@ -148,3 +148,12 @@ def test_errors():
         c.loss(1, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="stash must be one of"):
         StageCompute(_stage(), 0, 2, stash="none")
+
+
+def test_a_stage_without_parameters_runs_on_the_device_it_is_given():
+    # regression: a parameterless stage took "cpu", so on CUDA its autocast was a CPU one and
+    # a recompute would not replay the GPU's random state
+    assert StageCompute(nn.Sequential(nn.ReLU()), 1, 2).device == torch.device("cpu")
+    lone = StageCompute(nn.Sequential(nn.ReLU()), 1, 2, device="cuda:0")
+    assert lone.device == torch.device("cuda:0")
+    assert lone.autocast().device == "cuda"
