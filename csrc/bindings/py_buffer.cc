@@ -95,11 +95,23 @@ std::pair<Buffer, Owner> from_cuda_interface(py::handle obj, const BufferRequest
 
 }  // namespace
 
+namespace {
+int drop_reference(void* p) {  // a pending call: runs on the main thread, with the GIL
+  delete static_cast<py::object*>(p);
+  return 0;
+}
+}  // namespace
+
 Owner make_owner(py::object obj) {
   auto* held = new py::object(std::move(obj));
   return Owner(held, [](void* p) {
     auto* o = static_cast<py::object*>(p);
     if (!Py_IsInitialized()) return;  // interpreter gone: leak rather than crash
+    // Off the Python threads (a device's NCCL issuer, the MPI progress thread) the reference
+    // is handed to the main thread, which drops it at its next chance: taking the GIL here
+    // would hold every transfer queued behind this one until the running Python code lets
+    // go of it (up to the 5 ms switch interval). A full queue of pending calls falls back.
+    if (!PyGILState_Check() && Py_AddPendingCall(&drop_reference, o) == 0) return;
     py::gil_scoped_acquire gil;
     delete o;
   });

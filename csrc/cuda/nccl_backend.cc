@@ -137,9 +137,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm parent, int device, double timeout_s
   });
   handle_->settle("ncclCommInitRankConfig", kNoPeer);
 
-  DeviceGuard guard(device_);
-  DPSGS_CHECK_CUDA(cudaMalloc(&scratch_, kScratchBytes), rank_, kNoPeer);
-  DPSGS_CHECK_CUDA(cudaMemset(scratch_, 0, kScratchBytes), rank_, kNoPeer);
+  alloc_scratch();
 }
 
 std::shared_ptr<NcclCommunicator> NcclCommunicator::create(MPI_Comm parent, int device, double timeout_s,
@@ -155,9 +153,7 @@ NcclCommunicator::NcclCommunicator(SplitTag, MPI_Comm mpi, int device, double ti
       issuer_(std::move(issuer)), handle_(std::move(handle)) {
   init_mpi(mpi);
   stream_ = std::make_unique<CudaStream>(device_, rank_);
-  DeviceGuard guard(device_);
-  DPSGS_CHECK_CUDA(cudaMalloc(&scratch_, kScratchBytes), rank_, kNoPeer);
-  DPSGS_CHECK_CUDA(cudaMemset(scratch_, 0, kScratchBytes), rank_, kNoPeer);
+  alloc_scratch();
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -172,9 +168,10 @@ NcclCommunicator::~NcclCommunicator() {
     }
   }
   if (scratch_ != nullptr) {
-    cudaError_t rc = cudaFree(scratch_);
+    cudaError_t rc = free_scratch();
     if (rc != cudaSuccess && rc != cudaErrorCudartUnloading)
-      std::fprintf(stderr, "[dpsgs] rank %d: cudaFree failed: %s\n", rank_, cudaGetErrorString(rc));
+      std::fprintf(stderr, "[dpsgs] rank %d: freeing the warm-up scratch failed: %s\n", rank_,
+                   cudaGetErrorString(rc));
   }
   if (mpi_ != MPI_COMM_NULL && mpi_alive()) MPI_Comm_free(&mpi_);
 }
@@ -295,7 +292,32 @@ void NcclCommunicator::connect() {
   connected_ = true;
 }
 
-void NcclCommunicator::synchronize() { poll_stream(stream_->get(), *handle_, "synchronize", kNoPeer); }
+void NcclCommunicator::synchronize() {
+  issuer_->run([] {});  // every call queued so far is on the stream now
+  poll_stream(stream_->get(), *handle_, "synchronize", kNoPeer);
+}
+
+// The warm-up scratch is stream-ordered on the communicator's stream where the device has
+// memory pools: a cudaFree would wait for the whole device, behind NCCL kernels of other
+// communicators that may wait for peers (a hang when a communicator is dropped mid-run).
+void NcclCommunicator::alloc_scratch() {
+  DeviceGuard guard(device_);
+  cudaStream_t s = stream_->get();
+  scratch_pooled_ = cudaMallocAsync(&scratch_, kScratchBytes, s) == cudaSuccess;
+  if (!scratch_pooled_) {
+    cudaGetLastError();  // no memory pools here (e.g. some virtual GPUs): a plain allocation
+    DPSGS_CHECK_CUDA(cudaMalloc(&scratch_, kScratchBytes), rank_, kNoPeer);
+  }
+  DPSGS_CHECK_CUDA(cudaMemsetAsync(scratch_, 0, kScratchBytes, s), rank_, kNoPeer);
+  DPSGS_CHECK_CUDA(cudaStreamSynchronize(s), rank_, kNoPeer);  // ready for the channels' streams too
+}
+
+cudaError_t NcclCommunicator::free_scratch() {
+  DeviceGuard guard(device_);
+  cudaError_t rc = scratch_pooled_ ? cudaFreeAsync(scratch_, stream_->get()) : cudaFree(scratch_);
+  scratch_ = nullptr;
+  return rc;
+}
 
 void NcclCommunicator::close() {
   std::vector<std::shared_ptr<NcclHandle>> handles;
@@ -313,11 +335,7 @@ void NcclCommunicator::close() {
   issuer_->run([&] {
     for (auto& h : handles) h->close();
   });
-  if (scratch_ != nullptr && !cuda_runtime_unloading()) {
-    DeviceGuard guard(device_);
-    cudaFree(scratch_);
-    scratch_ = nullptr;
-  }
+  if (scratch_ != nullptr && !cuda_runtime_unloading()) free_scratch();
 }
 
 void close_all_nccl() {

@@ -108,6 +108,8 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
  private:
   void init_mpi(MPI_Comm mpi);
   void check_open(const char* what) const;
+  void alloc_scratch();
+  cudaError_t free_scratch();
 
   MPI_Comm mpi_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, device_;
@@ -117,6 +119,7 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   std::unique_ptr<CudaStream> stream_;
   std::shared_ptr<NcclHandle> handle_;
   void* scratch_ = nullptr;  // device bytes for warm-up transfers
+  bool scratch_pooled_ = false;  // from the device's memory pool (cudaMallocAsync)
   bool connected_ = false;
   bool closed_ = false;
   std::mutex mu_;

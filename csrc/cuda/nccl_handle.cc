@@ -33,7 +33,7 @@ bool cuda_runtime_unloading() {
 
 NcclHandle::NcclHandle(int rank, std::string name, double timeout_s, double warn_after_s)
     : rank_(rank), name_(std::move(name)), timeout_s_(timeout_s),
-      warn_after_s_(warn_after_s), mu_(std::make_shared<std::mutex>()) {
+      warn_after_s_(warn_after_s), shared_(std::make_shared<Shared>()) {
   config_.blocking = 0;
   config_.commName = name_.c_str();  // stable: name_ is never modified, the handle never moves
 }
@@ -54,7 +54,7 @@ std::unique_lock<std::mutex> NcclHandle::lock(const char* what, int peer) {
   // aborted_ first: so a short yield loop that re-checks the flags never waits long.
   for (;;) {
     check_usable(what, peer);
-    std::unique_lock<std::mutex> guard(*mu_, std::try_to_lock);
+    std::unique_lock<std::mutex> guard(shared_->mu, std::try_to_lock);
     if (guard.owns_lock()) {
       check_usable(what, peer);
       return guard;
@@ -105,6 +105,7 @@ void NcclHandle::close() noexcept {
     settle("ncclCommFinalize", kNoPeer, nccl_abort_timeout());
     auto guard = lock("ncclCommDestroy", kNoPeer);
     ncclResult_t rc = ncclCommDestroy(comm_);
+    shared_->destroyed = true;  // an abort racing this close finds it so, under the lock
     closed_.store(true);
     comm_ = nullptr;
     if (rc != ncclSuccess)
@@ -123,9 +124,9 @@ void NcclHandle::abort(const std::string& why) noexcept {
   // on it after a bound. The helper owns what it uses (the mutex too), so abandoning it is safe.
   auto done = std::make_shared<std::promise<ncclResult_t>>();
   std::future<ncclResult_t> result = done->get_future();
-  std::thread([comm = comm_, mu = mu_, done] {
-    std::lock_guard<std::mutex> guard(*mu);  // no other call is inside the communicator
-    done->set_value(ncclCommAbort(comm));
+  std::thread([comm = comm_, shared = shared_, done] {
+    std::lock_guard<std::mutex> guard(shared->mu);  // no other call is inside the communicator
+    done->set_value(shared->destroyed ? ncclSuccess : ncclCommAbort(comm));
   }).detach();
   double bound = nccl_abort_timeout();
   if (result.wait_for(std::chrono::duration<double>(bound)) != std::future_status::ready) {

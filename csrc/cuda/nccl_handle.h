@@ -71,7 +71,13 @@ class NcclHandle {
   std::string name_;
   ncclConfig_t config_ = NCCL_CONFIG_INITIALIZER;
   double timeout_s_, warn_after_s_;
-  std::shared_ptr<std::mutex> mu_;  // shared with an abort's helper thread, which may outlive us
+  // The call lock and whether the communicator is destroyed, shared with an abort's helper
+  // thread (which may outlive us): the helper, once it holds the lock, aborts only a live one.
+  struct Shared {
+    std::mutex mu;
+    bool destroyed = false;  // under mu
+  };
+  std::shared_ptr<Shared> shared_;
   std::atomic<bool> aborted_{false};
   std::atomic<bool> closing_{false};
   std::atomic<bool> closed_{false};
