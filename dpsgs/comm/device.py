@@ -26,8 +26,11 @@ __all__ = ["LOCAL_RANK_VARS", "DeviceChoice", "GpuSlot", "SharedGPUError", "chec
            "device_for", "find_shared_gpus", "gpu_identity", "host_identity", "local_rank_from_env",
            "local_rank_from_hosts", "physical_gpu_id", "select_device", "visible_gpu_count"]
 
-# MPICH/Hydra, Open MPI, Slurm: the launcher's own count of this process on its node.
-LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+# MPICH/Hydra, Open MPI, Cray PALS, MVAPICH, Slurm: the launcher's own count of this process
+# on its node. SLURM_LOCALID comes last: a batch script's own step sets it, and ranks started
+# by another launcher inside it inherit one value (select_device then counts by host name).
+LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID",
+                   "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
 
 
 class SharedGPUError(ValueError):
@@ -50,7 +53,7 @@ class DeviceChoice:
     local_rank: int
     host: str
     gpu: str           # identity used for the duplicate check
-    source: str        # where local_rank came from: an env variable name or "hostnames"
+    source: str        # where local_rank came from: an env variable name or "hostnames..."
 
 
 def host_identity(env: Mapping[str, str] | None = None) -> str:
@@ -219,6 +222,17 @@ def gpu_identity(device: int, env: Mapping[str, str] | None = None) -> str:
     return physical_gpu_id(device, env.get("CUDA_VISIBLE_DEVICES"))
 
 
+def _local_rank(placed: Sequence[tuple[str, int | None]], from_env: tuple[int, str] | None,
+                rank: int) -> tuple[int, str]:
+    """The launcher's local rank where every rank has one and none repeats on a host (the
+    same answer on every rank: `placed` is gathered); else the rank's place among its host's."""
+    pairs = list(placed)
+    if from_env and all(local is not None for _, local in pairs) and len(set(pairs)) == len(pairs):
+        return from_env
+    why = "" if not from_env else f" ({from_env[1]} is unset on some rank or repeats on a host)"
+    return local_rank_from_hosts([h for h, _ in placed], rank), "hostnames" + why
+
+
 def select_device(comm: Any = None, visible: int | None = None,
                   env: Mapping[str, str] | None = None) -> DeviceChoice:
     """Collective over `comm` (an mpi4py communicator; default COMM_WORLD): pick this rank's
@@ -230,9 +244,9 @@ def select_device(comm: Any = None, visible: int | None = None,
         comm = MPI.COMM_WORLD
     env = os.environ if env is None else env
     host = host_identity(env)
-    hosts = comm.allgather(host)
     from_env = local_rank_from_env(env)
-    local, source = from_env if from_env else (local_rank_from_hosts(hosts, comm.Get_rank()), "hostnames")
+    placed = comm.allgather((host, from_env[0] if from_env else None))
+    local, source = _local_rank(placed, from_env, comm.Get_rank())
     count = visible_gpu_count() if visible is None else visible
     error, device, gpu = None, -1, ""
     try:

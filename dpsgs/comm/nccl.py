@@ -21,6 +21,7 @@ make its channel and all-reduce calls in the same order (the schedule does).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -143,12 +144,11 @@ def _make_current(device: int) -> None:
             torch.cuda.set_device(device)
     except ImportError:
         pass
-    try:
-        import cupy  # type: ignore[import-not-found]
-
+    # CuPy only where the program uses it (imported it already): importing it here would
+    # make a broken or mismatched CuPy install fail every torch rank
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
         cupy.cuda.Device(device).use()
-    except ImportError:
-        pass
 
 
 def _current_stream(x: Any) -> int:

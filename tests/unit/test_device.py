@@ -98,8 +98,9 @@ class _FakeComm:
 
     def allgather(self, value):
         self.calls += 1
-        if self.calls == 1:  # host names
-            return [p[0] for p in self.per_rank]
+        if self.calls == 1:  # (host, launcher's local rank): a bare host name has local rank 0
+            return [value if i == self.rank else (p[0] if isinstance(p[0], tuple) else (p[0], 0))
+                    for i, p in enumerate(self.per_rank)]
         out = list(self.per_rank)
         out[self.rank] = value  # this rank's real answer
         return [o if i == self.rank else o[1] for i, o in enumerate(out)]
@@ -146,3 +147,21 @@ def test_select_device_refuses_one_gpu_under_one_nccl_hostid():
     comm = _FakeComm(0, [("host-x", None), ("host-x", peer)])
     with pytest.raises(SharedGPUError, match="rank 1 and rank 0 both map to GPU 0 .* on host host-x"):
         select_device(comm, visible=1, env={"NCCL_HOSTID": "host-x", "MPI_LOCALRANKID": "0"})
+
+
+def test_an_inherited_local_rank_falls_back_to_host_names():
+    # regression: a batch step's SLURM_LOCALID=0, inherited by every rank of another launcher,
+    # mapped every rank of a node to GPU 0; a value that repeats on a host is not a local rank
+    peer = ("node-a", 0, "0", 2, None)     # rank 0's answer: GPU 0
+    comm = _FakeComm(1, [(("node-a", 0), peer), (("node-a", 0), None)])
+    choice = select_device(comm, visible=2, env={"NCCL_HOSTID": "node-a", "SLURM_LOCALID": "0"})
+    assert (choice.local_rank, choice.device) == (1, 1)
+    assert choice.source == "hostnames (SLURM_LOCALID is unset on some rank or repeats on a host)"
+    distinct = _FakeComm(1, [(("node-a", 0), peer), (("node-a", 1), None)])
+    choice = select_device(distinct, visible=2, env={"NCCL_HOSTID": "node-a", "SLURM_LOCALID": "1"})
+    assert (choice.local_rank, choice.source) == (1, "SLURM_LOCALID")
+
+
+@pytest.mark.parametrize("var", ["PALS_LOCAL_RANKID", "MV2_COMM_WORLD_LOCAL_RANK"])
+def test_local_rank_of_cray_and_mvapich_launchers(var):
+    assert local_rank_from_env({var: "3"}) == (3, var)
