@@ -39,12 +39,16 @@ class Timeline(Spans):
     ranks' files line up), pid = rank, one thread per category (named by "M" metadata
     events, since viewers want integer tids).
 
-    gpu=True (a rank whose stage runs on CUDA): a span's time is what the GPU spent between
+    gpu=True (a rank whose stage runs on CUDA): a span's time is the GPU clock's time between
     two CUDA events recorded on the current stream at its start and end (the host only
-    enqueues kernels, so its clock would time the launches), read without stalling the host:
-    step_totals() adds the spans whose events have completed, and waits only when more than
-    a few steps are pending. In the trace, "ts" is when the host issued a span, "dur" its GPU
-    time.
+    enqueues kernels, so its clock would time the launches): the kernels in between, plus
+    any time the stream sat idle there. So a wait that blocks the host (a gradient
+    all-reduce, a channel header) counts in full while the stream has nothing queued, and
+    only past the queued kernels otherwise: the time it cost the GPU. Events are read
+    without stalling the host: step_totals() adds the spans whose events have completed
+    (so a step's totals may hold an earlier step's spans; sums over many steps are exact),
+    and waits only when more than a few steps are pending. In the trace, "ts" is when the
+    host issued a span, "dur" its GPU time.
     """
 
     _MAX_PENDING = 256     # spans waiting for their events before step_totals waits

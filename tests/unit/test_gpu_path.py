@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,14 @@ def test_simulate_refuses_cuda_before_making_its_run_folder(tmp_path):
     with pytest.raises(ValueError, match="--device cuda: "):
         simulate(TrainConfig(device="cuda", run_dir=str(tmp_path / "run"), epochs=1))
     assert not (tmp_path / "run").exists()
+
+
+GPU_CHECK = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
+
+
+def test_gpu_check_script_parses_and_names_its_steps():
+    # the script runs only on a GPU machine, where a syntax error would cost a device call
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    bad = subprocess.run(["bash", str(GPU_CHECK), "nccl-test"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "unknown step 'nccl-test' (steps: nccl-tests train trainer-tests nccl bench, tests, all)" in bad.stderr
