@@ -35,7 +35,7 @@ def _on_cuda(specs: list[dict]) -> list[dict]:
     return [dict(s, device="cuda") for s in specs]
 
 
-@pytest.mark.parametrize("K,N", [(2, 1), (2, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("K,N", [(1, 2), (2, 1), (2, 2), (3, 1), (3, 2)])
 def test_fdg_on_cuda_equals_the_reference_on_cuda(tmp_path, K, N):
     specs = _on_cuda(_specs(K, N))          # both stash modes, both overlap modes, BN, AdamW
     run = gpu_ranks(K * N, RANKS_DIR / "train_dump.py", str(tmp_path), "core", json.dumps(specs), timeout=900)

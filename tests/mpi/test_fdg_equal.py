@@ -34,7 +34,7 @@ def _specs(K, N):
     return specs
 
 
-@pytest.mark.parametrize("grid,transport", cases([(2, 1), (3, 1), (2, 2)], (2, 2)))
+@pytest.mark.parametrize("grid,transport", cases([(2, 1), (3, 1), (2, 2), (1, 2)], (2, 2)))
 def test_fdg_equals_reference(tmp_path, grid, transport):
     _check(tmp_path, *grid, transport)
 
