@@ -2,8 +2,8 @@
 
 Each rank does its local set-up (check the config, load the data, build the model) before
 any collective and reports the outcome — its error, or a digest of the job it is about to
-run: every setting of its resolved config, its model's parameter shapes and its data's
-identity. One bounded allgather compares them. A failure anywhere, or ranks that disagree
+run: every setting of its resolved config, its model's parameter shapes and initial
+values, and its data's identity. One bounded allgather compares them. A failure anywhere, or ranks that disagree
 (an MPMD launch with another --lr on one rank, another --batch-size...), becomes one
 SetupFailed raised on every rank with one message naming what and which ranks; rank 0 prints
 it. Without this, a disagreement shows up much later, as diverged replicas or a peer that
@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from dpsgs.comm.grid import Grid
 from dpsgs.comm.waits import barrier
@@ -47,16 +49,24 @@ def _hash(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _bytes(t: Any) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def job_digest(config: TrainConfig, model: Any, train: Any, test: Any) -> dict[str, str]:
     """Setting name -> its value (as text) for every setting that must match across ranks,
-    plus the model's parameter shapes and the data's identity (sizes, labels, a sample of
-    the inputs: cheap, yet different data cannot pass)."""
+    plus the model's parameter shapes and initial values (a model= built without the same
+    seed on every rank would train diverged replicas) and the data's identity (sizes,
+    labels, a sample of the inputs: cheap, yet different data cannot pass)."""
     d = {f"--{k.replace('_', '-')}": repr(v) for k, v in config.to_dict().items() if k not in _PER_RANK}
     d["the model's parameter shapes"] = _hash([tuple(p.shape) for p in model.parameters()])
+    d["the model's initial weights"] = _hash(*(_bytes(t) for t in model.state_dict().values()))
     step = max(1, len(train) // 64)
     d["the training data"] = _hash(train.name, tuple(train.x.shape), train.num_classes,
                                    train.y.numpy().tobytes(), train.x[::step].contiguous().numpy().tobytes())
-    d["the test data"] = _hash(test.name, tuple(test.x.shape), test.y.numpy().tobytes())
+    step = max(1, len(test) // 64)
+    d["the test data"] = _hash(test.name, tuple(test.x.shape), test.y.numpy().tobytes(),
+                               test.x[::step].contiguous().numpy().tobytes())
     return d
 
 

@@ -65,3 +65,13 @@ def test_a_rank_with_another_model_is_named_at_start_up():
     assert ("the ranks do not run the same job: the model's parameter shapes differ between "
             "rank 0 (replica 0, stage 0) and rank 1 (replica 0, stage 1)") in r.stderr, r.tail()
     assert r.stderr.count("dpsgs: error:") == 1, r.tail()
+
+
+def test_replicas_built_from_other_seeds_are_named_at_start_up():
+    # regression: the agreement compared parameter shapes only, so a model= seeded per rank
+    # passed and the replicas trained diverged to the end
+    r = run_ranks(2, "trainer_cases.py", "unseeded", CORE, timeout=120, expect_ok=False)
+    assert r.returncode != 0
+    assert ("the ranks do not run the same job: the model's initial weights differ between "
+            "rank 0 (replica 0, stage 0) and rank 1 (replica 1, stage 0)") in r.stderr, r.tail()
+    assert r.stderr.count("dpsgs: error:") == 1, r.tail()

@@ -4,6 +4,7 @@
     embedded     ranks 0-1 train K=2 x N=1 on a split of COMM_WORLD while rank 2 works alone
     bad_peer     stage 1 builds a model with other parameter shapes: the start-up agreement
                  names both ranks, on every rank, before any batch moves
+    unseeded     each replica builds its model from another seed (same shapes): named too
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def main() -> None:
         train(toy_config(stages=2, replicas=1, split=[2]), world, model=model,
               data=toy_data(), transport=transport)
         raise SystemExit(f"rank {world.rank}: the mismatch went unnoticed")   # train() raised instead
+    if case == "unseeded":
+        train(toy_config(stages=1, replicas=2), world, model=toy_model(seed=world.rank),
+              data=toy_data(), transport=transport)
+        raise SystemExit(f"rank {world.rank}: the replicas' other weights went unnoticed")
     raise SystemExit(f"unknown case {case!r}")
 
 
