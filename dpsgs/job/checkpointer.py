@@ -78,7 +78,8 @@ class Checkpointer:
             return Position()
         stage = self.grid.coords(self.rank)[1]
         state = load_checkpoint(path, self.grid, stage, {"model": self.config.model, "split": split})
-        executor.load_state(state)
+        replica = self.grid.coords(self.rank)[0]
+        executor.load_state(state, state.get("replica_buffers", {}).get(replica))
         pos = Position(int(state["epoch"]), int(state.get("batch", 0)), int(state.get("iterations", 0)),
                        int(state.get("global_step", 0)))
         if self.rank == 0:
@@ -102,6 +103,15 @@ class Checkpointer:
             tag = f"epoch{epoch}" if batch == 0 else f"e{epoch}b{batch}"
         state = {**executor.state(), "epoch": epoch, "batch": batch, "iterations": done,
                  "global_step": global_step}
+        if self.grid.replicas > 1:
+            # replica 0 writes the stage's shard; BatchNorm statistics differ per replica,
+            # so every replica's travel with it and each resumes with its own
+            mine = executor.buffers()
+            everyone = comm.allgather((self.grid.coords(self.rank), mine if mine else None))
+            stage = self.grid.coords(self.rank)[1]
+            theirs = {r: b for (r, k), b in everyone if k == stage and b}
+            if theirs:
+                state["replica_buffers"] = theirs
         folder = save_checkpoint(cfg.run_dir, tag, self.grid, self.rank, state, meta, comm,
                                  keep=cfg.keep_checkpoints or None)
         if stopped_by and self.rank == 0:

@@ -298,8 +298,14 @@ class StageExecutor:
         return _to_host({"model": self.compute.module.state_dict(),
                          "optimizer": self.optimizer.state_dict() if self.optimizer else {}})
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.compute.module.load_state_dict(state["model"])
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """This replica's buffers (BatchNorm running statistics) as host tensors: unlike the
+        weights they are not averaged, so each replica of a stage holds its own."""
+        return _to_host(dict(self.compute.module.named_buffers()))
+
+    def load_state(self, state: dict[str, Any], buffers: dict[str, torch.Tensor] | None = None) -> None:
+        """`state` from state() (any replica's); `buffers` this replica's own, where saved."""
+        self.compute.module.load_state_dict({**state["model"], **(buffers or {})})
         if self.optimizer is not None and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
 

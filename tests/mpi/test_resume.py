@@ -64,3 +64,20 @@ def test_final_checkpoint_mid_epoch_gets_its_own_tag(tmp_path: Path) -> None:
     assert f"resumed from {ckpt}" in rest.stderr, _tail(rest)
     assert json.loads((tmp_path / "summary.json").read_text())["iterations"] == 3 * 8 - 12
     assert read_manifest(latest_checkpoint(tmp_path))["meta"]["step"] == 3 * 8
+
+
+def test_resume_keeps_each_replicas_batchnorm_statistics(tmp_path: Path) -> None:
+    # regression: only replica 0's shard was saved, so after a resume every replica
+    # evaluated with replica 0's running statistics and the test loss moved
+    from launcher import run_ranks
+
+    def loss(run) -> str:
+        return next(line for line in run.stdout.splitlines() if line.startswith("test_loss "))
+
+    straight = run_ranks(2, "bn_resume_ranks.py", str(tmp_path / "a"), "0", timeout=120)
+    died = run_ranks(2, "bn_resume_ranks.py", str(tmp_path / "b"), "0", timeout=120, expect_ok=False,
+                     env={"DPSGS_FAULT": "rank=1,step=9,phase=forward,kind=sigkill"})
+    assert died.returncode != 0 and "test_loss" not in died.stdout, died.tail()
+    resumed = run_ranks(2, "bn_resume_ranks.py", str(tmp_path / "b"), "1", timeout=120)
+    assert "resumed from" in resumed.stderr and "epoch1" in resumed.stderr, resumed.tail()
+    assert loss(resumed) == loss(straight), (loss(resumed), loss(straight))
