@@ -75,7 +75,8 @@ class Setup:
         replica, stage = divmod(rank, K)
         return StagePlace(rank, replica, stage, K, N,
                           self.in_shape if stage == 0 else self.out_shapes[stage - 1],
-                          self.out_shapes[stage], self.dtype, AMP_DTYPES[self.config.amp])
+                          self.out_shapes[stage], self.dtype, AMP_DTYPES[self.config.amp],
+                          first_block=self.bounds[stage][0])
 
     def stage_module(self, replica: int, stage: int) -> nn.Sequential:
         """Stage `stage`'s layers of replica `replica`'s model. The first replica asked for

@@ -61,7 +61,9 @@ class StageExecutor:
         self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink, place.amp,
                                     device=self.device)
         self.optimizer = workload.make_optimizer(self.compute.params)
-        self._named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        # named as in the whole model (a stage's nn.Sequential numbers its blocks from 0)
+        self._named = [(_model_name(n, place.first_block), p) for n, p in module.named_parameters()
+                       if p.requires_grad]
         k, r = place.stage, place.replica
         self.act_in = self.grad_out = self.act_out = self.grad_in = None
         if k > 0:
@@ -131,16 +133,20 @@ class StageExecutor:
         if self.reducer is not None:
             self.reducer.start_all()
 
-    def _apply(self, g: int, step: int) -> None:
-        """Wait for the averaged gradient and step the optimizer for global batch g."""
+    def _apply(self, g: int, step: int) -> bool:
+        """Wait for the averaged gradient and step the optimizer for global batch g; False
+        when the hooks vetoed the update (a non-finite gradient)."""
         self.hooks.phase("reduce", step)
         if self.reducer is not None:
             with self.spans.span("reduce wait", "reduce"):
                 self.reducer.wait()
-        grads = [(n, p.grad) for n, p in self._named]
-        if self.optimizer is not None and self.hooks.update_ok(step, grads):
-            with self.spans.span("update", "compute"):
-                self.optimizer.step(g)
+        if self.optimizer is None:
+            return True              # nothing to update: the stage has no parameters
+        if not self.hooks.update_ok(step, [(n, p.grad) for n, p in self._named]):
+            return False
+        with self.spans.span("update", "compute"):
+            self.optimizer.step(g)
+        return True
 
     def _forward(self, key: Any, x: torch.Tensor, step: int, what: str, live: bool = False) -> torch.Tensor:
         self.hooks.phase("forward", step)
@@ -192,8 +198,9 @@ class StageExecutor:
                 self._start_reduce()
             if s.apply is not None:
                 batch = self._global(seg[s.apply])
-                self._apply(batch, step)
-                self.hooks.updated(k, batch, t - fwd_at.pop(s.apply))
+                staleness = t - fwd_at.pop(s.apply)
+                if self._apply(batch, step):
+                    self.hooks.updated(k, batch, staleness)
             if not last and s.forward is not None:
                 out = self._forward(s.forward, x, step, f"b{s.forward}")
                 fwd_at[s.forward] = t
@@ -252,8 +259,8 @@ class StageExecutor:
             if last:
                 self.hooks.loss(step, self._global(eb), tot_loss, tot_correct, len(y))
             self._start_reduce()
-            self._apply(self._global(eb), step)
-            self.hooks.updated(k, self._global(eb), 0)
+            if self._apply(self._global(eb), step):
+                self.hooks.updated(k, self._global(eb), 0)
             if self.hooks.step_done(step) and i + 1 < len(seg):
                 del seg[i + 1:]        # ends the loop after this step
                 cut = True
@@ -313,6 +320,12 @@ class StageExecutor:
         """Remove the reducer's hooks (the executor is done)."""
         if self.reducer is not None:
             self.reducer.close()
+
+
+def _model_name(name: str, first_block: int) -> str:
+    """'0.1.weight' of a stage whose first block is the model's block 3 -> '3.1.weight'."""
+    head, dot, rest = name.partition(".")
+    return f"{int(head) + first_block}{dot}{rest}" if head.isdigit() else name
 
 
 def _to_host(obj: Any) -> Any:

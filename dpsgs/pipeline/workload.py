@@ -53,6 +53,7 @@ class StagePlace:
     out_shape: tuple[int, ...]    # one sample leaving it
     dtype: torch.dtype            # the parameters'
     amp: torch.dtype | None = None  # autocast dtype (the activations between stages), or None
+    first_block: int = 0          # the model's index of the stage's first block (for names)
 
     @property
     def wire_dtype(self) -> torch.dtype:

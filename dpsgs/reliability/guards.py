@@ -55,12 +55,15 @@ class FiniteGuard:
             raise ValueError(f"on_nonfinite={policy!r}: choose from {POLICIES}")
         self.policy, self.rank, self.stage = policy, rank, stage
         self.pending: str | None = None      # first report not yet acted on (policy stop)
+        self.pending_step = -1               # the step it was found at
         self.skipped = 0                     # updates skipped so far (policy skip)
+        self._reported = 0                   # loss reports printed (policy skip)
 
-    def check(self, step: int, what: str,
-              named: Iterable[tuple[str, torch.Tensor | None]]) -> bool:
+    def check(self, step: int, what: str, named: Iterable[tuple[str, torch.Tensor | None]],
+              update: bool = True) -> bool:
         """True when every tensor is finite; otherwise print a report and return False.
-        `what` names the kind of tensor ("loss", "gradient", "activation")."""
+        `what` names the kind of tensor ("loss", "gradient", "activation"); `update`: the
+        caller skips an update on False (policy skip counts it), else it only reports."""
         found = first_nonfinite(named)
         if found is None:
             return True
@@ -68,21 +71,20 @@ class FiniteGuard:
         report = (f"non-finite {what} ({kind}) at step {step}, stage {self.stage} "
                   f"(rank {self.rank}), tensor '{name}'")
         if self.policy == "skip":
-            self.skipped += 1
+            count = self.skipped = self.skipped + 1 if update else self.skipped
+            self._reported += 0 if update else 1
+            shown = count if update else self._reported
             # the first few, then every 100th: a diverged run must not flood the log
-            if self.skipped <= 5 or self.skipped % 100 == 0:
-                print(f"dpsgs: {report}: skipping this update (--on-nonfinite skip; "
-                      f"{self.skipped} skipped on this rank)", file=sys.stderr, flush=True)
+            if shown <= 5 or shown % 100 == 0:
+                action = "skipping this update" if update else "updates with non-finite gradients are skipped"
+                print(f"dpsgs: {report}: {action} (--on-nonfinite skip; {self.skipped} skipped "
+                      "on this rank)", file=sys.stderr, flush=True)
         elif self.pending is None:
-            self.pending = report
+            self.pending, self.pending_step = report, step
             print(f"dpsgs: {report}: stopping all ranks (--on-nonfinite stop)",
                   file=sys.stderr, flush=True)
         return False
 
-    def error(self, step: int, culprit_rank: int) -> NonFiniteError:
-        """The error every rank raises after the vote found a non-finite value somewhere."""
-        if self.pending is not None:
-            return NonFiniteError(f"{self.pending}; training stopped "
-                                  "(use --on-nonfinite skip to skip such updates)")
-        return NonFiniteError(f"rank {culprit_rank} found a non-finite loss or gradient by "
-                              f"step {step}; training stopped on every rank")
+    def error(self, report: str) -> NonFiniteError:
+        """The error every rank raises after the vote: `report` is the first culprit's."""
+        return NonFiniteError(f"{report}; training stopped (use --on-nonfinite skip to skip such updates)")

@@ -40,6 +40,7 @@ class StepControl(StepHooks):
         self.guard = FiniteGuard(on_nonfinite, rank, grid.coords(rank)[1])
         self.preempt = preempt if preempt is not None else PreemptionHandler(signals).install()
         self.vote = StepVote(comm, 2, timeout, warn_after, label=grid.label)
+        self.size = self.vote.size
         self.lag = grid.stages + 1 if lag is None else lag
         self.lagged = LaggedVote(self.vote, self.lag) if self.lag > 0 else None
         self.stop_signal: str | None = None
@@ -47,8 +48,7 @@ class StepControl(StepHooks):
     def end_of_step(self, step: int) -> str | None:
         """None to go on; the signal name (e.g. 'SIGTERM') when any rank was asked to stop.
         Raises NonFiniteError on every rank when any rank found a NaN/Inf (policy stop)."""
-        bad = self.rank + 1 if self.guard.pending is not None else 0
-        mine = [self.preempt.signum, bad]
+        mine = [self.preempt.signum, self._culprit_code()]
         if self.lagged is None:
             decided = self.vote.vote(step, mine)
         else:
@@ -57,7 +57,7 @@ class StepControl(StepHooks):
                 return self.stop_signal
         signum, culprit = decided
         if culprit:
-            raise self.guard.error(step, culprit - 1)
+            raise self.guard.error(self._culprit_report(culprit))
         if signum and self.stop_signal is None:
             self.stop_signal = signal_name(signum)
             if self.rank == 0:
@@ -66,12 +66,29 @@ class StepControl(StepHooks):
                       file=sys.stderr, flush=True)
         return self.stop_signal
 
+    # The vote takes the element-wise max: the code ranks the earliest report first (a NaN
+    # spreads downstream and to later steps, so later reports are its effects), then the
+    # lowest rank; 0 is "nothing found".
+    _FAR = 1 << 40
+
+    def _culprit_code(self) -> int:
+        if self.guard.pending is None:
+            return 0
+        return 1 + (self._FAR - self.guard.pending_step) * self.size + (self.size - 1 - self.rank)
+
+    def _culprit_report(self, code: int) -> str:
+        """Collective (every rank decided the same code at the same step): the culprit's own
+        report, sent to every rank so the one error line names where it began."""
+        culprit = self.size - 1 - (code - 1) % self.size
+        mine = self.guard.pending if self.rank == culprit else None
+        return self.bounded(self.vote.comm, "the non-finite report").bcast(mine, root=culprit)
+
     # -- step hooks ------------------------------------------------------------------------
     def step_done(self, step: int) -> bool:
         return self.end_of_step(step) is not None
 
     def loss(self, step: int, batch: int, loss: float, correct: int, count: int) -> None:
-        self.guard.check(step, "loss", [("loss", torch.tensor(loss))])
+        self.guard.check(step, "loss", [("loss", torch.tensor(loss))], update=False)
 
     def update_ok(self, step: int, named_grads: Iterable[tuple[str, torch.Tensor | None]]) -> bool:
         return self.guard.check(step, "gradient", named_grads)

@@ -52,9 +52,11 @@ def test_lagged_vote_stops_all_at_the_same_later_step():
 def test_nonfinite_on_one_rank_stops_all_with_step_stage_tensor():
     run = run_ranks(3, "control_ranks.py", "nonfinite", timeout=60)
     assert "PASS" in run.stdout
-    assert ("rank 2 step 2: non-finite loss (NaN) at step 2, stage 2 (rank 2), tensor 'loss'"
-            in run.stdout), run.tail()
-    assert "rank 0 step 2: rank 2 found a non-finite loss or gradient by step 2" in run.stdout
+    # regression: the vote's culprit was the highest rank and rank 0 printed its own report,
+    # a later effect (step 3) of the NaN rank 2 found at step 2
+    for r in range(3):
+        assert (f"rank {r} step 4: non-finite loss (NaN) at step 2, stage 2 (rank 2), tensor 'loss'; "
+                "training stopped" in run.stdout), run.tail()
 
 
 def _env(fault: str | None = None) -> dict[str, str]:

@@ -270,5 +270,28 @@ def test_update_guard_sees_the_gradients_not_the_weights(overlap):
     spy = _GradSpy()
     ref = reference_for(_config(replicas=2, overlap=overlap), _model(), _data(), progress=spy)
     spy.params = dict(ref.executors[0][1]._named)
+    # named as in the whole model: stage 1 holds blocks 2..4 (its own Sequential says 0..2)
+    assert list(spy.params) == ["2.weight", "2.bias", "4.weight", "4.bias"]
     ref.run()
     assert len(spy.calls) == 6 and all(c and all(c) for c in spy.calls), spy.calls
+
+
+class _Veto(StepHooks):
+    def __init__(self) -> None:
+        self.updates = 0
+
+    def update_ok(self, step, named_grads):
+        return False
+
+    def updated(self, stage, batch, staleness):
+        self.updates += 1
+
+
+def test_a_vetoed_update_is_not_reported_as_applied():
+    # regression: hooks.updated fired (and staleness was counted) for skipped updates
+    veto = _Veto()
+    ref = reference_for(_config(), _model(), _data(), progress=veto)
+    before = [p.clone() for p in ref.parameters(0)[1]]
+    ref.run()
+    assert veto.updates == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters(0)[1]))

@@ -87,25 +87,31 @@ def test_guard_stop_reports_step_stage_tensor(capsys):
     assert g.check(6, "gradient", [("0.weight", torch.zeros(2))])
     assert not g.check(7, "gradient", [("0.weight", torch.zeros(2)),
                                        ("2.bias", torch.tensor([float("inf")]))])
-    err = g.error(7, 3)
+    assert g.pending_step == 7
+    err = g.error(g.pending)
     assert isinstance(err, NonFiniteError)
     assert ("non-finite gradient (Inf) at step 7, stage 1 (rank 3), tensor '2.bias'"
             in str(err))
     assert "--on-nonfinite skip" in str(err)
     assert "stopping all ranks" in capsys.readouterr().err
-    other = FiniteGuard("stop", rank=0, stage=0).error(7, 3)
-    assert "rank 3 found a non-finite loss or gradient by step 7" in str(other)
 
 
-def test_guard_skip_counts_and_reports(capsys):
+def test_guard_skip_counts_updates_and_only_reports_losses(capsys):
     g = FiniteGuard("skip", rank=0, stage=0)
-    assert not g.check(2, "loss", [("loss", torch.tensor(float("nan")))])
-    assert g.skipped == 1 and g.pending is None
-    assert ("non-finite loss (NaN) at step 2, stage 0 (rank 0), tensor 'loss': skipping this "
-            "update (--on-nonfinite skip; 1 skipped on this rank)") in capsys.readouterr().err
+    # regression: a non-finite loss was counted as a skipped update and said "skipping this
+    # update", then its gradients were counted again (or, finite, applied after all)
+    assert not g.check(2, "loss", [("loss", torch.tensor(float("nan")))], update=False)
+    assert g.skipped == 0 and g.pending is None
+    assert ("non-finite loss (NaN) at step 2, stage 0 (rank 0), tensor 'loss': updates with "
+            "non-finite gradients are skipped (--on-nonfinite skip; 0 skipped on this rank)") \
+        in capsys.readouterr().err
+    assert not g.check(2, "gradient", [("0.weight", torch.tensor(float("nan")))])
+    assert g.skipped == 1
+    assert ("tensor '0.weight': skipping this update (--on-nonfinite skip; 1 skipped on this rank)"
+            in capsys.readouterr().err)
     for step in range(3, 200):
-        g.check(step, "loss", [("loss", torch.tensor(float("inf")))])
-    assert capsys.readouterr().err.count("skipping") == 4 + 1     # 2..5 and the 100th
+        g.check(step, "gradient", [("0.weight", torch.tensor(float("inf")))])
+    assert capsys.readouterr().err.count("skipping") == 4 + 1     # counts 2..5 and the 100th
 
 
 def test_guard_rejects_unknown_policy():

@@ -47,20 +47,22 @@ elif mode in ("preempt", "preempt-lagged"):
     print(f"rank {rank} stopped at step {step} by {stopped}", flush=True)
     ok &= stopped == "SIGUSR1" and step == 3 + 2 * ctl.lag
 elif mode == "nonfinite":
-    ctl = StepControl(comm, grid=grid, rank=rank, timeout=20, on_nonfinite="stop", lag=0)
+    # the last rank finds a NaN loss at step 2; its effect reaches rank 0's gradient at
+    # step 3, before the lagged vote (lag 1) decides at step 4: every rank names the origin
+    ctl = StepControl(comm, grid=grid, rank=rank, timeout=20, on_nonfinite="stop", lag=1)
     err = None
     try:
         for step in range(10):
             t = torch.ones(3)
-            if rank == size - 1 and step == 2:
+            if (rank, step) in ((size - 1, 2), (0, 3)):
                 t[1] = float("nan")
-            ctl.guard.check(step, "loss", [("loss", t)])
+            ctl.guard.check(step, "loss" if rank else "gradient", [("loss" if rank else "0.weight", t)])
             ctl.end_of_step(step)
     except NonFiniteError as e:
         err = str(e)
     ctl.close()
     print(f"rank {rank} step {step}: {err}", flush=True)
-    ok &= err is not None and step == 2
+    ok &= err is not None and step == 4
 elif mode == "stall":
     ctl = StepControl(comm, grid=grid, rank=rank, timeout=3, warn_after=1, lag=0)
     for step in range(10):
