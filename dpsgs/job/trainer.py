@@ -181,6 +181,25 @@ class Trainer:
         return {"test_loss": float(tot[0]) / n, "test_accuracy": float(tot[1]) / n}
 
     def fit(self) -> dict[str, Any]:
+        """Train the run's remaining segments; the summary. On an error, what this rank holds
+        alone is given back before it propagates (an embedded caller lives on): the run
+        folder's lock, the signal handlers, the open files."""
+        try:
+            return self._fit()
+        except BaseException:
+            self._release_local()
+            raise
+
+    def _release_local(self) -> None:
+        """No collective here: the other ranks may be anywhere (or gone)."""
+        self.executor.close()
+        self.control.preempt.uninstall()
+        self.progress.close()
+        self.progress.job_log.close()
+        self.progress.rank_log.close()
+        self._release_folder()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, ex = self.config, self.executor
         self.position = self.checkpointer.resume(ex, self.setup.split)
         self.global_step = self.position.global_step

@@ -75,3 +75,11 @@ def test_replicas_built_from_other_seeds_are_named_at_start_up():
     assert ("the ranks do not run the same job: the model's initial weights differ between "
             "rank 0 (replica 0, stage 0) and rank 1 (replica 1, stage 0)") in r.stderr, r.tail()
     assert r.stderr.count("dpsgs: error:") == 1, r.tail()
+
+
+def test_an_embedded_train_that_fails_gives_back_its_folder_and_signal_handler():
+    # regression: after a NonFiniteError the run folder stayed locked by the living process
+    # ("in use by a live job") and SIGTERM stayed dpsgs's handler, which no longer stops anything
+    r = run_ranks(1, "trainer_cases.py", "after_error", CORE, timeout=120)
+    assert "handler restored: True" in r.stdout, r.tail()
+    assert "second train ran:" in r.stdout and "in use by a live job" not in r.stderr, r.tail()

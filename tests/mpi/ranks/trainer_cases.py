@@ -5,6 +5,8 @@
     bad_peer     stage 1 builds a model with other parameter shapes: the start-up agreement
                  names both ranks, on every rank, before any batch moves
     unseeded     each replica builds its model from another seed (same shapes): named too
+    after_error  an embedded train() stops on a NaN; the caller lives on: the signal handler is
+                 the caller's again and the run folder is free for the next train()
 """
 
 from __future__ import annotations
@@ -59,6 +61,25 @@ def main() -> None:
         train(toy_config(stages=1, replicas=2), world, model=toy_model(seed=world.rank),
               data=toy_data(), transport=transport)
         raise SystemExit(f"rank {world.rank}: the replicas' other weights went unnoticed")
+    if case == "after_error":
+        import signal
+        import tempfile
+
+        from dpsgs.reliability.guards import NonFiniteError
+
+        run_dir = tempfile.mkdtemp(prefix="dpsgs-after-error-")
+        before = signal.getsignal(signal.SIGTERM)
+        try:
+            train(toy_config(stages=1, replicas=1, lr=1e30, run_dir=run_dir), world,
+                  model=toy_model(), data=toy_data(), transport=transport)
+        except NonFiniteError:
+            pass
+        print(f"handler restored: {signal.getsignal(signal.SIGTERM) is before}", flush=True)
+        again = train(toy_config(stages=1, replicas=1, lr=1e30, run_dir=run_dir, resume="auto",
+                                 on_nonfinite="skip"),
+                      world, model=toy_model(), data=toy_data(), transport=transport)
+        print(f"second train ran: {again['steps']} steps", flush=True)
+        return
     raise SystemExit(f"unknown case {case!r}")
 
 
