@@ -227,7 +227,12 @@ def _report(summary: dict, config: TrainConfig) -> None:
     test = {k: v for k, v in summary.items() if k.startswith("test_") or k.startswith("final_")}
     acc = next((summary[k] for k in ("test_accuracy", "test_acc", "final_test_accuracy")
                 if k in summary), None)
-    if acc is not None:
+    if acc is not None and summary.get("stopped_by"):
+        epoch = summary.get("evaluated_at_epoch")
+        print(f"stopped by {summary['stopped_by']} before the end: test accuracy "
+              f"{100 * float(acc):.2f}% at the last evaluation"
+              + (f" (epoch {epoch})" if epoch is not None else ""))
+    elif acc is not None:
         print(f"final test accuracy: {100 * float(acc):.2f}%")
     print("summary: " + json.dumps(test or summary, default=str))
     print(f"run folder: {summary.get('run_dir', config.run_dir)}")

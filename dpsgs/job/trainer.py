@@ -242,15 +242,37 @@ class Trainer:
                                              and (epoch + 1) % cfg.checkpoint_every == 0)):
                 self._checkpoint(seg, iterations)
             finished = is_final
+        if not segs:
+            # nothing left to train (a job killed between its last checkpoint and the end of
+            # the run, or an --override of a finished one): evaluate the restored weights
+            # and keep the earlier job's training figures, rather than writing nulls
+            test = self.evaluate()
         seconds = time.perf_counter() - t0
         self.progress.close()
         summary = self._summary(seconds, iterations, test)
+        if self.control.stop_signal and not finished:
+            summary["stopped_by"] = self.control.stop_signal
+            summary["evaluated_at_epoch"] = self.evals[-1]["epoch"] if self.evals else None
+        if not segs and self.run_dir is not None:
+            earlier = {k: v for k, v in self._earlier_summary().items()
+                       if k not in ("stopped_by", "evaluated_at_epoch")}
+            summary = {**summary, **earlier, **test}
         if self.rank == 0 and self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             if self.folder is not None and (finished or not segs):
                 self.folder.finish(summary)
         self.close()
         return summary
+
+    def _earlier_summary(self) -> dict[str, Any]:
+        """Collective: rank 0's summary.json of the earlier job, for every rank ({} if none)."""
+        old: dict[str, Any] = {}
+        if self.rank == 0 and self.run_dir is not None and (self.run_dir / "summary.json").exists():
+            try:
+                old = json.loads((self.run_dir / "summary.json").read_text())
+            except ValueError:
+                old = {}
+        return self.control.bounded(self.pycomm, "earlier summary").bcast(old, root=0)
 
     def _checkpoint(self, seg: list[tuple[int, int]], iterations: int, stopped_by: str | None = None) -> Path:
         what = f"checkpoint after step {self.global_step - 1}"

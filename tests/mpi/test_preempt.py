@@ -207,6 +207,9 @@ def test_sigterm_exits_zero_with_a_resumable_checkpoint(tmp_path: Path):
     detail = f"exit {proc.returncode} after {took:.1f}s\n{out[-2000:]}\n{err[-3000:]}"
     assert proc.returncode == 0, detail
     assert "SIGTERM received: stopping at step" in err, detail
+    # regression: the last evaluation (an early epoch's) was printed as the final accuracy
+    assert "final test accuracy" not in out, detail
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "SIGTERM", detail
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None, detail
     stopped = read_manifest(ckpt)["meta"].get("step")

@@ -131,6 +131,23 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path: Path) -> None:
     assert _snapshot(tmp_path) == before
 
 
+def test_a_run_killed_after_its_last_checkpoint_keeps_its_results(tmp_path: Path) -> None:
+    # regression: a resume with nothing left to train wrote a summary of nulls and a final
+    # record of 0 steps over the finished job's results
+    run = _run(tmp_path, epochs=1)
+    assert run.returncode == 0, _tail(run)
+    done = json.loads((tmp_path / "summary.json").read_text())
+    record = json.loads((tmp_path / "run.json").read_text())
+    record.pop("finished")          # as if killed between the last checkpoint and the end
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    again = _run(tmp_path, "--resume", "auto", epochs=1)
+    assert again.returncode == 0, _tail(again)
+    after = json.loads((tmp_path / "summary.json").read_text())
+    assert after["test_accuracy"] == done["test_accuracy"] and after["test_loss"] == done["test_loss"]
+    assert after["final_train_loss"] == done["final_train_loss"] and after["iterations"] == done["iterations"]
+    assert json.loads((tmp_path / "run.json").read_text())["finished"] is True
+
+
 def test_resume_with_other_identity_settings_needs_an_override(tmp_path: Path) -> None:
     first = _run(tmp_path, "--checkpoint-every", "1", "--max-steps", "8", epochs=3)
     assert first.returncode == 0, _tail(first)
