@@ -48,7 +48,8 @@ HELP: dict[str, str] = {
     "micro_batches": "sync schedule: micro-batches per step",
     "sync_kind": "sync schedule: 1f1b or gpipe",
     "flush_every_epoch": "finish every batch in flight at each epoch end (eval and "
-                         "checkpoints then see no half-processed batch)",
+                         "checkpoints then see no half-processed batch; without it the run is "
+                         "one segment, evaluated and checkpointed only at its end)",
     "split": "explicit split points (top-level layer indices, K-1 of them); default: balanced",
     "balance": "how to balance stages when --split is not given: time (profiled), params "
                "or layers",

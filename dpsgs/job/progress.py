@@ -23,14 +23,15 @@ from dpsgs.pipeline.hooks import StepHooks
 __all__ = ["ProgressReporter"]
 
 _LOSS_TAG = 901
-Record = tuple[float, int, int]      # loss, correct, samples
+Record = tuple[float, int, int, int]      # loss, correct, samples, global batch
 
 
 class ProgressReporter(StepHooks):
     """One rank's per-step reporting (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, grid: Grid, pycomm: Any, rank: int, timeline: Timeline,
-                 job_log: MetricsLog, rank_log: MetricsLog) -> None:
+                 job_log: MetricsLog, rank_log: MetricsLog, batches_per_epoch: int = 0) -> None:
+        self.batches_per_epoch = batches_per_epoch   # a line's epoch is its batch's
         self.config, self.grid, self.pycomm, self.rank = config, grid, pycomm, rank
         self.replica, self.stage = grid.coords(rank)
         self.timeline, self.job_log, self.rank_log = timeline, job_log, rank_log
@@ -48,6 +49,12 @@ class ProgressReporter(StepHooks):
         self.last_train: dict[str, Any] = {}
         self.staleness_seen: set[int] = set()     # every staleness this stage's updates had
 
+    def begin_segment(self) -> None:
+        """A segment's first step is timed from here: what ran between segments (evaluation,
+        a checkpoint) is no step's time."""
+        self._last_time = time.perf_counter()
+        self.timeline.step_totals(reset=True)
+
     def start(self, total_steps: int) -> None:
         self._last_time = time.perf_counter()
         if self.rank == 0 and self.config.progress:
@@ -59,7 +66,7 @@ class ProgressReporter(StepHooks):
 
     # -- step hooks ------------------------------------------------------------------------
     def loss(self, step: int, batch: int, loss: float, correct: int, count: int) -> None:
-        self._loss = (loss, correct, count)
+        self._loss = (loss, correct, count, batch)
 
     def updated(self, stage: int, batch: int, staleness: int) -> None:
         self.staleness_seen.add(staleness)
@@ -104,7 +111,8 @@ class ProgressReporter(StepHooks):
             own = self._steps.pop(step)
             del self._losses[step]
             done = [r for r in recs if r is not None]
-            line: dict[str, Any] = {"step": step, "epoch": self.epoch}
+            epoch = done[0][3] // self.batches_per_epoch if done and self.batches_per_epoch else self.epoch
+            line: dict[str, Any] = {"step": step, "epoch": epoch}
             if done:
                 line["loss"] = sum(r[0] for r in done) / len(done)
                 line["accuracy"] = sum(r[1] for r in done) / sum(r[2] for r in done)

@@ -131,7 +131,8 @@ class Trainer:
         self.progress = ProgressReporter(
             config, self.grid, self.pycomm, self.rank, self.timeline,
             MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.rank == 0 else None, keep_below),
-            MetricsLog(run_dir / f"metrics.rank{self.rank}.jsonl" if run_dir else None, keep_below))
+            MetricsLog(run_dir / f"metrics.rank{self.rank}.jsonl" if run_dir else None, keep_below),
+            batches_per_epoch=self.setup.batches_per_epoch)
         # order matters: the step's metrics are written before the vote may stop the run
         self.executor = StageExecutor(self.setup, self.rank, ctx.transport,
                                       hooks=HookChain(fault_hooks(self.rank), self.progress,
@@ -216,6 +217,7 @@ class Trainer:
         for i, seg in enumerate(segs):
             first = self.global_step
             self.progress.epoch = seg[0][0]
+            self.progress.begin_segment()
             if cfg.schedule == "fdg":
                 plan = fdg_plan(K, len(seg), cfg.overlap)
                 cut = ex.run_fdg(plan, seg, first)

@@ -270,3 +270,13 @@ def test_allreduce_timeouts_name_job_ranks_with_replica_and_stage(tmp_path: Path
     assert timeouts, _tail(run)
     for line in timeouts:       # every rank named is a job rank with its place in the grid
         assert "(replica" in line, line
+
+
+def test_metrics_lines_carry_their_batchs_epoch_without_per_epoch_flushes(tmp_path: Path) -> None:
+    # regression: without --flush-every-epoch the run is one segment and every line said epoch 0
+    run = _run(tmp_path, "--no-flush-every-epoch", epochs=2)
+    assert run.returncode == 0, _tail(run)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in lines if "loss" in m and "test_loss" not in m]
+    assert {m["epoch"] for m in trained} == {0, 1}
+    assert [m["epoch"] for m in trained] == sorted(m["epoch"] for m in trained)

@@ -82,3 +82,20 @@ def test_trace_is_capped(tmp_path: Path) -> None:
     trace = json.loads((tmp_path / "t.rank0.json").read_text())
     assert [e["name"] for e in trace["traceEvents"] if e["ph"] == "X"] == ["s0", "s1", "s2"]
     assert trace["otherData"] == {"dropped_spans": 2, "max_events": 3}
+
+
+def test_a_segment_starts_its_first_steps_clock_and_totals_afresh():
+    # regression: the first step of each segment carried the evaluation and checkpoint that
+    # ran before it (5-10x the median step time in the per-step metrics)
+    from dpsgs.comm.grid import Grid
+    from dpsgs.config import TrainConfig
+    from dpsgs.job.progress import ProgressReporter
+
+    cfg = TrainConfig(stages=1, replicas=1, progress=False)
+    tl = Timeline(0)
+    p = ProgressReporter(cfg, Grid(1, 1), None, 0, tl, MetricsLog(None), MetricsLog(None), 4)
+    with tl.span("eval forward", "compute"):
+        time.sleep(0.05)
+    p.begin_segment()
+    assert tl.step_totals()["compute"] == 0.0
+    assert time.perf_counter() - p._last_time < 0.05
