@@ -57,6 +57,9 @@ def simulate(config: TrainConfig, model: nn.Sequential | None = None,
              data: tuple[Dataset, Dataset] | None = None, progress: bool = False) -> dict[str, Any]:
     """Train per `config` on K x N virtual ranks in this process; the summary dict. A progress
     bar when `progress`; the run folder's files when config.run_dir is set."""
+    if config.resume:
+        raise ValueError("--simulate runs in one go and writes no checkpoints: there is nothing "
+                         "to --resume (choose a new --run-dir)")
     device = _device(config)                  # a setting's error before any file is made
     folder = RunFolder.open(config) if config.run_dir else None
     try:

@@ -99,6 +99,13 @@ def test_simulate_runs_without_mpi(no_mpi: None, tmp_path: Path,
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert TrainConfig.load(tmp_path / "run" / "config.json").stages == 2
+    # regression: --resume auto was accepted and ran the whole job again, appending its
+    # metrics to the finished run's
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    rc = cli.main(["train", "--simulate", "-K", "2", "--epochs", "1", "--max-steps", "6",
+                   "--run-dir", str(tmp_path / "run"), "--no-progress", "--resume", "auto"])
+    assert rc == 2 and "there is nothing to --resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
 
 
 def test_bench_and_plan_dispatch(monkeypatch: pytest.MonkeyPatch,
