@@ -31,6 +31,8 @@ k's gradient is scaled by beta**(K-1-k) (FDG's gradient shrinking).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,9 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = ["StageCompute", "STASH_MODES"]
+
+# torch's default generator is per process; see StageCompute._rng_guard
+_RNG_LOCK = threading.RLock()
 
 STASH_MODES = ("weights", "recompute")
 
@@ -115,9 +120,20 @@ class StageCompute:
         return list(self._stash)
 
     # -- forward -------------------------------------------------------------------------
+    def _rng_guard(self) -> Any:
+        """Held while a stage that draws random numbers forwards or replays: the threads of
+        one process (the reference's virtual ranks) share torch's generator, and a draw of
+        another stage between a recorded state and its forward would make the recompute
+        replay another dropout mask than the one that made the activation."""
+        return _RNG_LOCK if self._random else contextlib.nullcontext()
+
     def forward(self, key: Any, x: torch.Tensor, live: bool = False) -> torch.Tensor:
         """Run batch `key` through the stage, stash what its backward needs, and return
         the output (detached: safe to send)."""
+        with self._rng_guard():
+            return self._forward(key, x, live)
+
+    def _forward(self, key: Any, x: torch.Tensor, live: bool) -> torch.Tensor:
         if key in self._stash:
             raise ValueError(f"stage {self.stage}: batch {key!r} forwarded twice "
                              f"(still in flight: {self.in_flight})")
@@ -230,7 +246,7 @@ class StageCompute:
             with self.autocast():
                 return functional_call(self.module, buffers, (entry.x,))
         devices = [self.device] if entry.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices), self.autocast():
+        with self._rng_guard(), torch.random.fork_rng(devices=devices), self.autocast():
             torch.set_rng_state(entry.rng)
             if entry.cuda_rng is not None:
                 torch.cuda.set_rng_state(entry.cuda_rng, self.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -295,3 +296,39 @@ def test_a_vetoed_update_is_not_reported_as_applied():
     ref.run()
     assert veto.updates == 0
     assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters(0)[1]))
+
+
+class _Drop(nn.Dropout):
+    """Dropout that checks each recompute replays its forward's mask (keyed by its input)."""
+
+    masks: dict[float, torch.Tensor] = {}
+    replays = [0, 0]         # (masks that differ, recomputes)
+
+    def forward(self, x):
+        m = (torch.rand_like(x) > self.p).to(x.dtype)
+        key = round(float(x.detach().sum()), 9)
+        with _LOCK:
+            if not torch.is_grad_enabled():          # the forward (no_grad under recompute)
+                self.masks[key] = m.clone()
+            elif key in self.masks:                  # its recompute
+                self.replays[1] += 1
+                self.replays[0] += not torch.equal(self.masks.pop(key), m)
+        return x * m / (1 - self.p)
+
+
+_LOCK = threading.Lock()
+
+
+def test_recompute_replays_its_own_dropout_mask_among_threads():
+    # regression: the reference's virtual ranks are threads sharing torch's generator; a draw
+    # of another stage between a recorded RNG state and its forward made the recompute replay
+    # another mask (a few of 252 per run), so the gradient was of a mask that never ran
+    _Drop.masks.clear()
+    _Drop.replays[:] = [0, 0]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 1024), nn.Tanh(), _Drop(0.5), nn.Linear(1024, 1024), nn.Tanh(),
+                          nn.Linear(1024, 3))
+    cfg = _config(stages=3, replicas=3, batch_size=8, epochs=4, split=[2, 5], stash="recompute",
+                  momentum=0.0, weight_decay=0.0, lr_schedule="constant")
+    reference_for(cfg, model, _data(n=512)).run()
+    assert _Drop.replays[1] == 4 * 21 * 3 and _Drop.replays[0] == 0, _Drop.replays
