@@ -149,8 +149,11 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig keys: {unknown}")
         return cls(**d)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -1,5 +1,6 @@
 """Replace a file atomically: a reader (or a resume after a crash) sees the old content or
-the new, never a mix. Checkpoints, the run record and a resumed run's metrics all write so."""
+the new, never a mix. Checkpoints, the run record, config.json, summary.json and a resumed
+run's metrics all write so."""
 
 from __future__ import annotations
 

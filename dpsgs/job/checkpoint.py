@@ -102,6 +102,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
     if rank == 0:
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)        # the new folder's entry is durable too
             if (folder / MANIFEST).exists():
                 (folder / MANIFEST).unlink()
                 fsync_dir(folder)

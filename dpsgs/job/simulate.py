@@ -16,6 +16,7 @@ from torch import nn
 
 from dpsgs.comm.device import resolve_device
 from dpsgs.config import TrainConfig
+from dpsgs.job.atomic_file import atomic_write
 from dpsgs.job.data import Dataset
 from dpsgs.job.metrics import MetricsLog
 from dpsgs.job.run_folder import RunFolder
@@ -89,7 +90,7 @@ def simulate(config: TrainConfig, model: nn.Sequential | None = None,
 
 def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict[str, Any]) -> None:
     folder.start(config, None)
-    config.save(folder.path / "config.json")
+    atomic_write(folder.path / "config.json", config.to_json())
     B, N = config.batch_size, config.replicas
     with MetricsLog(folder.path / "metrics.jsonl") as log:
         for h in ref.history:
@@ -97,5 +98,5 @@ def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict
         log.write({"step": ref.step - 1, "test_loss": summary["test_loss"],
                    "test_accuracy": summary["test_accuracy"],
                    "samples_per_s": summary["samples_per_s"], "global_batch": B * N})
-    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write(folder.path / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     folder.finish(summary)

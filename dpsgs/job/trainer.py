@@ -32,6 +32,7 @@ from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier
 from dpsgs.config import TrainConfig
 from dpsgs.job.agreement import Outcome, SetupFailed, agree, job_digest
+from dpsgs.job.atomic_file import atomic_write
 from dpsgs.job.checkpoint import resolve_resume
 from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip_done
 from dpsgs.job.data import Dataset
@@ -205,7 +206,7 @@ class Trainer:
         self.position = self.checkpointer.resume(ex, self.setup.split)
         self.global_step = self.position.global_step
         if self.rank == 0 and self.run_dir is not None:
-            cfg.save(self.run_dir / "config.json")
+            atomic_write(self.run_dir / "config.json", cfg.to_json())
         segs = skip_done(segments(self.setup, self.position.epoch), self.position.batch)
         K = cfg.stages
         self.progress.start(sum(len(s) if cfg.schedule == "sync" else
@@ -260,7 +261,7 @@ class Trainer:
                        if k not in ("stopped_by", "evaluated_at_epoch")}
             summary = {**summary, **earlier, **test}
         if self.rank == 0 and self.run_dir is not None:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
             if self.folder is not None and (finished or not segs):
                 self.folder.finish(summary)
         self.close()
