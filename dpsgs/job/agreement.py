@@ -3,10 +3,10 @@
 Each rank does its local set-up (check the config, load the data, build the model) before
 any collective and reports the outcome — its error, or a digest of the job it is about to
 run: every setting of its resolved config, its model's parameter shapes and initial
-values, and its data's identity. One bounded allgather compares them. A failure anywhere, or ranks that disagree
-(an MPMD launch with another --lr on one rank, another --batch-size...), becomes one
-SetupFailed raised on every rank with one message naming what and which ranks; rank 0 prints
-it. Without this, a disagreement shows up much later, as diverged replicas or a peer that
+values, and its data's identity. One bounded allgather compares them. A failure anywhere,
+or ranks that disagree (an MPMD launch with another --lr on one rank, another
+--batch-size...), becomes one SetupFailed raised on every rank with one message naming what
+and which ranks; rank 0 prints it. Without this, a disagreement shows up much later, as diverged replicas or a peer that
 "is dead or stuck" while every rank is alive.
 """
 

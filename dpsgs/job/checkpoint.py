@@ -80,7 +80,8 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
     Collective: every rank of `comm` (an mpi4py communicator whose rank r is grid rank r;
     None for a one-rank grid) must call it in the same order. `stage_state` is what this
     rank's stage needs to resume (only replica 0's is written: the weights are identical
-    after the all-reduce; what differs per replica, the caller puts into replica 0's state); `meta` (JSON: model, step, epoch, ...) goes into the manifest and is
+    after the all-reduce; what differs per replica, the caller puts into replica 0's
+    state); `meta` (JSON: model, step, epoch, ...) goes into the manifest and is
     checked on load. A failure on any rank raises CheckpointError on every rank. With
     `keep`, rank 0 then deletes all but the `keep` newest complete checkpoints.
     """

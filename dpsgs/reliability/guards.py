@@ -71,12 +71,14 @@ class FiniteGuard:
         report = (f"non-finite {what} ({kind}) at step {step}, stage {self.stage} "
                   f"(rank {self.rank}), tensor '{name}'")
         if self.policy == "skip":
-            count = self.skipped = self.skipped + 1 if update else self.skipped
-            self._reported += 0 if update else 1
-            shown = count if update else self._reported
+            if update:
+                self.skipped += 1
+                shown, action = self.skipped, "skipping this update"
+            else:
+                self._reported += 1
+                shown, action = self._reported, "updates with non-finite gradients are skipped"
             # the first few, then every 100th: a diverged run must not flood the log
             if shown <= 5 or shown % 100 == 0:
-                action = "skipping this update" if update else "updates with non-finite gradients are skipped"
                 print(f"dpsgs: {report}: {action} (--on-nonfinite skip; {self.skipped} skipped "
                       "on this rank)", file=sys.stderr, flush=True)
         elif self.pending is None:
