@@ -137,7 +137,11 @@ class RunFolder:
     def finish(self, summary: dict[str, Any]) -> None:
         self.record["finished"] = True
         self.record["finished_at"] = time.time()
-        self.record["final"] = {k: summary.get(k) for k in ("steps", "iterations", "test_accuracy", "test_loss")}
+        # the whole run's steps and batches (over its resumes), where the summary has them
+        self.record["final"] = {"steps": summary.get("run_steps", summary.get("steps")),
+                                "iterations": summary.get("run_iterations", summary.get("iterations")),
+                                "test_accuracy": summary.get("test_accuracy"),
+                                "test_loss": summary.get("test_loss")}
         _atomic_json(self.path / RUN_FILE, self.record)
 
     def close(self) -> None:

@@ -300,6 +300,8 @@ class Trainer:
                 "replicas": cfg.replicas,
                 "steps": self.global_step - self.position.global_step,   # this process's
                 "iterations": iterations,
+                "run_steps": self.global_step,                           # the run's, resumes too
+                "run_iterations": self.position.iterations + iterations,
                 "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0,
                 "final_train_loss": last.get("loss"),
                 "staleness": {m["stage"]: m["staleness"] for m in per_stage},

@@ -27,6 +27,9 @@ def test_resumed_run_continues_the_step_numbering(tmp_path: Path) -> None:
         # 2 epochs x (8 batches + 2 flush steps) = steps 0..19; the 3rd epoch is 20..29
         steps = [m["step"] for m in new if "test_loss" not in m]   # evals repeat a step
         assert old[-1]["step"] == 19 and steps == list(range(20, 30)), (f, steps)
+    # regression: run.json's final record counted the last job only (10 steps, 8 batches)
+    final = json.loads((tmp_path / "run.json").read_text())["final"]
+    assert (final["steps"], final["iterations"]) == (30, 24), final
 
 
 def test_resume_keeps_the_checkpoints_split_under_balance_time(tmp_path: Path) -> None:
