@@ -153,9 +153,11 @@ class StageExecutor:
         with self.spans.span(f"forward {what}", "compute"):
             return self.compute.forward(key, x, live=live)
 
-    def _top_of_step(self, i: int, step: int, admitted: int) -> None:
+    def _top_of_step(self, i: int, step: int, admitted: int, warmup: int) -> None:
+        """Step i of a plan whose first `warmup` steps fill the pipeline and whose steps from
+        `admitted` on drain it: the named phases for the hooks (fault points)."""
         self.step = step
-        if i < 2 * self.K - 2:
+        if i < warmup:
             self.hooks.phase("warmup", step)
         if i >= admitted:
             self.hooks.phase("flush", step)
@@ -171,7 +173,7 @@ class StageExecutor:
         while i < len(plan):
             s, t = plan[i][k], i
             step = step0 + t
-            self._top_of_step(t, step, len(seg))
+            self._top_of_step(t, step, len(seg), 2 * self.K - 2)
             x = g = None
             if s.forward is not None:
                 x = (self._recv(self.act_in, B, self.place.in_shape, f"act b{s.forward}") if k > 0
@@ -228,7 +230,7 @@ class StageExecutor:
         cut, i = False, 0
         while i < len(seg):
             eb, step = seg[i], step0 + i
-            self._top_of_step(i, step, len(seg))
+            self._top_of_step(i, step, len(seg), 0)     # sync: no steps of a filling pipeline
             self._zero_grad()
             x = self._input(eb) if k == 0 else None
             y = self._labels(eb) if last else None

@@ -332,3 +332,20 @@ def test_recompute_replays_its_own_dropout_mask_among_threads():
                   momentum=0.0, weight_decay=0.0, lr_schedule="constant")
     reference_for(cfg, model, _data(n=512)).run()
     assert _Drop.replays[1] == 4 * 21 * 3 and _Drop.replays[0] == 0, _Drop.replays
+
+
+class _Phases(StepHooks):
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def phase(self, name, step):
+        self.seen.add(name)
+
+
+@pytest.mark.parametrize("schedule", ["fdg", "sync"])
+def test_only_fdg_has_warmup_steps(schedule):
+    # regression: sync's first 2K-2 steps fired the fault phase "warmup" (it has none)
+    phases = _Phases()
+    extra = {"micro_batches": 2} if schedule == "sync" else {}
+    reference_for(_config(schedule=schedule, max_steps=4, **extra), _model(), _data(), progress=phases).run()
+    assert ("warmup" in phases.seen) == (schedule == "fdg"), phases.seen
