@@ -121,7 +121,9 @@ class RunFolder:
         self.changes = changed
 
     def start(self, config: TrainConfig, resumed_from: str | None) -> None:
-        """Record this job's start (or resume) with its operational settings."""
+        """Record this job's start (or resume) with its operational settings, and write the
+        config it runs under (config.json)."""
+        atomic_write(self.path / "config.json", config.to_json())
         entry: dict[str, Any] = {"time": time.time(), "event": "resume" if resumed_from else "start",
                                  "operational": config.operational(),
                                  "host": socket.gethostname(), "pid": os.getpid()}
@@ -133,6 +135,14 @@ class RunFolder:
             self.record.pop("finished", None)         # an extended run is running again
         self.record.setdefault("history", []).append(entry)
         _atomic_json(self.path / RUN_FILE, self.record)
+
+    def summary(self) -> dict[str, Any]:
+        """The summary.json of the job that wrote one last ({} if none; ValueError if torn)."""
+        path = self.path / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.record["finished"] = True

@@ -8,7 +8,6 @@ plot RUN_DIR` works on it too.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ from torch import nn
 
 from dpsgs.comm.device import resolve_device
 from dpsgs.config import TrainConfig
-from dpsgs.job.atomic_file import atomic_write
 from dpsgs.job.data import Dataset
 from dpsgs.job.metrics import MetricsLog
 from dpsgs.job.run_folder import RunFolder
@@ -90,7 +88,6 @@ def simulate(config: TrainConfig, model: nn.Sequential | None = None,
 
 def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict[str, Any]) -> None:
     folder.start(config, None)
-    atomic_write(folder.path / "config.json", config.to_json())
     B, N = config.batch_size, config.replicas
     with MetricsLog(folder.path / "metrics.jsonl") as log:
         for h in ref.history:
@@ -98,5 +95,5 @@ def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict
         log.write({"step": ref.step - 1, "test_loss": summary["test_loss"],
                    "test_accuracy": summary["test_accuracy"],
                    "samples_per_s": summary["samples_per_s"], "global_batch": B * N})
-    atomic_write(folder.path / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    folder.write_summary(summary)
     folder.finish(summary)

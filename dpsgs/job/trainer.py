@@ -16,7 +16,6 @@ operation and peer, a bad input) is reported with rank/replica/stage and aborts 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier
 from dpsgs.config import TrainConfig
 from dpsgs.job.agreement import Outcome, SetupFailed, agree, job_digest
-from dpsgs.job.atomic_file import atomic_write
 from dpsgs.job.checkpoint import resolve_resume
 from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip_done
 from dpsgs.job.data import Dataset
@@ -153,8 +151,7 @@ class Trainer:
             self.folder = RunFolder.open(cfg)
             decided["run_id"] = self.folder.run_id
             if self.folder.finished and not self.folder.changes:
-                summary = self.folder.path / "summary.json"
-                decided.update(finished=True, summary=json.loads(summary.read_text()) if summary.exists() else {})
+                decided.update(finished=True, summary=self.folder.summary())
                 return decided
         resume = resolve_resume(cfg.resume, cfg.run_dir, decided["run_id"], cfg.resume_fallback,
                                 note=lambda text: print(f"dpsgs: {text}", file=sys.stderr, flush=True))
@@ -205,8 +202,6 @@ class Trainer:
         cfg, ex = self.config, self.executor
         self.position = self.checkpointer.resume(ex, self.setup.split)
         self.global_step = self.position.global_step
-        if self.rank == 0 and self.run_dir is not None:
-            atomic_write(self.run_dir / "config.json", cfg.to_json())
         segs = skip_done(segments(self.setup, self.position.epoch), self.position.batch)
         K = cfg.stages
         self.progress.start(sum(len(s) if cfg.schedule == "sync" else
@@ -260,9 +255,9 @@ class Trainer:
             earlier = {k: v for k, v in self._earlier_summary().items()
                        if k not in ("stopped_by", "evaluated_at_epoch")}
             summary = {**summary, **earlier, **test}
-        if self.rank == 0 and self.run_dir is not None:
-            atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-            if self.folder is not None and (finished or not segs):
+        if self.folder is not None:          # rank 0 of a run with a folder
+            self.folder.write_summary(summary)
+            if finished or not segs:
                 self.folder.finish(summary)
         self.close()
         return summary
@@ -270,9 +265,9 @@ class Trainer:
     def _earlier_summary(self) -> dict[str, Any]:
         """Collective: rank 0's summary.json of the earlier job, for every rank ({} if none)."""
         old: dict[str, Any] = {}
-        if self.rank == 0 and self.run_dir is not None and (self.run_dir / "summary.json").exists():
+        if self.folder is not None:
             try:
-                old = json.loads((self.run_dir / "summary.json").read_text())
+                old = self.folder.summary()
             except ValueError:
                 old = {}
         return self.control.bounded(self.pycomm, "earlier summary").bcast(old, root=0)
