@@ -60,14 +60,6 @@ class StagePlace:
         """What crosses a stage boundary: activations forward, their gradients back."""
         return self.amp if self.amp is not None else self.dtype
 
-    @property
-    def is_first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.stages - 1
-
 
 class Workload(BatchSource, Protocol):
     """A K x N run as the pipeline sees it (dpsgs.job.run_setup.Setup implements it)."""
