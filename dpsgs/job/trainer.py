@@ -305,13 +305,12 @@ class Trainer:
                 "split": self.setup.split, "run_dir": cfg.run_dir, **test}
 
     def close(self) -> None:
-        self.executor.close()
+        """Collective: the vote's last rounds, the trace, the transport; then what the rank
+        holds alone (_release_local)."""
         self.control.close()
         self.timeline.close()
-        self.progress.job_log.close()
-        self.progress.rank_log.close()
         self.ctx.close()
-        self._release_folder()
+        self._release_local()
 
 
 def _early_signals() -> PreemptionHandler | None:
