@@ -28,7 +28,7 @@ from dpsgs.comm.abort import abort_job
 from dpsgs.comm.device import resolve_device
 from dpsgs.comm.grid import Grid
 from dpsgs.comm.protocol import Transport
-from dpsgs.comm.waits import barrier
+from dpsgs.comm.waits import barrier, wait_for
 from dpsgs.config import TrainConfig
 from dpsgs.job.agreement import Outcome, SetupFailed, agree, job_digest
 from dpsgs.job.checkpoint import resolve_resume
@@ -171,11 +171,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Pipelined forward over the test set; loss/accuracy on every rank."""
         loss_sum, correct, n = self.executor.evaluate()
-        barrier(self.pycomm, self.config.timeout, "evaluation")
         from mpi4py import MPI
 
         tot = np.array([loss_sum, correct, n], dtype=np.float64)   # counts exact below 2^53
-        self.pycomm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
+        # non-blocking, waited for politely: a rank that died or was interrupted before it
+        # (Ctrl-C reaches the ranks at different points) must not hold the others in MPI
+        req = self.pycomm.Iallreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
+        wait_for(req.Test, self.config.timeout, f"{self.grid.label(self.rank)}: evaluation's all-reduce")
         n = max(1, int(tot[2]))
         return {"test_loss": float(tot[0]) / n, "test_accuracy": float(tot[1]) / n}
 
