@@ -129,6 +129,7 @@ void ring_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int
   Backoff backoff = fresh_backoff();
   bool warned = false;
   unsigned idle = 0;
+  double next_check = kInterruptCheckSeconds;  // of this idle spell
   size_t waiting_on = 0;  // for messages: what we are stuck on
   for (;;) {
     bool progressed = false;
@@ -195,12 +196,17 @@ void ring_allreduce(const Communicator& c, MPI_Comm comm, const Buffer& buf, int
     if (progressed) {
       backoff = fresh_backoff();
       idle = 0;
+      next_check = kInterruptCheckSeconds;
       continue;
     }
     backoff.pause();
     if ((++idle & 63) != 0) continue;
     if (c.cancelled()) throw CommError(what() + ": cancelled (communicator shut down)");
     double t = backoff.elapsed();
+    if (t >= next_check) {
+      check_interrupt();
+      next_check = t + kInterruptCheckSeconds;
+    }
     auto detail = [&] {
       if (waiting_on >= Q) return str_cat(what(), " waiting for ", c.label(right), " (right neighbour) to receive");
       return str_cat(what(), " waiting for ", c.label(left), " (left neighbour), step ", waiting_on / C + 1, "/", steps,

@@ -7,6 +7,7 @@
 
 #include "bindings/core_bindings.h"
 #include "bindings/nccl_bindings.h"
+#include "common/backoff.h"
 #include "common/buffer.h"
 #include "common/error.h"
 #include "common/mpi_lifecycle.h"
@@ -74,6 +75,16 @@ py::dict build_info() {
   return d;
 }
 
+// The interrupt check of long waits (common/backoff.h): on Python's main thread, raise a
+// pending Ctrl-C as KeyboardInterrupt out of the wait. Other threads never take the GIL here.
+unsigned long python_main_thread = 0;
+
+void raise_pending_signals() {
+  if (PyThread_get_thread_ident() != python_main_thread || !Py_IsInitialized()) return;
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
 }  // namespace
 
 }  // namespace dpsgs
@@ -82,6 +93,8 @@ PYBIND11_MODULE(_C, m) {
   using namespace dpsgs;
   m.doc() = "dpsgs communication core: Communicator, Channel, Reducer over MPI (and NCCL when built)";
   check_same_mpi();
+  python_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  set_interrupt_check(&raise_pending_signals);
 
   // The error classes are Python's (dpsgs.comm.errors), so every backend raises the same ones.
   py::module_ errors = py::module_::import("dpsgs.comm.errors");

@@ -5,6 +5,7 @@
 #include <sys/prctl.h>
 #include <time.h>
 
+#include <atomic>
 #include <cstdio>
 #include <sstream>
 
@@ -14,6 +15,7 @@ namespace dpsgs {
 
 namespace {
 constexpr long kMaxSleepNs = 64000;      // then sleep, doubling up to 64 us
+std::atomic<void (*)()> interrupt_check{nullptr};
 
 // Default timer slack (50 us) would turn every short sleep into >= 50 us.
 void tighten_timer_slack() {
@@ -40,6 +42,12 @@ void Backoff::pause() {
   if (sleep_ns_ < kMaxSleepNs) sleep_ns_ *= 2;
 }
 
+void set_interrupt_check(void (*check)()) { interrupt_check.store(check); }
+
+void check_interrupt() {
+  if (auto check = interrupt_check.load()) check();
+}
+
 std::string timeout_message(const std::string& what, double timeout_s) {
   std::ostringstream os;
   os << what << " did not complete within " << timeout_s
@@ -53,10 +61,15 @@ void poll_until(const std::function<bool()>& done, double timeout_s, double warn
   Backoff backoff(yield_s, spin_s);
   bool warned = false;
   unsigned n = 0;
+  double next_check = kInterruptCheckSeconds;
   while (!done()) {
     backoff.pause();
     if ((++n & 63) != 0) continue;  // the clock only every 64 polls
     double t = backoff.elapsed();
+    if (t >= next_check) {
+      check_interrupt();
+      next_check = t + kInterruptCheckSeconds;
+    }
     if (!warned && warn_after_s > 0 && t >= warn_after_s) {
       warned = true;
       std::fprintf(stderr, "[dpsgs] STALL: %s: still waiting after %.1f s\n", what().c_str(), t);

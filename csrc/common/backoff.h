@@ -41,6 +41,14 @@ void poll_until(const std::function<bool()>& done, double timeout_s, double warn
                 const std::function<std::string()>& what, double yield_s = Backoff::kDefaultYieldSeconds,
                 double spin_s = Backoff::kDefaultSpinSeconds);
 
+// Waits that can last call check_interrupt() on the waiting thread every
+// kInterruptCheckSeconds. The bindings install a check that raises Python's pending Ctrl-C
+// (KeyboardInterrupt) on the main thread, so a job is interrupted in a wait instead of
+// sitting in it until the deadline while its peers, already interrupted, end the job.
+constexpr double kInterruptCheckSeconds = 0.1;
+void set_interrupt_check(void (*check)());
+void check_interrupt();
+
 // Message text used for every timeout so they read alike.
 std::string timeout_message(const std::string& what, double timeout_s);
 

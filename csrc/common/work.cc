@@ -49,15 +49,21 @@ void StateWork::wait(double timeout_s) {
   if (!finished()) {
     auto start = Clock::now();
     auto at = [&](double s) { return start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s)); };
+    bool warn = warn_after_s_ > 0 && (t <= 0 || warn_after_s_ < t);
     std::unique_lock<std::mutex> lock(mu_);
-    if (warn_after_s_ > 0 && (t <= 0 || warn_after_s_ < t) && !cv_.wait_until(lock, at(warn_after_s_), finished)) {
-      std::fprintf(stderr, "[dpsgs] STALL: %s: still waiting after %.1f s\n", what_.c_str(), warn_after_s_);
-      std::fflush(stderr);
-    }
-    if (t > 0) {
-      if (!cv_.wait_until(lock, at(t), finished)) throw CommTimeout(timeout_message(what_, t));
-    } else {
-      cv_.wait(lock, finished);
+    // in slices: between them the waiter checks for an interrupt (outside the lock)
+    for (double next = kInterruptCheckSeconds; !cv_.wait_until(lock, at(next), finished);
+         next += kInterruptCheckSeconds) {
+      double now = std::chrono::duration<double>(Clock::now() - start).count();
+      if (warn && now >= warn_after_s_) {
+        warn = false;
+        std::fprintf(stderr, "[dpsgs] STALL: %s: still waiting after %.1f s\n", what_.c_str(), warn_after_s_);
+        std::fflush(stderr);
+      }
+      if (t > 0 && now >= t) throw CommTimeout(timeout_message(what_, t));
+      lock.unlock();
+      check_interrupt();
+      lock.lock();
     }
   }
   is_completed();  // rethrows a failure

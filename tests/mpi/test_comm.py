@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -101,3 +102,13 @@ def test_two_gradient_sets_overlap_the_next_backward() -> None:
     pytest.importorskip("torch")
     run = run_ranks(2, "reducer_two_sets_ranks.py", timeout=90)
     assert "two gradient sets" in run.stdout and "PASS" in run.stdout, run.tail()
+
+
+@pytest.mark.parametrize("op", ["recv", "allreduce"])
+def test_ctrl_c_ends_a_wait_at_once(op: str) -> None:
+    # regression: a wait ignored Ctrl-C until its deadline, so under mpirun an interrupted
+    # job sometimes ended (by another rank's abort) before rank 0 said it was interrupted
+    run = run_ranks(2, "interrupt_ranks.py", op, timeout=60, expect_ok=False)
+    took = re.search(r"rank 0: KeyboardInterrupt after ([0-9.]+) s", run.stdout)
+    assert took and float(took.group(1)) < 3.0, run.tail()       # SIGINT at 1 s; deadline 30 s
+    assert run.seconds < 20, run.tail()
