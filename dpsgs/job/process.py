@@ -17,12 +17,15 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 from dpsgs.comm.abort import abort_job
 from dpsgs.config import TrainConfig
 from dpsgs.reliability.faults import fault_point
 from dpsgs.reliability.preemption import install_early
+
+_INTERRUPT_GRACE_S = 2.0
 
 __all__ = ["launcher_rank", "run_job"]
 
@@ -58,6 +61,13 @@ def run_job(config: TrainConfig, default_run_dir: Any) -> tuple[int, dict[str, A
         if rank == 0:
             print("dpsgs: interrupted (Ctrl-C): the job ends now, without a checkpoint "
                   "(SIGTERM or SIGUSR1 stop it cleanly)", file=sys.stderr, flush=True)
+        elif comm.Get_size() > 1:
+            # mpirun interrupts every rank: rank 0 says so and ends the job; the others end
+            # it themselves only if rank 0 cannot (an abort of theirs first lost its line)
+            try:
+                time.sleep(_INTERRUPT_GRACE_S)
+            except KeyboardInterrupt:
+                pass
         abort_job(130) if comm.Get_size() > 1 else os._exit(130)
     except VoteTimeout as e:
         print(f"dpsgs: {e}", file=sys.stderr, flush=True)
