@@ -15,7 +15,7 @@ from dpsgs.comm.errors import CommTimeout, HeaderMismatch
 from dpsgs.comm.loopback import LoopbackGroup, PeerFailed
 from dpsgs.comm.mpi import MpiTransport
 from dpsgs.comm.mpi4py_baseline import Mpi4pyTransport
-from dpsgs.comm.protocol import Channel, Reducer, Transport, Work
+from dpsgs.comm.protocol import MAX_MESSAGE_TENSORS, Channel, Reducer, Transport, Work
 
 
 def _conforms(t: Transport) -> None:
@@ -30,6 +30,10 @@ def _conforms(t: Transport) -> None:
     assert isinstance(work, Work)
     work.wait()
     assert torch.equal(flat, torch.full((5,), 3.0))        # the mean over a group of one
+
+
+def test_core_and_protocol_agree_on_the_message_length() -> None:
+    assert _C.MAX_MESSAGE_TENSORS == MAX_MESSAGE_TENSORS == 16
 
 
 def test_mpi_core_transport_conforms() -> None:
@@ -75,8 +79,8 @@ def test_loopback_channels_are_ordered_and_checked() -> None:
     sent[0].zero_()                          # the sender may reuse its tensor: the queue has a copy
     got = [rx.recv([(torch.float64, (2, 3))])[0] for _ in range(2)]
     assert torch.equal(got[0], torch.arange(6.0).reshape(2, 3)) and torch.equal(got[1], sent[1])
-    with pytest.raises(HeaderMismatch, match=r"tensor 0 of 1: expected dtype float32 shape \(2, 3\) but "
-                                             r"received dtype float64 shape \(2, 3\)"):
+    with pytest.raises(HeaderMismatch, match=r"tensor 0 of 1: expected dtype float32 shape \(2, 3\) "
+                                             r"but received dtype float64 shape \(2, 3\)"):
         rx.recv([(torch.float32, (2, 3))])
     assert (tx.sent, rx.received) == (3, 3)
 
