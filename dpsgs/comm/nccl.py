@@ -10,8 +10,8 @@ Status: see docs/gpu.md (the fixes after the first GPU run have not been run on 
     out = nccl.TensorChannel(ncomm, peer=rank + 1, tag=1, is_sender=True, name="act")
     for c in (ncomm, stage, pipe):                     # collective warm-up, after the channels
         c.connect()
-    out.send(x)                                        # ordered after x's producer stream
-    y = back.recv(torch.float32, (64, 128))            # current stream waits for it on the GPU
+    out.send((x, skip))                                # ordered after x's producer stream
+    y, = back.recv([(torch.float32, (64, 128))])       # current stream waits for it on the GPU
     nccl.TensorReducer(stage).allreduce(grad).wait()   # mean over the stage's replicas
     stage.close(); ncomm.close()                       # or at exit: _C.nccl_close_all (atexit)
 
@@ -22,6 +22,7 @@ make its channel and all-reduce calls in the same order (the schedule does).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -162,12 +163,13 @@ def _current_stream(x: Any) -> int:
 
 
 class TensorChannel(ChannelEnd):
-    """One end of an NcclChannel for torch CUDA tensors or CuPy arrays.
+    """One end of an NcclChannel for messages of torch CUDA tensors or CuPy arrays.
 
-    send(x) returns a Work; x stays alive in the channel until its transfer completes.
-    recv(dtype, shape) allocates the result with torch on this communicator's device and makes
-    the current stream wait for the transfer (the host does not wait); recv_into(out) fills a
-    given array (torch or CuPy) the same way.
+    send(message) returns a Work; the arrays stay alive in the channel until their transfer
+    completes. recv(specs) allocates the results with torch on this communicator's device and
+    makes the current stream wait for the transfer (the host does not wait); recv_into(out)
+    fills given arrays (torch or CuPy) the same way. A message is a tuple of 1..16 arrays
+    (dpsgs.comm.protocol), all produced on one stream.
     """
 
     def __init__(self, comm: Any, peer: int, tag: int, is_sender: bool, name: str = "") -> None:
@@ -176,19 +178,36 @@ class TensorChannel(ChannelEnd):
         self.comm = comm
         self._ch = _C.NcclChannel(comm, peer, tag, is_sender, name)
 
-    def send(self, x: Any) -> Any:
-        return self._ch.send(describe(x), x)
+    def _where(self, op: str, seq: int) -> str:
+        return f"rank {self.comm.rank}: channel {self.name!r} {op} #{seq}"
 
-    def recv_into(self, out: Any) -> Any:
-        work = self._ch.recv_into(describe(out), out)
-        work.wait_stream(_current_stream(out))
+    def send(self, message: Sequence[Any]) -> Any:
+        msg = _as_arrays(message, self._where("send", self.sent))
+        return self._ch.send([describe(x) for x in msg], msg)
+
+    def recv_into(self, out: Sequence[Any]) -> tuple[Any, ...]:
+        out = _as_arrays(out, self._where("recv", self.received))
+        work = self._ch.recv_into([describe(x) for x in out], out)
+        work.wait_stream(_current_stream(out[0]))
         return out
 
-    def recv(self, dtype: Any, shape: tuple[int, ...]) -> Any:
+    def recv(self, specs: Sequence[Any]) -> tuple[Any, ...]:
         import torch
 
-        out = torch.empty(shape, dtype=dtype, device=f"cuda:{self.comm.device}")
-        return self.recv_into(out)
+        from dpsgs.comm.message import as_specs
+
+        specs = as_specs(specs, self._where("recv", self.received))
+        device = f"cuda:{self.comm.device}"
+        return self.recv_into(tuple(torch.empty(shape, dtype=dt, device=device) for dt, shape in specs))
+
+
+def _as_arrays(message: Sequence[Any], where: str) -> tuple[Any, ...]:
+    """The message as a tuple of arrays (its length the core checks), or ValueError."""
+    if hasattr(message, "__cuda_array_interface__") or type(message).__module__.startswith("torch") \
+            or not isinstance(message, (tuple, list)):
+        raise ValueError(f"{where}: a message is a tuple or list of arrays, got {type(message).__name__} "
+                         "(send one array as (x,))")
+    return tuple(message)
 
 
 class TensorReducer:
