@@ -48,11 +48,15 @@ def main() -> None:
             print("SUMMARY " + json.dumps({k: s.get(k) for k in ("device", "device_why", "model", "dataset")}))
     elif mode == "cuda-cpu-torch":
         view = CudaView("gpu-host", rank, ("GPU-0", "GPU-1"), False, "2.13.0+cpu", False)
+        outcome = "trained"
         try:
             train(toy_config(stages=2, device="cuda", run_dir=where), comm,
                   model=toy_model(), data=toy_data(), cuda_view=view)
         except SetupFailed:
-            print(f"rank {rank}: refused", flush=True)
+            outcome = "refused"
+        said = comm.gather(f"rank {rank}: {outcome}", root=0)   # one printer: no interleaving
+        if rank == 0:
+            print("\n".join(said), flush=True)
     elif mode == "forms":
         train_ds, test_ds = toy_data()
         forms = {
