@@ -4,7 +4,6 @@ between stages (runs on CPU too), device-free checkpoint state, CUDA-event timin
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
 from pathlib import Path
 
@@ -33,34 +32,28 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
 
 
-def test_auto_is_cpu_without_a_gpu_and_cuda_names_what_is_missing(monkeypatch):
-    monkeypatch.setattr(device_mod, "_cuda_missing", lambda nccl: "no CUDA device is visible")
-    assert device_mod.resolve_device("auto") == "cpu"
-    assert device_mod.resolve_device("cpu") == "cpu"
-    with pytest.raises(ValueError, match="--device cuda: no CUDA device is visible"):
-        device_mod.resolve_device("cuda")
-    monkeypatch.setattr(device_mod, "_cuda_missing", lambda nccl: None)
-    assert device_mod.resolve_device("auto") == "cuda"
-    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
-        device_mod.resolve_device("tpu")
-
-
 def test_what_cuda_needs_here_is_named():
-    """This machine: the trainer names the missing NCCL build or GPU; --simulate (no NCCL)
-    names the CPU torch. Both before anything starts."""
+    """This machine, as probed: the trainer names the first thing missing for CUDA (GPU, CUDA
+    torch, NCCL build, in that order); --simulate (no NCCL) the same without the NCCL build."""
     import torch
 
-    from dpsgs import _C
-
-    with pytest.raises(ValueError) as e:
-        device_mod.resolve_device("cuda")
-    if not _C.build_info()["nccl"]:
-        assert "built without the NCCL backend" in str(e.value)
-    else:
-        assert str(e.value) == "--device cuda: no CUDA device is visible"
-    with pytest.raises(ValueError, match=re.escape(f"--device cuda: this torch ({torch.__version__}) is a CPU build")):
-        device_mod.resolve_device("cuda", nccl=False)
-    assert device_mod.resolve_device("auto", nccl=False) == "cpu"
+    view = device_mod.probe_cuda()
+    assert view.torch_version == str(torch.__version__)
+    assert view.torch_cuda == (torch.version.cuda is not None)
+    for nccl in (True, False):
+        why = device_mod.cuda_missing([view], nccl=nccl)
+        if not view.gpus:
+            assert why == "no GPU is visible"
+        elif not view.torch_cuda:
+            assert why == f"this torch ({torch.__version__}) is a CPU build, not a CUDA one"
+        elif nccl and not view.nccl:
+            assert why.startswith("dpsgs._C was built without the NCCL backend")
+        else:
+            pytest.skip("this machine can run CUDA")
+        with pytest.raises(ValueError) as e:
+            device_mod.resolve_device("cuda", [view], nccl=nccl)
+        assert str(e.value) == f"--device cuda: {why}"
+        assert device_mod.resolve_device("auto", [view], nccl=nccl) == device_mod.DeviceDecision("cpu", why)
 
 
 def test_device_is_operational_and_amp_is_identity():
