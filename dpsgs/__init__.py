@@ -29,7 +29,8 @@ def train(config: TrainConfig, comm: Any = None, *, model: Any = None, data: Any
     """Train per `config` on `comm` (any mpi4py communicator of exactly K*N ranks; default
     COMM_WORLD) and return the summary dict on every rank.
 
-    model: an nn.Sequential built identically on every rank (default: config.model);
+    model: any nn.Module built identically on every rank (default: config.model); with
+    K > 1 its forward is traced and cut into stages (docs/algorithm.md: what is refused);
     data: (train, test), each a pair of tensors (x, y), a TensorDataset, a map-style torch
     Dataset of (input, label) or a dpsgs.job.data.Dataset (default: config.dataset; labels
     are integer class ids; inputs are cast to config.dtype as they are fed; anything else is

@@ -50,9 +50,13 @@ HELP: dict[str, str] = {
     "flush_every_epoch": "finish every batch in flight at each epoch end (eval and "
                          "checkpoints then see no half-processed batch; without it the run is "
                          "one segment, evaluated and checkpointed only at its end)",
-    "split": "explicit split points (top-level layer indices, K-1 of them); default: balanced",
-    "balance": "how to balance stages when --split is not given: time (profiled), params "
-               "or layers",
+    "split": "explicit split points, K-1 module paths: a stage starts before that module "
+             "(e.g. 7 or 7.conv2 for the built-in ResNets; layer3.1.conv2 inside a block); an "
+             "integer is a top-level child's index; default: balanced",
+    "balance": "how to balance stages when --split is not given: flops (deterministic "
+               "cost model: the same command always gives the same split), time (profiled "
+               "on rank 0 at start; the split it chose is recorded and reused on resume), "
+               "params or layers",
     "model": "model name: mlp, mlp-wide, resnet20, resnet56, resnet110, resnet18, wrn-D-K "
              "(e.g. wrn-16-4, wrn-28-10)",
     "dataset": "digits (bundled with scikit-learn), cifar10 (needs --data-dir), synthetic",
@@ -120,8 +124,15 @@ def _option_kwargs(tp: Any) -> dict[str, Any]:
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(tp) is list:
-        return {"nargs": "+", "type": typing.get_args(tp)[0], "metavar": "V"}
+        item = typing.get_args(tp)[0]
+        if typing.get_origin(item) in (typing.Union, types.UnionType):   # int | str
+            return {"nargs": "+", "type": _int_or_str, "metavar": "V"}
+        return {"nargs": "+", "type": item, "metavar": "V"}
     return {"type": tp}
+
+
+def _int_or_str(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 class _Parser(argparse.ArgumentParser):

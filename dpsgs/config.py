@@ -13,7 +13,7 @@ __all__ = ["CHOICES", "OPERATIONAL", "TrainConfig"]
 CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("fdg", "sync"), "stash": ("weights", "recompute"),
     "overlap": ("backward", "step"), "sync_kind": ("1f1b", "gpipe"),
-    "balance": ("time", "params", "layers"), "dataset": ("digits", "cifar10", "synthetic"),
+    "balance": ("flops", "time", "params", "layers"), "dataset": ("digits", "cifar10", "synthetic"),
     "dtype": ("float32", "float64"), "optimizer": ("sgd", "adam", "adamw"),
     "lr_schedule": ("constant", "step", "cosine"), "allreduce": ("auto", "ring", "mpi"),
     "on_nonfinite": ("stop", "skip"), "device": ("auto", "cpu", "cuda"), "amp": ("none", "bf16"),
@@ -40,8 +40,11 @@ class TrainConfig:
     micro_batches: int = 4             # sync schedule: micro-batches per step
     sync_kind: str = "1f1b"            # sync schedule: 1f1b | gpipe
     flush_every_epoch: bool = True
-    split: list[int] | None = None     # explicit split points (layer indices), else balanced
-    balance: str = "time"              # time (profiled) | params | layers
+    # explicit split points, else balanced: module paths ("layer3.1": a stage starts before
+    # that module; "layer3.1.conv2" inside a block) or ints (index of a top-level child: the
+    # layer index of an nn.Sequential)
+    split: list[int | str] | None = None
+    balance: str = "flops"             # flops (deterministic) | time (profiled) | params | layers
 
     # model and data
     model: str = "mlp"

@@ -3,8 +3,15 @@
 Positions: a checkpoint records the next batch to train, (epoch, batch). An epoch's end is
 tagged `epoch{E}`; a stop inside epoch E before batch B gets its own tag (`e{E}b{B}`, or
 `preempt-e{E}b{B}` for a signal), so saving it never un-commits the epoch checkpoint. Every
-manifest names the run it belongs to (run_id) and the global step after it. The files
-themselves (atomic, sharded, checksummed) are dpsgs.job.checkpoint's.
+manifest names the run it belongs to (run_id), the global step after it and the split (module
+paths). The files themselves (atomic, sharded, checksummed) are dpsgs.job.checkpoint's.
+
+Names: a stage shard's model state is keyed by module path in the whole model (`7.conv2.weight`,
+`layer3.1.bn1.running_mean`), whatever the stage; the manifest says so (`param_names`). A
+checkpoint of an older dpsgs (no `param_names`) keyed each stage's state by its position in a
+stage-local nn.Sequential and recorded integer split points: it resumes an nn.Sequential
+(the keys are renamed to module paths, the split to the same cut) and is refused, in one line,
+for any other model (that version split such a model wrongly, by its children).
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ from dpsgs.config import TrainConfig
 from dpsgs.job.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from dpsgs.pipeline.executor import StageExecutor
 
-__all__ = ["Checkpointer", "Position", "next_position", "skip_done", "checkpoint_plan"]
+__all__ = ["Checkpointer", "Position", "next_position", "skip_done", "checkpoint_plan",
+           "legacy_split", "PARAM_NAMES"]
 
 Segment = list[tuple[int, int]]
+
+PARAM_NAMES = "module paths"     # the manifest's param_names: how the shards' keys are named
 
 
 def next_position(seg: Segment, batches_per_epoch: int) -> tuple[int, int]:
@@ -40,8 +50,9 @@ def skip_done(segs: list[Segment], start_batch: int) -> list[Segment]:
 
 def checkpoint_plan(path: Path, grid: Grid) -> dict[str, Any]:
     """What a resume from checkpoint `path` needs to know before the job is built (rank 0
-    reads it once): its split and the global step after it. CheckpointError naming both
-    grids when it was written by another K x N."""
+    reads it once): its split (module paths), whether an older dpsgs wrote it (`legacy`: the
+    caller refuses it for a model that is not an nn.Sequential) and the global step after it.
+    CheckpointError naming both grids when it was written by another K x N."""
     m = read_manifest(path)
     here, saved = (grid.stages, grid.replicas), (m["stages"], m["replicas"])
     if saved != here:
@@ -49,7 +60,33 @@ def checkpoint_plan(path: Path, grid: Grid) -> dict[str, Any]:
             f"checkpoint {str(path)!r} was written by a {saved[0]}x{saved[1]} grid "
             f"(K={saved[0]} stages x N={saved[1]} replicas); this run is {here[0]}x{here[1]} "
             f"(K={here[0]} x N={here[1]}): resume with the same --stages/--replicas")
-    return {"split": m["meta"].get("split"), "global_step": m["meta"].get("global_step")}
+    split, legacy = m["meta"].get("split"), not m["meta"].get("param_names")
+    return {"split": legacy_split(split, path) if legacy else split, "legacy": legacy,
+            "global_step": m["meta"].get("global_step")}
+
+
+def legacy_split(split: list[int] | None, path: Path) -> list[str]:
+    """An older checkpoint's integer split points as module paths: child i of an
+    nn.Sequential is module 'i' (the caller checks the model is one)."""
+    if split is None or not all(isinstance(s, int) for s in split):
+        raise CheckpointError(f"checkpoint {str(path)!r}: its split {split!r} is neither module "
+                              f"paths nor an older dpsgs's layer indices")
+    return [str(s) for s in split]
+
+
+def _rename_legacy(state: dict[str, Any], first: int) -> dict[str, Any]:
+    """Keys 'i.rest' of an older checkpoint's stage whose first block is the model's block
+    `first` -> the model's 'first+i.rest'."""
+    def name(key: str) -> str:
+        head, dot, rest = key.partition(".")
+        return f"{int(head) + first}{dot}{rest}" if head.isdigit() else key
+
+    out = dict(state)
+    out["model"] = {name(k): v for k, v in state["model"].items()}
+    if "replica_buffers" in state:
+        out["replica_buffers"] = {r: {name(k): v for k, v in b.items()}
+                                  for r, b in state["replica_buffers"].items()}
+    return out
 
 
 @dataclass
@@ -71,13 +108,23 @@ class Checkpointer:
         self.resume_from = Path(resume_from) if resume_from else None
         self.run_id = run_id
 
-    def resume(self, executor: StageExecutor, split: list[int]) -> Position:
+    def resume(self, executor: StageExecutor, split: list[str]) -> Position:
         """Load this stage's state from the resume checkpoint; the position it records."""
         path = self.resume_from
         if path is None:
             return Position()
         stage = self.grid.coords(self.rank)[1]
-        state = load_checkpoint(path, self.grid, stage, {"model": self.config.model, "split": split})
+        meta = read_manifest(path)["meta"]
+        if meta.get("param_names"):
+            state = load_checkpoint(path, self.grid, stage, {"model": self.config.model,
+                                                             "split": split})
+        else:                  # an older dpsgs's: split checked as module paths, keys renamed
+            old = legacy_split(meta.get("split"), path)
+            if old != split:
+                raise CheckpointError(f"checkpoint {str(path)!r} was saved with split {old}, "
+                                      f"this run has {split}")
+            state = load_checkpoint(path, self.grid, stage, {"model": self.config.model})
+            state = _rename_legacy(state, ([0] + [int(s) for s in old])[stage])
         replica = self.grid.coords(self.rank)[0]
         executor.load_state(state, state.get("replica_buffers", {}).get(replica))
         pos = Position(int(state["epoch"]), int(state.get("batch", 0)), int(state.get("iterations", 0)),
@@ -87,7 +134,7 @@ class Checkpointer:
         return pos
 
     def save(self, executor: StageExecutor, seg: Segment, batches_per_epoch: int, done: int,
-             global_step: int, split: list[int], comm: Any, stopped_by: str | None = None) -> Path:
+             global_step: int, split: list[str], comm: Any, stopped_by: str | None = None) -> Path:
         """Collective: checkpoint the position after (flushed) segment `seg`; `done` counts
         the batches trained since the run began; `stopped_by` names the signal of a
         preemption. Keeps the newest config.keep_checkpoints (0: all). The folder written."""
@@ -95,7 +142,8 @@ class Checkpointer:
         epoch, batch = next_position(seg, batches_per_epoch)
         meta = {"model": cfg.model, "epoch": epoch, "batch": batch, "step": done,
                 "global_step": global_step, "run_id": self.run_id,
-                "schedule": cfg.schedule, "dtype": cfg.dtype, "split": split}
+                "schedule": cfg.schedule, "dtype": cfg.dtype, "split": split,
+                "param_names": PARAM_NAMES}
         if stopped_by:
             meta["preempted"] = True
             tag = f"preempt-e{epoch}b{batch}"

@@ -2,9 +2,10 @@
 
 RUN_DIR/run.json (written atomically) holds the run's id, its identity settings (the
 TrainConfig fields that decide the numbers: TrainConfig.identity()) and a history of every
-start and resume with the operational settings it ran under and any identity setting changed
-on purpose (--override NAME). RUN_DIR/.lock is held (flock) by rank 0 while a job runs, and
-records who holds it. The rules, checked on rank 0 before any collective:
+start and resume with the operational settings and the split it ran under and any identity
+setting changed on purpose (--override NAME), and the run's split (module paths). RUN_DIR/.lock
+is held (flock) by rank 0 while a job runs, and records who holds it. The rules, checked on
+rank 0 before any collective:
 - a fresh run (no --resume) into a folder that already holds a run, or any dpsgs output, is
   refused with the way out (resume it, or choose a new --run-dir);
 - a second live job on the folder is refused, naming the holder;
@@ -121,14 +122,18 @@ class RunFolder:
         self.changes = changed
 
     def start(self, config: TrainConfig, resumed_from: str | None,
-              ran: dict[str, Any] | None = None) -> None:
-        """Record this job's start (or resume) with its operational settings and what it runs
-        on (`ran`: the model, data and device as the job resolved them), and write the config
-        it runs under (config.json: the settings as given, e.g. --device auto)."""
+              ran: dict[str, Any] | None = None, split: dict[str, Any] | None = None) -> None:
+        """Record this job's start (or resume) with its operational settings, what it runs
+        on (`ran`: the model, data and device as the job resolved them) and the split it runs
+        with (`split`: SplitChoice.record(); also kept at the top, where a resume before the
+        first checkpoint finds it), and write the config it runs under (config.json: the
+        settings as given, e.g. --device auto)."""
         atomic_write(self.path / "config.json", config.to_json())
         entry: dict[str, Any] = {"time": time.time(), "event": "resume" if resumed_from else "start",
                                  "operational": config.operational(), **(ran or {}),
-                                 "host": socket.gethostname(), "pid": os.getpid()}
+                                 "host": socket.gethostname(), "pid": os.getpid(), **(split or {})}
+        if split is not None:
+            self.record["split"] = split["split"]
         if resumed_from:
             entry["checkpoint"] = resumed_from
         if self.changes:

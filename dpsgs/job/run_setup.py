@@ -4,6 +4,12 @@ Both the distributed trainer and the single-process reference call `prepare`, so
 the same model from the same seed, split it at the same points, and walk the same batches.
 The resulting Setup is the pipeline's Workload (dpsgs.pipeline.workload): the step executor
 takes its batches, stage modules and optimizers from it.
+
+Any nn.Module is split by tracing (dpsgs.pipeline.graph): with K > 1 stages the model is
+traced on every rank (what cannot be traced is refused there, the same on every rank), the
+split is either given (config.split: module paths, or top-level child indices) or balanced
+(config.balance), and each rank builds its stage module from the traced graph. With K = 1 the
+model runs whole, untraced: any forward trains data-parallel.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from torch import nn
 from dpsgs.config import TrainConfig
 from dpsgs.job.data import BatchSampler, Dataset
 from dpsgs.job.optim import ScheduledOptimizer, build_optimizer
-from dpsgs.pipeline.partition import boundary_shapes, check_split, layer_costs, stage_bounds
+from dpsgs.pipeline.graph import ModelGraph, SplitError
+from dpsgs.pipeline.partition import balance_graph, node_costs, profile_units, unit_costs
+from dpsgs.pipeline.split import resolve_split, stage_module
 from dpsgs.pipeline.workload import StagePlace
 
-__all__ = ["DTYPES", "Loaded", "Setup", "assemble", "check_names", "choose_split", "load", "prepare",
-           "torch_dtype", "segments", "eval_batches"]
+__all__ = ["DTYPES", "Loaded", "Setup", "SplitChoice", "assemble", "check_names", "choose_split",
+           "load", "prepare", "torch_dtype", "segments", "eval_batches"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}
@@ -37,23 +45,61 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @dataclass
+class SplitChoice:
+    """The cut points every rank agrees on, and how they were chosen (printed at start,
+    recorded in run.json and summary.json, saved in every checkpoint)."""
+
+    split: list[str]                     # K-1 module paths: each stage starts before one
+    how: str                             # '--split', 'checkpoint', or the balance mode
+    stage_costs: list[float] | None = None   # per stage, in `unit` (balanced splits)
+    unit: str = ""
+    whole: list[str] = field(default_factory=list)   # modules run whole (forward not traceable)
+
+    def describe(self, model: str, stages: int) -> str:
+        """One line for the start of a run."""
+        if stages == 1:
+            return f"split: {model} runs whole in 1 stage (not traced)"
+        where = ", ".join(repr(p) for p in self.split)
+        why = {"--split": "as --split asked", "checkpoint": "the checkpoint's",
+               "run folder": "the run's"}.get(self.how, f"balanced by {self.how}")
+        costs = (f"; stage costs {', '.join(_fmt(c) for c in self.stage_costs)} {self.unit}"
+                 if self.stage_costs else "")
+        whole = (f"; run whole, their forward not traceable: {', '.join(self.whole)}"
+                 if self.whole else "")
+        return f"split: {model} into {stages} stages before {where} ({why}{costs}{whole})"
+
+    def record(self) -> dict[str, Any]:
+        return {"split": list(self.split), "split_by": self.how,
+                "stage_costs": self.stage_costs, "stage_cost_unit": self.unit or None,
+                "run_whole": list(self.whole)}
+
+
+def _fmt(c: float) -> str:
+    return f"{c:.4g}"
+
+
+@dataclass
 class Setup:
     config: TrainConfig
     train: Dataset
     test: Dataset
     sampler: BatchSampler
-    model: nn.Sequential             # the full model, built from the seed
-    split: list[int]                 # K-1 split points
-    bounds: list[tuple[int, int]]    # layer range of every stage
+    model: nn.Module                 # the full model, built from the seed
+    graph: ModelGraph | None         # the traced model (None with K = 1: it runs whole)
+    positions: list[int]             # K-1 cut positions in graph.body
+    choice: SplitChoice
     dtype: torch.dtype
     in_shape: tuple[int, ...]        # one sample
-    out_shapes: list[tuple[int, ...]] = field(default_factory=list)  # per stage, one sample
-    costs: list[float] | None = None
-    _replica_models: dict[int, nn.Sequential] = field(default_factory=dict, repr=False)
+    _replica_models: dict[int, nn.Module] = field(default_factory=dict, repr=False)
+
+    @property
+    def split(self) -> list[str]:
+        """The K-1 split points as module paths."""
+        return list(self.choice.split)
 
     @property
     def stages(self) -> int:
-        return len(self.bounds)
+        return len(self.positions) + 1
 
     @property
     def batches_per_epoch(self) -> int:
@@ -67,23 +113,38 @@ class Setup:
             total = min(total, int(self.config.max_steps))
         return total
 
-    def stage_layers(self, model: nn.Sequential, stage: int) -> nn.Sequential:
-        a, b = self.bounds[stage]
-        return nn.Sequential(*list(model.children())[a:b])
+    def stage_layers(self, model: nn.Module, stage: int) -> nn.Module:
+        """Stage `stage` of `model` (this setup's model or a copy of it): its module."""
+        if self.graph is None:
+            return model
+        return stage_module(self.graph, model, self.positions, stage)
+
+    def specs(self, stage: int, side: str) -> tuple[tuple[torch.dtype, tuple[int, ...]], ...]:
+        """(wire dtype, per-sample shape) of the tensors crossing stage `stage`'s incoming
+        ('in') or outgoing ('out') cut: floating tensors in the amp dtype under autocast."""
+        K = self.stages
+        if side == "in" and stage == 0 or self.graph is None:
+            specs = [(self.dtype, self.in_shape)] if side == "in" else []
+        elif side == "out" and stage == K - 1:
+            v = self.graph.values[self.graph.output]
+            specs = [(v.dtype, v.shape)]
+        else:
+            specs = self.graph.specs(self.positions[stage - 1 if side == "in" else stage])
+        amp = AMP_DTYPES[self.config.amp]
+        return tuple((amp if amp is not None and dt.is_floating_point else dt, tuple(shape))
+                     for dt, shape in specs)
 
     # -- the pipeline's Workload ---------------------------------------------------------
     def place(self, rank: int) -> StagePlace:
         K, N = self.config.stages, self.config.replicas
         replica, stage = divmod(rank, K)
-        return StagePlace(rank, replica, stage, K, N,
-                          self.in_shape if stage == 0 else self.out_shapes[stage - 1],
-                          self.out_shapes[stage], self.dtype, AMP_DTYPES[self.config.amp],
-                          first_block=self.bounds[stage][0])
+        return StagePlace(rank, replica, stage, K, N, self.specs(stage, "in"),
+                          self.specs(stage, "out"), self.dtype, AMP_DTYPES[self.config.amp])
 
-    def stage_module(self, replica: int, stage: int) -> nn.Sequential:
-        """Stage `stage`'s layers of replica `replica`'s model. The first replica asked for
-        takes the seeded model itself (a rank of the trainer holds one replica); others in the
-        same process (the reference) get deep copies, taken before any training."""
+    def stage_module(self, replica: int, stage: int) -> nn.Module:
+        """Stage `stage` of replica `replica`'s model. The first replica asked for takes the
+        seeded model itself (a rank of the trainer holds one replica); others in the same
+        process (the reference) get deep copies, taken before any training."""
         if replica not in self._replica_models:
             first = not self._replica_models
             self._replica_models[replica] = self.model if first else copy.deepcopy(self.model)
@@ -143,26 +204,31 @@ def check_names(config: TrainConfig) -> None:
 
 @dataclass
 class Loaded:
-    """What one rank builds on its own from a config, before any collective: the data and the
-    seeded model (the split comes after, from rank 0 in a job: its profile, or a checkpoint)."""
+    """What one rank builds on its own from a config, before any collective: the data, the
+    seeded model and (K > 1) its traced graph; the split comes after, from rank 0 in a job
+    (its balance, or a checkpoint's)."""
 
     config: TrainConfig
     train: Dataset
     test: Dataset
-    model: nn.Sequential
+    model: nn.Module
     dtype: torch.dtype
     in_shape: tuple[int, ...]
     sampler: BatchSampler
+    graph: ModelGraph | None = None
 
-    @property
-    def layers(self) -> int:
-        return len(list(self.model.children()))
+    def sample(self, rows: int) -> torch.Tensor:
+        """The first `rows` training inputs (repeated if there are fewer), in the run's dtype."""
+        x = self.train.x
+        return x[torch.arange(rows) % max(1, len(x))].to(self.dtype)
 
 
-def load(config: TrainConfig, model: nn.Sequential | None = None, data: Any = None) -> Loaded:
+def load(config: TrainConfig, model: nn.Module | None = None, data: Any = None) -> Loaded:
     """The data and the seeded full model of `config` (model/data override config.model and
     config.dataset: embedding, tests; a given model is used as is, seeded by the caller;
-    `data` is (train, test) in any form of dpsgs.job.user_data)."""
+    `data` is (train, test) in any form of dpsgs.job.user_data), traced when K > 1, and
+    config.split checked against it. SplitError (one line naming the module and the reason)
+    for a model that cannot be traced or cut as asked."""
     from dpsgs.job.data import load_dataset
     from dpsgs.job.user_data import as_datasets, check_labels
 
@@ -180,6 +246,7 @@ def load(config: TrainConfig, model: nn.Sequential | None = None, data: Any = No
     else:
         train, test = as_datasets(data, config.num_classes)
     in_shape = tuple(train.x.shape[1:])
+    given = model
     if model is None:
         from dpsgs.job.models import build_model
 
@@ -189,52 +256,83 @@ def load(config: TrainConfig, model: nn.Sequential | None = None, data: Any = No
     sampler = BatchSampler(len(train), config.batch_size, config.replicas, config.seed,
                            drop_last=config.drop_last)
     loaded = Loaded(config, train, test, model, dtype, in_shape, sampler)
-    if config.split:
-        check_split(config.split, loaded.layers, config.stages)
-    elif config.stages > loaded.layers:
-        raise ValueError(f"model {config.model!r} has {loaded.layers} blocks, cannot make "
-                         f"{config.stages} stages (each stage needs at least one block)")
+    if config.stages > 1:
+        label = config.model if given is None else type(model).__name__
+        loaded.graph = ModelGraph.trace(model, loaded.sample(3), label)
+        if config.split:
+            resolve_split(loaded.graph, config.split, config.stages)
+        else:
+            _enough_cuts(loaded.graph, config.stages)
+    else:
+        _check_logits(model, loaded.sample(2))
     return loaded
 
 
-def choose_split(loaded: Loaded, costs: Sequence[float] | None = None, profile: bool = True,
-                 split: Sequence[int] | None = None) -> tuple[list[int], list[float] | None]:
-    """(split points, per-layer costs): `split` (a resumed run keeps its checkpoint's), else
-    config.split, else balanced by `costs`, or by costs measured here (balance=time, when
-    `profile`) or counted (params, layers)."""
-    config = loaded.config
-    split = split or config.split
-    if split:
-        return check_split(split, loaded.layers, config.stages), list(costs) if costs is not None else None
-    if costs is None and not (config.balance == "time" and not profile):
-        sample = loaded.train.x[:config.batch_size].to(loaded.dtype)
-        costs = layer_costs(loaded.model, config.balance, sample)
-    from dpsgs.pipeline.partition import balance as balance_costs
-
-    return balance_costs(costs if costs is not None else [1.0] * loaded.layers, config.stages), \
-        (list(costs) if costs is not None else None)
+def _enough_cuts(graph: ModelGraph, stages: int) -> None:
+    balance_graph(graph, stages, [0.0] * (len(graph.candidates()) + 1), graph.candidates())
 
 
-def assemble(loaded: Loaded, split: Sequence[int], costs: Sequence[float] | None = None) -> Setup:
-    """The Setup of a loaded rank cut at `split`."""
-    split = check_split(split, loaded.layers, loaded.config.stages)
-    bounds = stage_bounds(split, loaded.layers)
-    shapes = boundary_shapes(loaded.model, loaded.in_shape, loaded.dtype)
-    out_shapes = [shapes[b - 1] for _, b in bounds]
-    return Setup(loaded.config, loaded.train, loaded.test, loaded.sampler, loaded.model, split,
-                 bounds, loaded.dtype, loaded.in_shape, out_shapes,
-                 list(costs) if costs is not None else None)
+def _check_logits(model: nn.Module, sample: torch.Tensor) -> None:
+    """K = 1: the model's output is one floating tensor (batch, classes) (eval mode, no
+    gradient: nothing moves)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(sample)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 2
+            and out.shape[0] == sample.shape[0]):
+        what = (f"a tensor of shape {tuple(out.shape)} and dtype {out.dtype}"
+                if isinstance(out, torch.Tensor) else f"a {type(out).__name__}")
+        raise SplitError(f"cannot train {type(model).__name__}: its forward returns {what}; "
+                         f"dpsgs needs the logits, one floating tensor of shape (batch, classes)")
 
 
-def prepare(config: TrainConfig, model: nn.Sequential | None = None, data: Any = None,
-            costs: Sequence[float] | None = None, profile: bool = True,
-            split: Sequence[int] | None = None) -> Setup:
+def choose_split(loaded: Loaded, split: list[int | str] | None = None,
+                 how: str | None = None) -> SplitChoice:
+    """The split of `loaded`: `split` (a resumed run keeps its checkpoint's; `how` says
+    where it came from), else config.split, else balanced per config.balance ('time'
+    profiles here: call it on one rank and share the result)."""
+    config, graph = loaded.config, loaded.graph
+    if graph is None:
+        return SplitChoice([], "whole")
+    given = split or config.split
+    if given:
+        positions = resolve_split(graph, given, config.stages)
+        return SplitChoice([graph.name(p) for p in positions],
+                           how or ("checkpoint" if split else "--split"), whole=graph.whole)
+    cands = graph.candidates()
+    if config.balance == "time":
+        units = profile_units(graph, loaded.model, loaded.sample(config.batch_size), cands)
+        scale, unit = 1e3, "ms/batch"
+    else:
+        units = unit_costs(graph, node_costs(graph, config.balance), cands)
+        scale, unit = ((1e-6, "MFLOP/sample") if config.balance == "flops" else
+                       (1.0, "parameters" if config.balance == "params" else "layers"))
+    positions = balance_graph(graph, config.stages, units, cands)
+    edges = [0, *[cands.index(p) + 1 for p in positions], len(units)]
+    stage_costs = [scale * sum(units[edges[k]:edges[k + 1]]) for k in range(config.stages)]
+    return SplitChoice([graph.name(p) for p in positions], config.balance, stage_costs, unit,
+                       graph.whole)
+
+
+def assemble(loaded: Loaded, choice: SplitChoice) -> Setup:
+    """The Setup of a loaded rank cut as `choice` says."""
+    positions = ([] if loaded.graph is None else
+                 resolve_split(loaded.graph, choice.split, loaded.config.stages))
+    return Setup(loaded.config, loaded.train, loaded.test, loaded.sampler, loaded.model,
+                 loaded.graph, positions, choice, loaded.dtype, loaded.in_shape)
+
+
+def prepare(config: TrainConfig, model: nn.Module | None = None, data: Any = None,
+            split: list[int | str] | None = None) -> Setup:
     """Data, seeded full model and split for `config`, in one process (load, choose_split,
-    assemble). `costs` (per layer) fixes the balance; without them and with balance='time',
-    layers are profiled here if `profile`. `split` overrides config.split."""
+    assemble). `split` overrides config.split."""
     loaded = load(config, model, data)
-    chosen, costs = choose_split(loaded, costs, profile, split)
-    return assemble(loaded, chosen, costs)
+    return assemble(loaded, choose_split(loaded, split))
 
 
 def segments(setup: Setup, start_epoch: int = 0) -> list[list[tuple[int, int]]]:

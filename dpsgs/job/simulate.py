@@ -8,6 +8,7 @@ plot RUN_DIR` works on it too.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -74,6 +75,8 @@ def simulate(config: TrainConfig, model: nn.Module | None = None, data: Any = No
                "dataset": config.dataset if data is None else f"{setup.train.name} (given)",
                "device": decision.device, **({"device_why": decision.why} if decision.why else {})}
         print(start_line(config, ran, decision, simulate=True), flush=True)
+        label = config.model if model is None else type(model).__name__
+        print(f"dpsgs: {setup.choice.describe(label, config.stages)}", file=sys.stderr, flush=True)
         bar = None
         if progress:
             from dpsgs.pipeline.schedule import fdg_steps
@@ -90,7 +93,7 @@ def simulate(config: TrainConfig, model: nn.Module | None = None, data: Any = No
         summary.update(ran)
         if folder is not None:
             summary["run_dir"] = config.run_dir
-            _write(folder, config, ref, summary, ran)
+            _write(folder, config, ref, summary, ran, setup.choice.record())
         return summary
     finally:
         if folder is not None:
@@ -98,8 +101,8 @@ def simulate(config: TrainConfig, model: nn.Module | None = None, data: Any = No
 
 
 def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict[str, Any],
-           ran: dict[str, Any]) -> None:
-    folder.start(config, None, ran=ran)
+           ran: dict[str, Any], split: dict[str, Any]) -> None:
+    folder.start(config, None, ran=ran, split=split)
     B, N = config.batch_size, config.replicas
     with MetricsLog(folder.path / "metrics.jsonl") as log:
         for h in ref.history:

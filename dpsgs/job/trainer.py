@@ -31,7 +31,7 @@ from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier, wait_for
 from dpsgs.config import TrainConfig
 from dpsgs.job.agreement import Outcome, SetupFailed, agree, job_digest
-from dpsgs.job.checkpoint import resolve_resume
+from dpsgs.job.checkpoint import CheckpointError, resolve_resume
 from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip_done
 from dpsgs.job.failure import everywhere, log_traceback, report_failure
 from dpsgs.job.metrics import MetricsLog, Timeline
@@ -119,7 +119,10 @@ class Trainer:
         if comm.Get_rank() == 0:
             print(start_line(config, self.ran, decision), flush=True)
         self._say_notes()
-        self.setup = assemble(loaded, decided["split"], decided.get("costs"))
+        self.setup = assemble(loaded, decided["split"])
+        if comm.Get_rank() == 0:
+            print(f"dpsgs: {self.setup.choice.describe(_model_label(config, model), config.stages)}",
+                  file=sys.stderr, flush=True)
         self.ctx = ctx = open_rank(config, comm, transport, device)
         self.pycomm, self.rank = ctx.pycomm, ctx.rank
         self.replica, self.stage = ctx.replica, ctx.stage
@@ -128,7 +131,7 @@ class Trainer:
         resumed = decided.get("resume")
         self.checkpointer = Checkpointer(config, self.grid, self.rank, resumed, self.run_id)
         if self.folder is not None:
-            self.folder.start(config, resumed, ran=self.ran)
+            self.folder.start(config, resumed, ran=self.ran, split=self.setup.choice.record())
         self.timeline = Timeline(self.rank, config.trace, gpu=device == "cuda")
         # reliability (docs/reliability.md): step-boundary vote (preemption signals, NaN/Inf
         # policy) with deadline-checked collectives, rank->pid map, fault points (only when
@@ -170,12 +173,20 @@ class Trainer:
                 return decided
         resume = resolve_resume(cfg.resume, cfg.run_dir, decided["run_id"], cfg.resume_fallback,
                                 note=lambda text: self._notes.append(f"dpsgs: {text}"))
-        stored = None
+        stored, how = None, None
         if resume is not None:
             plan = checkpoint_plan(resume, self.grid)
+            if plan["legacy"] and not isinstance(loaded.model, nn.Sequential):
+                raise CheckpointError(
+                    f"checkpoint {resume} was written by an older dpsgs, which split "
+                    f"{type(loaded.model).__name__} by its children and dropped what its forward "
+                    f"does between them: it cannot be resumed; start a new run")
             decided.update(resume=str(resume), resume_step=plan["global_step"])
-            stored = plan["split"]
-        decided["split"], decided["costs"] = choose_split(loaded, split=stored)
+            stored, how = plan["split"], "checkpoint"
+        elif cfg.resume and self.folder is not None and self.folder.record.get("split") is not None:
+            # resumed before its first checkpoint: the split this run started with
+            stored, how = self.folder.record["split"], "run folder"
+        decided["split"] = choose_split(loaded, split=stored, how=how)
         return decided
 
     def _say_notes(self) -> None:
@@ -334,6 +345,10 @@ class Trainer:
         self.timeline.close()
         self.ctx.close()
         self._release_local()
+
+
+def _model_label(config: TrainConfig, model: nn.Module | None) -> str:
+    return config.model if model is None else type(model).__name__
 
 
 def _early_signals() -> PreemptionHandler | None:

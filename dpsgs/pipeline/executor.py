@@ -9,6 +9,12 @@ numbers by construction. Every channel message is received in the order it was s
 every rank of a stage group starts its all-reduces at the same plan steps, so no collective
 is ever issued by only some ranks. Outside code runs only at the named points of `hooks`
 (dpsgs.pipeline.hooks).
+
+Messages: every tensor crossing a cut travels forward in one channel message (the stage's
+StagePlace lists them: a skip connection beside the main activation); the backward sends one
+gradient per floating tensor that crossed. Floating tensors travel in the wire dtype (the
+amp dtype under autocast); integer ones as they are. Parameters and buffers are named as in
+the whole model (module paths), in the NaN guard's reports and in checkpoints alike.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 import torch
 
 from dpsgs.comm.gradient_reducer import GradientReducer
-from dpsgs.comm.protocol import Reducer, Transport, Work
+from dpsgs.comm.protocol import Reducer, TensorSpec, Transport, Work
 from dpsgs.config import TrainConfig
 from dpsgs.pipeline.hooks import NoSpans, Spans, StepHooks
 from dpsgs.pipeline.schedule import StageStep, cut_plan, sync_plan
@@ -61,9 +67,8 @@ class StageExecutor:
         self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink, place.amp,
                                     device=self.device)
         self.optimizer = workload.make_optimizer(self.compute.params)
-        # named as in the whole model (a stage's nn.Sequential numbers its blocks from 0)
-        self._named = [(_model_name(n, place.first_block), p) for n, p in module.named_parameters()
-                       if p.requires_grad]
+        # named as in the whole model: a stage module keeps the model's module paths
+        self._named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         k, r = place.stage, place.replica
         self.act_in = self.grad_out = self.act_out = self.grad_in = None
         if k > 0:
@@ -93,15 +98,18 @@ class StageExecutor:
     def _global(self, eb: tuple[int, int]) -> int:
         return eb[0] * self.workload.batches_per_epoch + eb[1]
 
-    def _recv(self, ch: Any, rows: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    def _recv(self, ch: Any, rows: int, specs: tuple[TensorSpec, ...],
+              what: str) -> tuple[torch.Tensor, ...]:
         with self.spans.span(f"recv {what}", "channel"):
-            (t,) = ch.recv([(self.place.wire_dtype, (rows, *shape))])   # owned (transport contract)
-            return t
+            # owned tensors (transport contract)
+            return ch.recv([(dtype, (rows, *shape)) for dtype, shape in specs])
 
-    def _send(self, ch: Any, t: torch.Tensor, what: str) -> None:
+    def _send(self, ch: Any, ts: tuple[torch.Tensor, ...], specs: tuple[TensorSpec, ...],
+              what: str) -> None:
         with self.spans.span(f"send {what}", "channel"):
             # under autocast a stage may end in float32 (a norm, a softmax): the wire is fixed
-            self._sends.append(ch.send((t.to(self.place.wire_dtype).contiguous(),)))
+            self._sends.append(ch.send(tuple(t.to(dtype).contiguous()
+                                             for t, (dtype, _) in zip(ts, specs))))
             # keep only handles still in flight (the channel bounds them at two anyway)
             self._sends = [w for w in self._sends if not w.is_completed()]
 
@@ -149,10 +157,11 @@ class StageExecutor:
             self.optimizer.step(g)
         return True
 
-    def _forward(self, key: Any, x: torch.Tensor, step: int, what: str, live: bool = False) -> torch.Tensor:
+    def _forward(self, key: Any, xs: tuple[torch.Tensor, ...], step: int, what: str,
+                 live: bool = False) -> tuple[torch.Tensor, ...]:
         self.hooks.phase("forward", step)
         with self.spans.span(f"forward {what}", "compute"):
-            return self.compute.forward(key, x, live=live)
+            return self.compute.forward(key, xs, live=live)
 
     def _top_of_step(self, i: int, step: int, admitted: int, warmup: int) -> None:
         """Step i of a plan whose first `warmup` steps fill the pipeline and whose steps from
@@ -167,7 +176,7 @@ class StageExecutor:
     def run_fdg(self, plan: list[list[StageStep]], seg: Segment, step0: int) -> bool:
         """Run one fdg plan over segment `seg`; step0 = global step of the plan's first.
         True when a hook asked to stop and the plan was cut short (then flushed)."""
-        k, last = self.stage, self.compute.is_last
+        k, last, place = self.stage, self.compute.is_last, self.place
         B = self.cfg.batch_size
         fwd_at: dict[int, int] = {}
         cut, i = False, 0
@@ -177,10 +186,10 @@ class StageExecutor:
             self._top_of_step(t, step, len(seg), 2 * self.K - 2)
             x = g = None
             if s.forward is not None:
-                x = (self._recv(self.act_in, B, self.place.in_shape, f"act b{s.forward}") if k > 0
-                     else self._input(seg[s.forward]))
+                x = (self._recv(self.act_in, B, place.in_specs, f"act b{s.forward}") if k > 0
+                     else (self._input(seg[s.forward]),))
             if s.backward is not None and not last:
-                g = self._recv(self.grad_in, B, self.place.out_shape, f"grad b{s.backward}")
+                g = self._recv(self.grad_in, B, place.out_grads, f"grad b{s.backward}")
             if last and s.forward is not None:   # the last stage's loss comes from this forward
                 self._forward(s.forward, x, step, f"b{s.forward}", live=True)
                 fwd_at[s.forward] = t
@@ -197,7 +206,7 @@ class StageExecutor:
                     else:
                         gi = self.compute.backward(s.backward, g)
                 if k > 0:
-                    self._send(self.grad_out, gi, f"grad b{s.backward}")
+                    self._send(self.grad_out, gi, place.in_grads, f"grad b{s.backward}")
                 self._start_reduce()
             if s.apply is not None:
                 batch = self._global(seg[s.apply])
@@ -207,7 +216,7 @@ class StageExecutor:
             if not last and s.forward is not None:
                 out = self._forward(s.forward, x, step, f"b{s.forward}")
                 fwd_at[s.forward] = t
-                self._send(self.act_out, out, f"act b{s.forward}")
+                self._send(self.act_out, out, place.out_specs, f"act b{s.forward}")
             if self.hooks.step_done(step) and cut_plan(plan, seg, t + 1, self.cfg.overlap):
                 cut = True
             i += 1
@@ -221,7 +230,7 @@ class StageExecutor:
     def run_sync(self, seg: Segment, step0: int) -> bool:
         """One synchronous micro-batched step per global batch of `seg` (exact gradient).
         True when a hook asked to stop and the segment was cut short."""
-        k, last = self.stage, self.compute.is_last
+        k, last, place = self.stage, self.compute.is_last, self.place
         B, M = self.cfg.batch_size, self.cfg.micro_batches
         if B % M:
             raise ValueError(f"sync schedule: batch_size {B} is not divisible by "
@@ -239,17 +248,17 @@ class StageExecutor:
             for a in ops:
                 m = a.micro
                 if a.op == "F":
-                    h = (x[m * mb:(m + 1) * mb] if k == 0
-                         else self._recv(self.act_in, mb, self.place.in_shape, f"act m{m}"))
+                    h = ((x[m * mb:(m + 1) * mb],) if k == 0
+                         else self._recv(self.act_in, mb, place.in_specs, f"act m{m}"))
                     out = self._forward(m, h, step, f"m{m}", live=True)
                     if last:
                         loss, correct = self.compute.loss(m, y[m * mb:(m + 1) * mb], 1.0 / M)
                         tot_loss += loss / M
                         tot_correct += correct
                     else:
-                        self._send(self.act_out, out, f"act m{m}")
+                        self._send(self.act_out, out, place.out_specs, f"act m{m}")
                 else:
-                    g = None if last else self._recv(self.grad_in, mb, self.place.out_shape, f"grad m{m}")
+                    g = None if last else self._recv(self.grad_in, mb, place.out_grads, f"grad m{m}")
                     self.hooks.phase("backward", step)
                     # micro-batches before the last only accumulate: the all-reduce fires
                     # once, during the last one's backward (DDP's no_sync)
@@ -258,7 +267,7 @@ class StageExecutor:
                     with self.spans.span(f"backward m{m}", "compute"), hold:
                         gi = self.compute.backward(m, g)
                     if k > 0:
-                        self._send(self.grad_out, gi, f"grad m{m}")
+                        self._send(self.grad_out, gi, place.in_grads, f"grad m{m}")
             if last:
                 self.hooks.loss(step, self._global(eb), tot_loss, tot_correct, len(y))
             self._start_reduce()
@@ -284,19 +293,20 @@ class StageExecutor:
         try:
             for a, b in self.workload.eval_spans(self.replica):
                 if self.stage == 0:
-                    h = self._to_device(self.workload.eval_inputs(a, b))
+                    hs = (self._to_device(self.workload.eval_inputs(a, b)),)
                 else:
-                    h = self._recv(self.act_in, b - a, self.place.in_shape, "eval act")
+                    hs = self._recv(self.act_in, b - a, self.place.in_specs, "eval act")
                 with self.spans.span("eval forward", "compute"), self.compute.autocast():
-                    h = module(h)
+                    hs = self.compute.run(hs)
                 if self.compute.is_last:
+                    h = hs[0]
                     y = self._to_device(self.workload.eval_labels(a, b))
                     logits = h if h.element_size() >= 4 else h.float()
                     loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
                     correct += int((h.argmax(dim=1) == y).sum())
                     n += b - a
                 else:
-                    self._send(self.act_out, h, "eval act")
+                    self._send(self.act_out, hs, self.place.out_specs, "eval act")
             self.wait_sends()
         finally:
             module.train(mode)
@@ -323,12 +333,6 @@ class StageExecutor:
         """Remove the reducer's hooks (the executor is done)."""
         if self.reducer is not None:
             self.reducer.close()
-
-
-def _model_name(name: str, first_block: int) -> str:
-    """'0.1.weight' of a stage whose first block is the model's block 3 -> '3.1.weight'."""
-    head, dot, rest = name.partition(".")
-    return f"{int(head) + first_block}{dot}{rest}" if head.isdigit() else name
 
 
 def _to_host(obj: Any) -> Any:

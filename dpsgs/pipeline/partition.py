@@ -1,7 +1,23 @@
-"""Split an nn.Sequential into K contiguous stages: explicit split points or balanced by cost.
+"""Where to cut: the one balancer (contiguous stages minimising the largest stage's cost) and
+the costs it balances, over the cut points of a traced model (dpsgs.pipeline.graph).
+
+The balancer works on any sequence of costs (the planner gives it per-block profiles). For
+a model, the units are the stretches of operations between consecutive possible cuts
+(ModelGraph.candidates: before a module, where only batched tensors cross), and a unit's
+cost is the sum of its operations' costs:
+
+- 'flops' (the default; deterministic: the same model and input shape always give the same
+  split): 3 x the forward FLOPs of matrix products and convolutions (forward + backward)
+  plus, for the memory-bound rest, a cost per element each operation writes: NORM_COST for
+  normalisations, ELEMENT_COST for the others (activations, additions, pooling), all per
+  sample, from the shape propagation.
+- 'time': forward+backward seconds of each unit measured here on a batch (not
+  reproducible: the job profiles on rank 0 and records the split it chose).
+- 'params': parameter count of each layer (at least 1 per layer called).
+- 'layers': 1 per layer called (torch.nn module).
 
 Every rank builds the full model deterministically from the seed and keeps only its own
-stage's layers (`stage_module`); at the sizes this project trains that costs a moment and
+stage (dpsgs.pipeline.split): at the sizes this project trains that costs a moment and
 some transient memory, and it guarantees every rank starts from the same weights.
 """
 
@@ -14,12 +30,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["check_split", "balance", "stage_bounds", "stage_module", "layer_costs",
-           "profile_layers", "boundary_shapes"]
+from dpsgs.pipeline.graph import ModelGraph, SplitError
+from dpsgs.pipeline.split import stage_module
 
+__all__ = ["BALANCE_MODES", "ELEMENT_COST", "NORM_COST", "balance", "balance_graph", "check_split",
+           "node_costs", "profile_units", "stage_bounds", "unit_costs"]
 
-def _layers(model: nn.Sequential | Sequence[nn.Module]) -> list[nn.Module]:
-    return list(model.children()) if isinstance(model, nn.Module) else list(model)
+BALANCE_MODES = ("flops", "time", "params", "layers")
+
+# FLOPs one written element costs in the 'flops' model, forward and backward together,
+# against 3 x the forward FLOPs of the convolutions: fitted to per-unit times of resnet20
+# and resnet56 (CPU, one thread, batch 128).
+ELEMENT_COST = 100.0
+NORM_COST = 400.0
 
 
 def check_split(split: Sequence[int], num_layers: int, stages: int) -> list[int]:
@@ -78,69 +101,84 @@ def stage_bounds(split: Sequence[int], num_layers: int) -> list[tuple[int, int]]
     return [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
 
 
-def stage_module(model: nn.Sequential | Sequence[nn.Module], split: Sequence[int],
-                 stage: int) -> nn.Sequential:
-    """Stage `stage`'s layers as a new nn.Sequential (shares the layer objects)."""
-    layers = _layers(model)
-    split = check_split(split, len(layers), len(split) + 1)
-    a, b = stage_bounds(split, len(layers))[stage]
-    return nn.Sequential(*layers[a:b])
+# ---------------------------------------------------------------------------- a model's costs
+
+def node_costs(graph: ModelGraph, how: str) -> list[float]:
+    """Per-sample cost of every operation of `graph` ('flops', 'params' or 'layers')."""
+    out = []
+    for n in graph.body:
+        v = graph.values[n]
+        if how == "flops":
+            out.append(3.0 * v.flops + (NORM_COST if v.norm else ELEMENT_COST) * v.elements)
+        elif how == "params":
+            own = _params_of(graph, n)
+            out.append(float(max(1, own)) if n.op == "call_module" else float(own))
+        elif how == "layers":
+            out.append(1.0 if n.op == "call_module" else 0.0)
+        else:
+            raise ValueError(f"balance must be one of {'|'.join(BALANCE_MODES)}, got {how!r}")
+    return out
 
 
-def layer_costs(model: nn.Sequential | Sequence[nn.Module], how: str,
-                sample: torch.Tensor | None = None, repeats: int = 3) -> list[float]:
-    """Per-layer cost: 'layers' (1 each), 'params' (parameter count, min 1) or 'time'
-    (measured forward+backward seconds on `sample`, see profile_layers)."""
-    layers = _layers(model)
-    if how == "layers":
-        return [1.0] * len(layers)
-    if how == "params":
-        return [float(max(1, sum(p.numel() for p in m.parameters()))) for m in layers]
-    if how == "time":
-        if sample is None:
-            raise ValueError("balance='time' needs a sample batch to profile")
-        # on a copy: profiling in train mode would move BatchNorm statistics on this rank only
-        return profile_layers(copy.deepcopy(layers), sample, repeats)
-    raise ValueError(f"balance must be one of time|params|layers, got {how!r}")
+def _params_of(graph: ModelGraph, n: torch.fx.Node) -> int:
+    total = 0
+    if n.op == "call_module":
+        total += sum(p.numel() for p in graph.model.get_submodule(n.target).parameters())
+    for a in n.all_input_nodes:
+        if a.op == "get_attr":
+            t = graph.gm.get_parameter(a.target) if _is_param(graph, a.target) else None
+            total += t.numel() if t is not None else 0
+    return total
 
 
-def profile_layers(layers: Sequence[nn.Module], sample: torch.Tensor,
-                   repeats: int = 3) -> list[float]:
-    """Median forward+backward seconds of every layer on `sample` (layer by layer, each on
-    the previous layer's output). Timing is not reproducible: profile on one rank and
-    broadcast, so every rank agrees on the split."""
+def _is_param(graph: ModelGraph, target: str) -> bool:
+    try:
+        graph.gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def unit_costs(graph: ModelGraph, costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
+    """The summed costs of the stretches of operations between consecutive cuts."""
+    edges = [0, *cuts, len(graph.body)]
+    return [float(sum(costs[edges[i]:edges[i + 1]])) for i in range(len(edges) - 1)]
+
+
+def balance_graph(graph: ModelGraph, stages: int, units: Sequence[float],
+                  candidates: Sequence[int]) -> list[int]:
+    """Cut positions (among `candidates`) minimising the largest stage's summed `units`
+    (one cost per stretch between consecutive candidates)."""
+    if stages - 1 > len(candidates):
+        where = ", ".join(graph.name(p) for p in candidates) or "none"
+        raise SplitError(f"cannot split {graph.cls} into {stages} stages: it can be cut only "
+                         f"in {len(candidates)} places (before: {where})")
+    return [candidates[i - 1] for i in balance(units, stages)]
+
+
+def profile_units(graph: ModelGraph, model: nn.Module, sample: torch.Tensor,
+                  candidates: Sequence[int], repeats: int = 3) -> list[float]:
+    """Median forward+backward seconds of every stretch between consecutive `candidates`,
+    each on the previous one's outputs, on a copy of `model` in train mode (its running
+    statistics move on the copy only). Not reproducible: profile on one rank."""
+    model = copy.deepcopy(model).train()
+    units = [stage_module(graph, model, candidates, u) for u in range(len(candidates) + 1)]
     costs = []
-    x = sample
-    for m in layers:
+    xs: tuple[torch.Tensor, ...] = (sample,)
+    for u, unit in enumerate(units):
         times = []
         for _ in range(repeats):
-            xi = x.detach().requires_grad_(x.is_floating_point())
+            ins = tuple(x.detach().requires_grad_(u > 0 and x.is_floating_point()) for x in xs)
             t0 = time.perf_counter()
-            y = m(xi)
-            y.float().sum().backward()
+            outs = unit(*ins)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            roots = [o for o in outs if o.requires_grad]
+            if roots:
+                torch.autograd.backward(roots, [torch.ones_like(o) for o in roots])
             times.append(time.perf_counter() - t0)
-        for p in m.parameters():
+        for p in unit.parameters():
             p.grad = None
         costs.append(sorted(times)[len(times) // 2])
         with torch.no_grad():
-            x = m(x.detach())
+            xs = tuple(o.detach() for o in outs)
     return costs
-
-
-@torch.no_grad()
-def boundary_shapes(model: nn.Sequential | Sequence[nn.Module], in_shape: Sequence[int],
-                    dtype: torch.dtype) -> list[tuple[int, ...]]:
-    """Per-sample output shape after every layer (eval mode, so no running stat changes)."""
-    layers = _layers(model)
-    modes = [m.training for m in layers]
-    x = torch.zeros((2, *in_shape), dtype=dtype)
-    shapes = []
-    try:
-        for m in layers:
-            m.eval()
-            x = m(x)
-            shapes.append(tuple(x.shape[1:]))
-    finally:
-        for m, mode in zip(layers, modes):
-            m.train(mode)
-    return shapes

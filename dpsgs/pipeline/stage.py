@@ -1,8 +1,12 @@
 """StageCompute: one stage's forward/stash/backward math, shared by the worker and the reference.
 
 No communication here: the caller moves activations and gradients and decides when to
-update. Each in-flight batch is stashed under a key (its batch id) between its forward and
-its delayed backward:
+update. A stage takes the tensors crossing its incoming cut and returns those crossing its
+outgoing cut (dpsgs.pipeline.split): forward and backward carry tuples. The backward takes a
+gradient for every floating output and returns one for every floating input (zeros where
+none reached it: an input that only passes through to a non-differentiable use). Each
+in-flight batch is stashed under a key (its batch id) between its forward and its delayed
+backward:
 
 - stash='weights': the forward runs on a snapshot of the parameters taken at forward time
   (an autograd function whose forward is a copy and whose backward routes the gradient to
@@ -25,14 +29,15 @@ on copies of the buffers so it never updates them twice.
 amp (e.g. torch.bfloat16): every forward, the recompute included, runs under autocast on the
 module's device; the backward runs outside it, as PyTorch prescribes; the loss is computed
 in float32 from the logits.
-Shrink: the incoming output-gradient is multiplied by beta at every stage boundary, so stage
-k's gradient is scaled by beta**(K-1-k) (FDG's gradient shrinking).
+Shrink: every incoming output-gradient is multiplied by beta at every stage boundary, so
+stage k's gradient is scaled by beta**(K-1-k) (FDG's gradient shrinking).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from dpsgs.pipeline.split import is_random
 
 __all__ = ["StageCompute", "STASH_MODES"]
 
@@ -64,12 +71,17 @@ class _Snapshot(torch.autograd.Function):
 
 @dataclass
 class _Stash:
-    x: torch.Tensor                      # stage input (requires grad on stages > 0)
-    out: torch.Tensor | None = None      # graph root (weights/live); None for recompute
+    xs: tuple[torch.Tensor, ...]         # stage inputs (floating ones require grad on stages > 0)
+    out: tuple[torch.Tensor, ...] | None = None   # graph roots (weights/live); None: recompute
     rng: torch.Tensor | None = None      # CPU RNG state at forward time (recompute)
     cuda_rng: torch.Tensor | None = None  # and the device's, when the stage runs on CUDA
     root: torch.Tensor | None = None     # scaled loss (last stage)
     nbytes: int = 0
+
+
+def _tuple(out: Any) -> tuple[torch.Tensor, ...]:
+    """A stage returns one tensor alone, else a tuple."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 class StageCompute:
@@ -91,8 +103,7 @@ class StageCompute:
         self._live_ptrs = {p.data_ptr() for p in module.parameters()}
         # a recompute replays the forward's RNG state only where the stage draws random
         # numbers (5 KB per batch in flight otherwise wasted)
-        self._random = any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU))
-                           for m in module.modules())
+        self._random = is_random(module)
         self._stash: dict[Any, _Stash] = {}
         self.stash_bytes = 0
         self.peak_stash_bytes = 0
@@ -119,6 +130,10 @@ class StageCompute:
     def in_flight(self) -> list[Any]:
         return list(self._stash)
 
+    def run(self, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The module on `xs` as it stands, no stash (evaluation)."""
+        return _tuple(self.module(*xs))
+
     # -- forward -------------------------------------------------------------------------
     def _rng_guard(self) -> Any:
         """Held while a stage that draws random numbers forwards or replays: the threads of
@@ -127,30 +142,33 @@ class StageCompute:
         replay another dropout mask than the one that made the activation."""
         return _RNG_LOCK if self._random else contextlib.nullcontext()
 
-    def forward(self, key: Any, x: torch.Tensor, live: bool = False) -> torch.Tensor:
-        """Run batch `key` through the stage, stash what its backward needs, and return
-        the output (detached: safe to send)."""
+    def forward(self, key: Any, xs: Sequence[torch.Tensor],
+                live: bool = False) -> tuple[torch.Tensor, ...]:
+        """Run batch `key` (the stage's input tensors) through the stage, stash what its
+        backward needs, and return the outputs (detached: safe to send)."""
         with self._rng_guard():
-            return self._forward(key, x, live)
+            return self._forward(key, tuple(xs), live)
 
-    def _forward(self, key: Any, x: torch.Tensor, live: bool) -> torch.Tensor:
+    def _forward(self, key: Any, xs: tuple[torch.Tensor, ...], live: bool) -> tuple[torch.Tensor, ...]:
         if key in self._stash:
             raise ValueError(f"stage {self.stage}: batch {key!r} forwarded twice "
                              f"(still in flight: {self.in_flight})")
-        x = x.detach()
-        if not self.is_first and x.is_floating_point():
-            x.requires_grad_(True)
+        xs = tuple(x.detach() for x in xs)
+        if not self.is_first:
+            for x in xs:
+                if x.is_floating_point():
+                    x.requires_grad_(True)
+        entry = _Stash(xs=xs)
         if self.stash_mode == "recompute" and not live:
-            entry = _Stash(x=x)
             if self._random:
                 entry.rng = torch.get_rng_state()
                 if self.device.type == "cuda":
                     entry.cuda_rng = torch.cuda.get_rng_state(self.device)
             with torch.no_grad(), self.autocast():
-                out = self.module(x)
-            entry.nbytes = _nbytes(x) + _nbytes(entry.rng) + _nbytes(entry.cuda_rng)
+                outs = _tuple(self.module(*xs))
+            entry.nbytes = (sum(_nbytes(x) for x in xs) + _nbytes(entry.rng)
+                            + _nbytes(entry.cuda_rng))
         else:
-            entry = _Stash(x=x)
             saved: dict[tuple[int, int], int] = {}
 
             def pack(t: torch.Tensor) -> torch.Tensor:
@@ -161,21 +179,21 @@ class StageCompute:
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
                 if live:
-                    out = self.module(x)
+                    outs = _tuple(self.module(*xs))
                 else:
                     snap = {n: _Snapshot.apply(p) for n, p in zip(self._names, self.params)}
-                    out = functional_call(self.module, snap, (x,))
-            entry.out = out   # held as the graph root: count it unless a node saved it
-            saved[(out.data_ptr(), out.untyped_storage().nbytes())] = \
-                out.untyped_storage().nbytes()
+                    outs = _tuple(functional_call(self.module, snap, xs))
+            entry.out = outs   # held as the graph roots: count them unless a node saved them
+            for o in outs:
+                saved[(o.data_ptr(), o.untyped_storage().nbytes())] = o.untyped_storage().nbytes()
             entry.nbytes = sum(saved.values())
         self._stash[key] = entry
         self.stash_bytes += entry.nbytes
         self.peak_stash_bytes = max(self.peak_stash_bytes, self.stash_bytes)
-        return out.detach()
+        return tuple(o.detach() for o in outs)
 
     def loss(self, key: Any, y: torch.Tensor, scale: float = 1.0) -> tuple[float, int]:
-        """Last stage: cross-entropy (mean over the batch) of the stashed output of `key`
+        """Last stage: cross-entropy (mean over the batch) of the stashed logits of `key`
         against labels `y`; the backward of `key` then starts from loss*scale.
         Returns (loss, number of correct predictions)."""
         if not self.is_last:
@@ -184,46 +202,56 @@ class StageCompute:
         if entry.out is None:
             raise ValueError(f"stage {self.stage}: loss of batch {key!r} needs a live or "
                              f"weights-stashed forward")
-        logits = entry.out if entry.out.element_size() >= 4 else entry.out.float()
+        out = entry.out[0]
+        logits = out if out.element_size() >= 4 else out.float()
         loss = F.cross_entropy(logits, y)      # at least float32, also under autocast
         entry.root = loss * scale if scale != 1.0 else loss
-        correct = int((entry.out.detach().argmax(dim=1) == y).sum())
+        correct = int((out.detach().argmax(dim=1) == y).sum())
         return float(loss.detach()), correct
 
     # -- backward ------------------------------------------------------------------------
-    def backward(self, key: Any, grad_out: torch.Tensor | None = None,
-                 accumulate: bool = True) -> torch.Tensor | None:
+    def backward(self, key: Any, grads: Sequence[torch.Tensor] | None = None,
+                 accumulate: bool = True) -> tuple[torch.Tensor, ...] | None:
         """Backpropagate batch `key`; parameter gradients are added to `p.grad`.
 
-        grad_out: the gradient of the stage output (None on the last stage: the loss).
-        It is multiplied by the shrink factor here. accumulate=False uses
-        torch.autograd.grad and adds into p.grad by hand, so post-accumulate-grad hooks
-        (the reducer's) do not fire. Returns the gradient of the stage input (None on
+        grads: the gradients of the stage's floating outputs, in order (None on the last
+        stage: the loss); each is multiplied by the shrink factor here. accumulate=False
+        uses torch.autograd.grad and adds into p.grad by hand, so post-accumulate-grad hooks
+        (the reducer's) do not fire. Returns the gradients of the floating inputs (None on
         stage 0)."""
         entry = self._get(key)
         if self.is_last:
             if entry.root is None:
                 raise ValueError(f"stage {self.stage}: backward of batch {key!r} before loss()")
-            root, grad = entry.root, None
+            roots, gs = [entry.root], [None]
         else:
-            if grad_out is None:
-                raise ValueError(f"stage {self.stage}: backward of batch {key!r} needs grad_out")
-            grad = grad_out * self.shrink if self.shrink != 1.0 else grad_out
-            root = entry.out if entry.out is not None else self._recompute(entry)
-            if root.shape != grad.shape:
-                raise ValueError(f"stage {self.stage}: batch {key!r} output has shape "
-                                 f"{tuple(root.shape)}, gradient has {tuple(grad.shape)}")
-        x = entry.x
-        want_x = x.requires_grad
+            if grads is None:
+                raise ValueError(f"stage {self.stage}: backward of batch {key!r} needs the "
+                                 f"output gradients")
+            outs = entry.out if entry.out is not None else self._recompute(entry)
+            floating = [o for o in outs if o.is_floating_point()]
+            if len(floating) != len(grads):
+                raise ValueError(f"stage {self.stage}: batch {key!r} has {len(floating)} "
+                                 f"floating outputs, got {len(grads)} gradients")
+            roots, gs = [], []
+            for i, (o, g) in enumerate(zip(floating, grads)):
+                if o.shape != g.shape:
+                    raise ValueError(f"stage {self.stage}: batch {key!r} output {i} has shape "
+                                     f"{tuple(o.shape)}, its gradient has {tuple(g.shape)}")
+                if o.requires_grad:         # an output made without parameters or inputs
+                    roots.append(o)         # that need a gradient gets none
+                    gs.append(g * self.shrink if self.shrink != 1.0 else g)
+        want = [x for x in entry.xs if x.requires_grad]
         if accumulate:
-            root.backward(grad)
-            grad_in = x.grad if want_x else None
+            if roots:
+                torch.autograd.backward(roots, gs)
+            grad_in = [x.grad for x in want]
         else:
-            inputs = ([x] if want_x else []) + self.params
-            grads = torch.autograd.grad(root, inputs, grad, allow_unused=True)
-            grad_in = grads[0] if want_x else None
+            got = (torch.autograd.grad(roots, want + self.params, gs, allow_unused=True)
+                   if roots else [None] * (len(want) + len(self.params)))
+            grad_in = list(got[:len(want)])
             with torch.no_grad():
-                for p, g in zip(self.params, grads[1 if want_x else 0:]):
+                for p, g in zip(self.params, got[len(want):]):
                     if g is None:
                         continue
                     if p.grad is None:
@@ -233,24 +261,22 @@ class StageCompute:
         self._drop(key)
         if self.is_first:
             return None
-        if grad_in is None:
-            raise ValueError(f"stage {self.stage}: batch {key!r}: no gradient reached the "
-                             f"stage input")
-        return grad_in.detach()
+        return tuple((g if g is not None else torch.zeros_like(x)).detach()
+                     for x, g in zip(want, grad_in))
 
-    def _recompute(self, entry: _Stash) -> torch.Tensor:
+    def _recompute(self, entry: _Stash) -> tuple[torch.Tensor, ...]:
         """Redo the forward with the current weights, the forward-time RNG state, and
         copies of the buffers (running statistics are not updated twice)."""
         buffers = {n: b.clone() for n, b in self.module.named_buffers()}
         if entry.rng is None:
             with self.autocast():
-                return functional_call(self.module, buffers, (entry.x,))
+                return _tuple(functional_call(self.module, buffers, entry.xs))
         devices = [self.device] if entry.cuda_rng is not None else []
         with self._rng_guard(), torch.random.fork_rng(devices=devices), self.autocast():
             torch.set_rng_state(entry.rng)
             if entry.cuda_rng is not None:
                 torch.cuda.set_rng_state(entry.cuda_rng, self.device)
-            return functional_call(self.module, buffers, (entry.x,))
+            return _tuple(functional_call(self.module, buffers, entry.xs))
 
     def drop_all(self) -> None:
         """Forget every stashed batch (e.g. after an aborted step)."""

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from dpsgs.comm.protocol import TensorSpec
 from dpsgs.config import TrainConfig
 
 __all__ = ["BatchSource", "StageOptimizer", "StagePlace", "Workload"]
@@ -42,23 +43,29 @@ class StageOptimizer(Protocol):
 
 @dataclass(frozen=True)
 class StagePlace:
-    """Where a stage executor sits in the K x N grid and what crosses its boundaries."""
+    """Where a stage executor sits in the K x N grid and what crosses its boundaries: the
+    tensors crossing its incoming cut (stage 0: the batch) and its outgoing cut (the last
+    stage: the logits), in message order, as (wire dtype, shape of one sample)."""
 
     rank: int
     replica: int
     stage: int
     stages: int
     replicas: int
-    in_shape: tuple[int, ...]     # one sample entering the stage
-    out_shape: tuple[int, ...]    # one sample leaving it
+    in_specs: tuple[TensorSpec, ...]
+    out_specs: tuple[TensorSpec, ...]
     dtype: torch.dtype            # the parameters'
-    amp: torch.dtype | None = None  # autocast dtype (the activations between stages), or None
-    first_block: int = 0          # the model's index of the stage's first block (for names)
+    amp: torch.dtype | None = None  # autocast dtype (floating activations between stages), or None
 
     @property
-    def wire_dtype(self) -> torch.dtype:
-        """What crosses a stage boundary: activations forward, their gradients back."""
-        return self.amp if self.amp is not None else self.dtype
+    def in_grads(self) -> tuple[TensorSpec, ...]:
+        """The gradient message this stage sends back: one per floating input."""
+        return tuple(s for s in self.in_specs if s[0].is_floating_point)
+
+    @property
+    def out_grads(self) -> tuple[TensorSpec, ...]:
+        """The gradient message it receives: one per floating output."""
+        return tuple(s for s in self.out_specs if s[0].is_floating_point)
 
 
 class Workload(BatchSource, Protocol):
@@ -68,7 +75,9 @@ class Workload(BatchSource, Protocol):
 
     def place(self, rank: int) -> StagePlace: ...
     def stage_module(self, replica: int, stage: int) -> nn.Module:
-        """Stage `stage`'s layers for replica `replica` (replicas of one process get copies)."""
+        """Stage `stage` of replica `replica`'s model (replicas of one process get copies):
+        forward(*tensors crossing its incoming cut) -> those crossing its outgoing cut (one
+        tensor alone, else a tuple); parameter names are the whole model's."""
         ...
     def make_optimizer(self, params: Sequence[nn.Parameter]) -> StageOptimizer | None:
         """The optimizer of one stage (None for a stage without parameters)."""

@@ -1,4 +1,5 @@
-"""Partitioning an nn.Sequential into K stages: split points, balance, shapes, errors."""
+"""Partitioning into K stages: split points, the balancer, the costs it balances over a
+traced model (dpsgs.pipeline.partition)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dpsgs.pipeline.partition import (balance, boundary_shapes, check_split, layer_costs,
-                             profile_layers, stage_bounds, stage_module)
+from dpsgs.pipeline.graph import ModelGraph, SplitError
+from dpsgs.pipeline.partition import (balance, balance_graph, check_split, node_costs,
+                                      profile_units, stage_bounds, unit_costs)
+from dpsgs.pipeline.split import resolve_split, stage_module
 
 
 def _model():
@@ -70,10 +73,16 @@ def test_balance_optimal_random():
 
 def test_stage_module_and_bounds():
     m = _model()
+    g = ModelGraph.trace(m, torch.randn(3, 3, 4))
     assert stage_bounds([2, 4], 6) == [(0, 2), (2, 4), (4, 6)]
-    parts = [stage_module(m, [2, 4], k) for k in range(3)]
-    assert [len(p) for p in parts] == [2, 2, 2]
-    assert parts[1][0] is m[2]             # shares the layers, no copy
+    positions = resolve_split(g, [2, 4], 3)            # layer indices of an nn.Sequential
+    assert positions == resolve_split(g, ["2", "4"], 3) == [2, 4]
+    parts = [stage_module(g, m, positions, k) for k in range(3)]
+    assert [len(list(p.children())) for p in parts] == [2, 2, 2]
+    assert parts[1].get_submodule("2") is m[2]         # shares the layers, no copy
+    assert [list(p.state_dict()) for p in parts] == [["1.weight", "1.bias"],
+                                                      ["3.weight", "3.bias"],
+                                                      ["5.weight", "5.bias"]]
     x = torch.randn(5, 3, 4)
     h = x
     for p in parts:
@@ -81,17 +90,25 @@ def test_stage_module_and_bounds():
     torch.testing.assert_close(h, m(x), rtol=0, atol=0)
 
 
-def test_costs_and_shapes():
+def test_costs():
     m = _model()
-    assert layer_costs(m, "layers") == [1.0] * 6
-    assert layer_costs(m, "params") == [1.0, 104.0, 1.0, 54.0, 1.0, 21.0]
-    t = profile_layers(list(m.children()), torch.randn(4, 3, 4), repeats=2)
+    g = ModelGraph.trace(m, torch.randn(3, 3, 4))
+    assert node_costs(g, "layers") == [1.0] * 6
+    assert node_costs(g, "params") == [1.0, 104.0, 1.0, 54.0, 1.0, 21.0]
+    # 3 x forward FLOPs (2 per multiply-add) + ELEMENT_COST per element written
+    from dpsgs.pipeline.partition import ELEMENT_COST, NORM_COST
+
+    assert node_costs(g, "flops") == [ELEMENT_COST * e + 3 * f for e, f in
+                                      [(12, 0), (8, 2 * 12 * 8), (8, 0), (6, 2 * 8 * 6),
+                                       (6, 0), (3, 2 * 6 * 3)]]
+    assert NORM_COST > ELEMENT_COST
+    cands = g.candidates()
+    assert cands == [1, 2, 3, 4, 5]
+    t = profile_units(g, m, torch.randn(4, 3, 4), cands, repeats=2)
     assert len(t) == 6 and all(v > 0 for v in t)
-    with pytest.raises(ValueError, match="sample batch"):
-        layer_costs(m, "time")
+    assert unit_costs(g, node_costs(g, "params"), [2, 4]) == [105.0, 55.0, 22.0]
+    assert balance_graph(g, 3, unit_costs(g, node_costs(g, "params"), cands), cands) == [1, 2]
     with pytest.raises(ValueError, match="balance must be one of"):
-        layer_costs(m, "flops")
-    bn = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4))
-    before = bn[2].running_mean.clone()
-    assert boundary_shapes(bn, (3, 4), torch.float32) == [(12,), (4,), (4,)]
-    assert torch.equal(bn[2].running_mean, before) and bn.training   # untouched
+        node_costs(g, "seconds")
+    with pytest.raises(SplitError, match="can be cut only in 5 places"):
+        balance_graph(g, 7, [1.0] * 6, cands)

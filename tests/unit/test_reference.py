@@ -112,13 +112,14 @@ def _fdg_by_versions(cfg, data, model, num_batches):
                 ws = [[w.clone().requires_grad_(True) for w in used[(kk, jj)]]
                       for kk in range(K)]
                 x, y = get_batch(setup.train, setup.sampler, 0, jj, 0)
-                h = x.double()
+                hs = (x.double(),)
                 for kk in range(K):
                     names = [n for n, _ in stages[kk].named_parameters()]
-                    h = functional_call(stages[kk], dict(zip(names, ws[kk])), (h,))
-                    if kk < K - 1:          # shrink: scale the gradient crossing the boundary
-                        h = _Scale.apply(h, beta)
-                nn.functional.cross_entropy(h, y).backward()
+                    hs = functional_call(stages[kk], dict(zip(names, ws[kk])), hs)
+                    hs = hs if isinstance(hs, tuple) else (hs,)
+                    if kk < K - 1:          # shrink: scale every gradient crossing the boundary
+                        hs = tuple(_Scale.apply(h, beta) for h in hs)
+                nn.functional.cross_entropy(hs[0], y).backward()
                 for kk in range(K):
                     grads[(kk, jj)] = [w.grad for w in ws[kk]]
             if 0 <= j < num_batches:
@@ -190,7 +191,9 @@ def test_evaluate_equals_full_model():
     data = _data()
     ref = reference_for(cfg, _model(), data)
     s = ref.run()
-    m = nn.Sequential(*[layer for u in ref.executors[0] for layer in u.compute.module])
+    # the stages' state_dicts, keyed by module path, make up the whole model's
+    m = _model().double()
+    m.load_state_dict({k: v for u in ref.executors[0] for k, v in u.compute.module.state_dict().items()})
     with torch.no_grad():
         logits = m(data[1].x.double())
     acc = float((logits.argmax(1) == data[1].y).double().mean())
@@ -224,9 +227,11 @@ def test_no_flush_runs_one_pipeline_over_all_epochs():
 
 
 def test_prepare_errors():
-    with pytest.raises(ValueError, match="has 5 blocks, cannot make 6 stages"):
+    with pytest.raises(ValueError, match=r"cannot split Sequential into 6 stages: it can be cut "
+                                         r"only in 4 places \(before: 1, 2, 3, 4\)"):
         prepare(_config(stages=6, split=None, balance="layers"), _model(), _data())
-    with pytest.raises(ValueError, match=r"split \[4, 2\]: point 1 = 2 must be in \(4, 5\)"):
+    with pytest.raises(ValueError, match=r"split \[4, 2\]: '2' runs before '4' does; split points "
+                                         r"must follow the order the forward runs them in"):
         prepare(_config(stages=3, split=[4, 2]), _model(), _data())
     with pytest.raises(ValueError, match="dtype must be one of"):
         prepare(_config(dtype="float16"), _model(), _data())
@@ -236,8 +241,10 @@ def test_prepare_errors():
 
 def test_balance_by_params_on_setup():
     s = prepare(_config(stages=2, split=None, balance="params"), _model(), _data())
-    assert s.split == [2] and s.bounds == [(0, 2), (2, 5)]    # 56+1 | 72+1+27
-    assert s.out_shapes == [(8,), (3,)]
+    assert s.split == ["2"] and s.positions == [2]            # 56+1 | 72+1+27
+    assert s.choice.stage_costs == [57.0, 100.0] and s.choice.how == "params"
+    assert [s.place(k).out_specs for k in range(2)] == [((torch.float64, (8,)),),
+                                                        ((torch.float64, (3,)),)]
 
 
 def test_labels_without_inputs():
