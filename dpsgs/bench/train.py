@@ -21,6 +21,14 @@ are reported as not run, with the reason. Where ranks outnumber the visible GPUs
 gets its own NCCL_HOSTID from the launch (launch.SHARE_GPU) and the output flags those
 figures: NCCL then runs over sockets, on one GPU's compute. Without a usable GPU, --device
 cuda is refused (exit 2) before anything runs. The K=2 split still comes from a CPU profile.
+
+Splits: torch pipelining cuts between top-level blocks (`split` in the JSON: the block
+index balanced by the per-block profile); the dpsgs K=2 configurations share one split of
+their own, which may fall inside a residual block (`dpsgs_split`: module paths, how they
+were chosen and the stage costs it predicted; --dpsgs-split: time = balanced by a 1-thread
+profile of the traced model's stretches between cut points at the full batch, taken here
+before the runs; flops = dpsgs's deterministic default; blocks = torch pipelining's split).
+The measured per-stage compute ms of every dpsgs configuration are in its `stages`.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ from .train_configs import DEVICES, WORKLOADS, BenchConfig, Workload, bench_conf
 from .train_stats import derive
 
 __all__ = ["main", "run_workload", "run_config", "config_command", "bench_profile",
-           "pipeline_split", "headline"]
+           "pipeline_split", "dpsgs_split", "headline", "DPSGS_SPLITS"]
+
+DPSGS_SPLITS = ("time", "flops", "blocks")
 
 
 def bench_profile(w: Workload, configs: list[BenchConfig]) -> Any:
@@ -72,6 +82,36 @@ def pipeline_split(prof: Any, batch: int, stages: int = 2) -> list[int]:
     return balance([sum(lay.seconds(batch)) for lay in prof.layers], stages)
 
 
+def dpsgs_split(w: Workload, how: str, blocks: list[int] | None,
+                stages: int = 2) -> dict[str, Any]:
+    """The split every dpsgs K-stage configuration runs with (see the module docstring), as
+    SplitChoice.record(): module paths, how, predicted stage costs."""
+    if how == "blocks":
+        return {"split": [str(b) for b in blocks or []], "split_by": "blocks",
+                "stage_costs": None, "stage_cost_unit": None}
+    import torch
+
+    from dpsgs.config import TrainConfig
+    from dpsgs.job.data import Dataset
+    from dpsgs.job.models import build_model
+    from dpsgs.job.run_setup import choose_split, load
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)           # one intra-op thread per rank, as the runs have
+    try:
+        torch.manual_seed(0)
+        model = build_model(w.model, w.in_shape, 10)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(w.batch, *w.in_shape, generator=g)
+        y = torch.randint(0, 10, (w.batch,), generator=g)
+        data = Dataset(x, y, 10, "synthetic"), Dataset(x, y, 10, "synthetic")
+        cfg = TrainConfig(stages=stages, balance=how, model=w.model, batch_size=w.batch,
+                          dataset="synthetic", num_classes=10, progress=False)
+        return choose_split(load(cfg, model, data)).record()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _pool(recs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     """One record from the repeats of a configuration: each repeat's warm-up steps dropped,
     the timed steps (and the dpsgs per-rank split lists) concatenated."""
@@ -89,10 +129,11 @@ def _pool(recs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
 
 
 def config_command(cfg: BenchConfig, w: Workload, steps: int, warmup: int,
-                   split: list[int] | None, out: Path) -> list[str]:
+                   split: list[int] | list[str] | None, out: Path) -> list[str]:
     """The command line that runs `cfg` on workload `w`, its result going to `out`: on cuda
     with `--device cuda`, and each rank through launch.SHARE_GPU when ranks outnumber GPUs
-    (CPU command lines are as they always were)."""
+    (CPU command lines are as they always were). `split`: the configuration's split points
+    (block indices for torch pipelining, module paths for dpsgs)."""
     args = ["--model", w.model, "--in-shape", ",".join(map(str, w.in_shape)),
             "--batch", str(w.batch), "--steps", str(steps), "--warmup", str(warmup),
             "--threads", str(cfg.threads), "--out", str(out), *cfg.args]
@@ -103,8 +144,9 @@ def config_command(cfg: BenchConfig, w: Workload, steps: int, warmup: int,
     return runner_command(cfg.runner, args, cfg.ranks, cfg.mpi4py, cfg.share_gpu)
 
 
-def run_config(cfg: BenchConfig, w: Workload, steps: int, warmup: int, split: list[int] | None,
-               timeout: float, workdir: Path) -> dict[str, Any]:
+def run_config(cfg: BenchConfig, w: Workload, steps: int, warmup: int,
+               split: list[int] | list[str] | None, timeout: float,
+               workdir: Path) -> dict[str, Any]:
     """Launch one configuration; return its raw record plus status ('ok', 'failed',
     'unavailable', 'timeout') and the reason when not ok."""
     base = {"name": cfg.name, "runner": cfg.runner, "ranks": cfg.ranks, "threads": cfg.threads,
@@ -160,15 +202,20 @@ def machine() -> dict[str, Any]:
 
 
 def run_workload(w: Workload, configs: list[BenchConfig], steps: int, warmup: int,
-                 timeout: float, repeat: int = 1, log=print) -> dict[str, Any]:
+                 timeout: float, repeat: int = 1, log=print,
+                 dpsgs_how: str = "time") -> dict[str, Any]:
     """Run every configuration `repeat` times, interleaved (round r runs all of them once),
     so a change of load on a shared machine hits every configuration alike."""
     device = configs[0].device if configs else "cpu"
     prof = bench_profile(w, configs)
     split = pipeline_split(prof, w.batch) if any(c.pipeline for c in configs) else None
+    ours = (dpsgs_split(w, dpsgs_how, split)
+            if any(c.pipeline and c.runner == "dpsgs_run" for c in configs) else None)
     log(f"# workload {w.name}: {w.model} {w.in_shape}, global batch {w.batch}, {steps} timed "
         f"steps after {warmup} warm-up, x{repeat}; K=2 split at block {split}"
         + (" (from a 1-thread CPU profile)" if device != "cpu" else ""))
+    if ours is not None:
+        log(f"# {_split_line(ours)}")
     gpus = gpus_info() if device != "cpu" else None
     if gpus is not None:
         log(f"# device cuda: {gpus['count']} GPU(s) visible ({', '.join(gpus['names'])})")
@@ -180,7 +227,8 @@ def run_workload(w: Workload, configs: list[BenchConfig], steps: int, warmup: in
             for cfg in configs:
                 if runs[cfg.name] and runs[cfg.name][-1]["status"] == "unavailable":
                     continue
-                rec = run_config(cfg, w, steps, warmup, split, timeout, Path(tmp))
+                mine = ours["split"] if cfg.runner == "dpsgs_run" and ours else split
+                rec = run_config(cfg, w, steps, warmup, mine, timeout, Path(tmp))
                 log(f"  {cfg.name:<22} {rec['status']}" +
                     (f" ({rec.get('wall_s', 0):.1f}s)" if rec["status"] == "ok" else
                      f": {rec.get('reason', '')}") + (f" [round {rnd + 1}]" if repeat > 1 else ""))
@@ -199,11 +247,21 @@ def run_workload(w: Workload, configs: list[BenchConfig], steps: int, warmup: in
             "device": device, **({"gpus": gpus} if gpus is not None else {}),
             "model": w.model, "in_shape": list(w.in_shape),
             "num_classes": 10, "global_batch": w.batch, "steps": steps, "warmup": warmup,
-            "split": split, "why": w.why, "baseline": "backprop-1rank", "repeat": repeat,
+            "split": split, "dpsgs_split": ours, "why": w.why, "baseline": "backprop-1rank",
+            "repeat": repeat,
             "profile": prof.to_json(), "profile_after": prof_after.to_json(),
             "machine": machine(), "command": [sys.executable, "-m", "dpsgs.bench.train",
                                               *sys.argv[1:]],
             "results": results}
+
+
+def _split_line(rec: dict[str, Any]) -> str:
+    costs = rec.get("stage_costs")
+    unit = rec.get("stage_cost_unit") or ""
+    return (f"dpsgs K=2 split before {', '.join(repr(p) for p in rec['split'])} "
+            f"({rec['split_by']}" + (f"; predicted stage costs "
+                                     f"{', '.join(f'{c:.4g}' for c in costs)} {unit}"
+                                     if costs else "") + ")")
 
 
 def _sharing_lines(configs: list[BenchConfig]) -> list[str]:
@@ -274,6 +332,9 @@ def _table(doc: dict[str, Any]) -> str:
         if isinstance(v, dict) and v.get("over_best_peer") is not None:
             lines.append(f"# {name}: {v['over_best_peer']:.2f}x best peer ({head['best_peer']}),"
                          f" {v['over_backprop_1rank'] or 0:.2f}x 1-rank backprop")
+    if doc.get("dpsgs_split"):
+        lines.append(f"# {_split_line(doc['dpsgs_split'])}; torch pipelining: block "
+                     f"{doc.get('split')}")
     for r in doc["results"]:
         if r["status"] != "ok":
             lines.append(f"# {r['name']}: {r['status']}: {r.get('reason', '')}")
@@ -307,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run every configuration this many times, interleaved, steps pooled")
     add_out_args(p, "train", folder=True, force_example="e.g. the published ones")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--dpsgs-split", choices=DPSGS_SPLITS, default="time",
+                   help="how the dpsgs K=2 configurations are split: time (a 1-thread profile "
+                        "of the traced model, here, before the runs), flops (dpsgs's "
+                        "deterministic default) or blocks (torch pipelining's block split)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu (gloo, MPI; the default) or cuda: every configuration on GPUs, "
                         "one per rank by local rank (dpsgs with --device cuda, DDP over NCCL; "
@@ -340,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         w = WORKLOADS[name]
         if a.batch or a.model:
             w = Workload(w.name, a.model or w.model, w.in_shape, a.batch or w.batch, w.why)
-        doc = run_workload(w, configs, a.steps, a.warmup, a.timeout, a.repeat)
+        doc = run_workload(w, configs, a.steps, a.warmup, a.timeout, a.repeat, print,
+                           a.dpsgs_split)
         path = write_json(out / f"train-{name}.json", doc, overwrite=a.force)
         print(_table(doc))
         print(f"# wrote {path}")

@@ -93,7 +93,7 @@ def test_train_force_overwrites_and_default_is_a_new_folder(
     old.write_text("{}")
     assert train.main(["--workload", "mlp", "--out", str(tmp_path), "--no-plot",
                        "--force"]) == 0
-    assert json.loads(old.read_text()) == {"fake": 6}
+    assert json.loads(old.read_text()) == {"fake": 8}
     monkeypatch.chdir(tmp_path)
     assert train.main(["--workload", "mlp", "--no-plot"]) == 0
     (folder,) = (tmp_path / "runs" / "bench").iterdir()

@@ -52,6 +52,10 @@ def step_records(run_dir: Path, first: int = 0,
     return out
 
 
+def _point(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
 def _step_time(rec: dict[str, Any], batch: int) -> float | None:
     for k in _STEP_KEYS:
         if isinstance(rec.get(k), (int, float)):
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", choices=("backward", "step"), default="backward")
     p.add_argument("--sync-kind", choices=("1f1b", "gpipe"), default="1f1b")
     p.add_argument("--micro-batches", type=int, default=4)
-    p.add_argument("--split", help="comma-separated split points (else the trainer balances)")
+    p.add_argument("--split", help="comma-separated split points: module paths or top-level "
+                                    "indices (else the trainer balances)")
     p.add_argument("--run-dir", help="keep the run here (default: a temporary folder)")
     a = p.parse_args(argv)
     set_threads(a.threads)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = w.batch * (steps + 2)
     cfg = TrainConfig(stages=a.stages, replicas=a.replicas, schedule=a.schedule, stash=a.stash,
                       overlap=a.overlap, sync_kind=a.sync_kind, micro_batches=a.micro_batches,
-                      split=[int(s) for s in a.split.split(",")] if a.split else None,
+                      split=[_point(s) for s in a.split.split(",")] if a.split else None,
                       model=w.model, dataset="synthetic", synthetic_shape=list(w.in_shape),
                       synthetic_samples=samples, num_classes=w.num_classes,
                       batch_size=w.batch // a.replicas, epochs=1, max_steps=steps,
