@@ -229,7 +229,8 @@ def test_a_bad_split_is_one_line_from_rank_0_with_tracebacks_in_the_logs(tmp_pat
     bad = _run(tmp_path / "run", "--split", "99", n=4, epochs=1)
     assert bad.returncode != 0
     lines = _error_lines(bad.stderr)
-    assert len(lines) == 1 and "every rank: ValueError: split [99]" in lines[0], _tail(bad)
+    assert len(lines) == 1 and "every rank: SplitError: cannot split mlp before top-level " \
+        "module 99" in lines[0], _tail(bad)
     assert "Traceback" not in bad.stderr and "Traceback" not in bad.stdout
     logs = sorted((tmp_path / "run" / "logs").glob("rank*.log"))
     assert [p.name for p in logs] == [f"rank{r}.log" for r in range(4)]
