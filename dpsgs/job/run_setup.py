@@ -75,7 +75,7 @@ class SplitChoice:
 
 
 def _fmt(c: float) -> str:
-    return f"{c:.4g}"
+    return f"{c:.0f}" if abs(c) >= 100 else f"{c:.3g}"
 
 
 @dataclass
@@ -310,7 +310,7 @@ def choose_split(loaded: Loaded, split: list[int | str] | None = None,
         scale, unit = 1e3, "ms/batch"
     else:
         units = unit_costs(graph, node_costs(graph, config.balance), cands)
-        scale, unit = ((1e-6, "MFLOP/sample") if config.balance == "flops" else
+        scale, unit = ((1e-6, "MFLOP-eq/sample") if config.balance == "flops" else
                        (1.0, "parameters" if config.balance == "params" else "layers"))
     positions = balance_graph(graph, config.stages, units, cands)
     edges = [0, *[cands.index(p) + 1 for p in positions], len(units)]

@@ -8,9 +8,9 @@ cost is the sum of its operations' costs:
 
 - 'flops' (the default; deterministic: the same model and input shape always give the same
   split): 3 x the forward FLOPs of matrix products and convolutions (forward + backward)
-  plus, for the memory-bound rest, a cost per element each operation writes: NORM_COST for
-  normalisations, ELEMENT_COST for the others (activations, additions, pooling), all per
-  sample, from the shape propagation.
+  plus a cost per element each operation writes (MATMUL_ELEMENT_COST for those,
+  NORM_COST for normalisations, ELEMENT_COST for the rest: activations, additions,
+  pooling), all per sample, from the shape propagation.
 - 'time': forward+backward seconds of each unit measured here on a batch (not
   reproducible: the job profiles on rank 0 and records the split it chose).
 - 'params': parameter count of each layer (at least 1 per layer called).
@@ -33,16 +33,19 @@ from torch import nn
 from dpsgs.pipeline.graph import ModelGraph, SplitError
 from dpsgs.pipeline.split import stage_module
 
-__all__ = ["BALANCE_MODES", "ELEMENT_COST", "NORM_COST", "balance", "balance_graph", "check_split",
+__all__ = ["BALANCE_MODES", "ELEMENT_COST", "MATMUL_ELEMENT_COST", "NORM_COST", "balance", "balance_graph", "check_split",
            "node_costs", "profile_units", "stage_bounds", "unit_costs"]
 
 BALANCE_MODES = ("flops", "time", "params", "layers")
 
 # FLOPs one written element costs in the 'flops' model, forward and backward together,
-# against 3 x the forward FLOPs of the convolutions: fitted to per-unit times of resnet20
-# and resnet56 (CPU, one thread, batch 128).
-ELEMENT_COST = 100.0
-NORM_COST = 400.0
+# against 3 x the forward FLOPs of convolutions and matrix products: a least-squares fit to
+# the CPU time of every stretch between cut points of resnet20, resnet56 and wrn-16-4 (one
+# thread, batch 64). A convolution's output costs beside its FLOPs (memory traffic: the
+# narrow, high-resolution early layers run far below peak).
+ELEMENT_COST = 85.0
+NORM_COST = 600.0
+MATMUL_ELEMENT_COST = 450.0
 
 
 def check_split(split: Sequence[int], num_layers: int, stages: int) -> list[int]:
@@ -109,7 +112,8 @@ def node_costs(graph: ModelGraph, how: str) -> list[float]:
     for n in graph.body:
         v = graph.values[n]
         if how == "flops":
-            out.append(3.0 * v.flops + (NORM_COST if v.norm else ELEMENT_COST) * v.elements)
+            per = (NORM_COST if v.norm else MATMUL_ELEMENT_COST if v.flops else ELEMENT_COST)
+            out.append(3.0 * v.flops + per * v.elements)
         elif how == "params":
             own = _params_of(graph, n)
             out.append(float(max(1, own)) if n.op == "call_module" else float(own))

@@ -12,7 +12,7 @@ def test_dpsgs_split_kinds():
     flops = train.dpsgs_split(W, "flops", [4])
     assert flops["split_by"] == "flops" and len(flops["split"]) == 1
     assert flops == train.dpsgs_split(W, "flops", [4])                # deterministic
-    assert len(flops["stage_costs"]) == 2 and flops["stage_cost_unit"] == "MFLOP/sample"
+    assert len(flops["stage_costs"]) == 2 and flops["stage_cost_unit"] == "MFLOP-eq/sample"
     timed = train.dpsgs_split(W, "time", [4])
     assert timed["split_by"] == "time" and timed["stage_cost_unit"] == "ms/batch"
     assert all(c > 0 for c in timed["stage_costs"])
