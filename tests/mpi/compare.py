@@ -24,9 +24,9 @@ def compare_to_reference(dump: dict, spec: dict) -> dict:
     """Assert losses (per global batch and replica), observed staleness and final parameters
     of every rank equal the reference's (float64, <= 1e-10); return figures for reports."""
     spec = {k: v for k, v in spec.items() if k != "name"}
-    bn = spec.pop("bn", False)
+    bn, kind = spec.pop("bn", False), spec.pop("model", "seq")
     cfg = toy_config(**spec)
-    ref = reference_for(cfg, toy_model(bn=bn), toy_data())
+    ref = reference_for(cfg, toy_model(bn=bn, kind=kind), toy_data())
     summary = ref.run()
     K, N = cfg.stages, cfg.replicas
     ranks = {(d["replica"], d["stage"]): d for d in dump["ranks"]}

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_preempt import _tail, _train  # noqa: E402
+from legacy import make_legacy  # noqa: E402
+from test_preempt import _assert_same, _states, _tail, _train  # noqa: E402
 
 from dpsgs.job.checkpoint import latest_checkpoint, read_manifest  # noqa: E402
 from dpsgs.job.metrics import read_metrics  # noqa: E402
@@ -34,16 +35,25 @@ def test_resumed_run_continues_the_step_numbering(tmp_path: Path) -> None:
 
 def test_resume_keeps_the_checkpoints_split_under_balance_time(tmp_path: Path) -> None:
     k, n = 2, 1
-    # balanced by parameter count, [3] leaves only the tiny output layer to stage 1: a time
-    # balance never picks it; the balance is operational, the split comes from the checkpoint
+    # balanced by parameter count; the balance is operational (a resume may change it), the
+    # split comes from the checkpoint, printed once and recorded
     first = _train(k, n, tmp_path, "--balance", "params", epochs=1)
     assert first.returncode == 0, _tail(first)
     split = json.loads((tmp_path / "summary.json").read_text())["split"]
+    assert split == ["1.1"]               # module paths: before the ReLU of block 1
+    said = [ln for ln in first.stderr.splitlines() if "split: mlp into 2 stages" in ln]
+    assert said == ["dpsgs: split: mlp into 2 stages before '1.1' (balanced by params; stage "
+                    "costs 18690, 8908 parameters)"], _tail(first)
     resumed = _train(k, n, tmp_path, "--balance", "time", "--resume", "auto", "--override", "epochs",
                      epochs=2)
     assert resumed.returncode == 0, _tail(resumed)
+    said = [ln for ln in resumed.stderr.splitlines() if "split: mlp into 2 stages" in ln]
+    assert said == ["dpsgs: split: mlp into 2 stages before '1.1' (the checkpoint's)"], _tail(resumed)
     assert json.loads((tmp_path / "summary.json").read_text())["split"] == split
     assert read_manifest(latest_checkpoint(tmp_path))["meta"]["split"] == split
+    history = json.loads((tmp_path / "run.json").read_text())["history"]
+    assert [(h["split"], h["split_by"]) for h in history] == [(split, "params"),
+                                                               (split, "checkpoint")]
     clash = _train(k, n, tmp_path, "--split", "1", "--resume", "auto", "--override", "epochs", epochs=3)
     assert clash.returncode != 0
     assert "with other identity settings: --split was None, now [1]" in clash.stderr, _tail(clash)
@@ -84,3 +94,31 @@ def test_resume_keeps_each_replicas_batchnorm_statistics(tmp_path: Path) -> None
     resumed = run_ranks(2, "bn_resume_ranks.py", str(tmp_path / "b"), "1", timeout=120)
     assert "resumed from" in resumed.stderr and "epoch1" in resumed.stderr, resumed.tail()
     assert loss(resumed) == loss(straight), (loss(resumed), loss(straight))
+
+
+def test_an_older_checkpoint_resumes_an_nn_sequential_exactly(tmp_path: Path) -> None:
+    # checkpoints of dpsgs before module paths: stage-local keys ("0.weight" of stage 1 is
+    # the model's "2.weight"), integer split points; renamed on resume, same numbers
+    k, n = 2, 1
+    straight = _train(k, n, tmp_path / "a", "--split", "2", epochs=2)
+    assert straight.returncode == 0, _tail(straight)
+    first = _train(k, n, tmp_path / "b", "--split", "2", epochs=1)
+    assert first.returncode == 0, _tail(first)
+    make_legacy(latest_checkpoint(tmp_path / "b"), [2], ["0", "1", "2", "3"])
+    resumed = _train(k, n, tmp_path / "b", "--split", "2", "--resume", "auto", "--override",
+                     "epochs", epochs=2)
+    assert resumed.returncode == 0, _tail(resumed)
+    assert "split: mlp into 2 stages before '2' (the checkpoint's)" in resumed.stderr
+    _assert_same(_states(tmp_path / "a", k, n), _states(tmp_path / "b", k, n))
+    assert read_manifest(latest_checkpoint(tmp_path / "b"))["meta"]["param_names"] == "module paths"
+
+
+def test_an_older_checkpoint_of_another_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    from launcher import run_ranks
+
+    run_ranks(2, "refusal_ranks.py", "mpi4py", "train", str(tmp_path), timeout=120)
+    make_legacy(latest_checkpoint(tmp_path), [2], ["fc1", "fc2", "fc3"])
+    run = run_ranks(2, "refusal_ranks.py", "mpi4py", "resume", str(tmp_path), timeout=120)
+    lines = [ln for ln in run.stderr.splitlines() if "older dpsgs" in ln]
+    assert len(lines) == 1 and "which split ReluNet by its children and dropped what its " \
+        "forward does between them: it cannot be resumed; start a new run" in lines[0], run.tail()

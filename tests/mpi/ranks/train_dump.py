@@ -25,17 +25,18 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     for spec in specs:
         spec = dict(spec)
-        name, bn = spec.pop("name"), spec.pop("bn", False)
+        name, bn, kind = spec.pop("name"), spec.pop("bn", False), spec.pop("model", "seq")
         cfg = toy_config(**spec)
         rec = Recorder()
-        t = Trainer(cfg, comm, model=toy_model(bn=bn), data=toy_data(), transport=transport,
-                    hooks=rec)
+        t = Trainer(cfg, comm, model=toy_model(bn=bn, kind=kind), data=toy_data(),
+                    transport=transport, hooks=rec)
         summary = t.fit()
         w = t.executor
         mine = {"rank": t.rank, "replica": t.replica, "stage": t.stage,
                 "losses": {g: v for (g, _), v in rec.losses.items()},
                 "staleness": list(rec.staleness),
                 "params": [p.detach().cpu().clone() for p in w.compute.params],
+                "state": {k: v.detach().cpu().clone() for k, v in w.compute.module.state_dict().items()},
                 "buffers": [b.detach().cpu().clone() for b in w.compute.module.buffers()],
                 "stash_peak_bytes": w.compute.peak_stash_bytes,
                 "grad_sets": w.reducer.buffers if w.reducer else 0}
