@@ -122,3 +122,18 @@ def test_an_older_checkpoint_of_another_model_is_refused_in_one_line(tmp_path: P
     lines = [ln for ln in run.stderr.splitlines() if "older dpsgs" in ln]
     assert len(lines) == 1 and "which split ReluNet by its children and dropped what its " \
         "forward does between them: it cannot be resumed; start a new run" in lines[0], run.tail()
+
+
+def test_a_resume_before_the_first_checkpoint_keeps_the_runs_split(tmp_path: Path) -> None:
+    # killed before its first checkpoint: the resume starts over, with the split run.json
+    # recorded (a --balance time profile would otherwise be taken again and could differ)
+    k, n = 2, 1
+    died = _train(k, n, tmp_path, "--balance", "time", epochs=1,
+                  fault="rank=1,step=3,phase=forward,kind=sigkill")
+    assert died.returncode != 0 and latest_checkpoint(tmp_path) is None, _tail(died)
+    split = json.loads((tmp_path / "run.json").read_text())["split"]
+    resumed = _train(k, n, tmp_path, "--balance", "params", "--resume", "auto", epochs=1)
+    assert resumed.returncode == 0, _tail(resumed)
+    said = [ln for ln in resumed.stderr.splitlines() if "split: mlp into 2 stages" in ln]
+    assert said == [f"dpsgs: split: mlp into 2 stages before '{split[0]}' (the run's)"], _tail(resumed)
+    assert json.loads((tmp_path / "summary.json").read_text())["split"] == split
