@@ -1,4 +1,6 @@
-"""Models as flat nn.Sequential of blocks (stem, blocks, head): they split into pipeline stages."""
+"""Models as flat nn.Sequential of blocks (stem, blocks, head): block i is module "i", its layers
+"i.conv1", "i.bn1", ...; the pipeline cuts them between blocks or inside one (the skip tensor
+then crosses beside the main activation: dpsgs.pipeline.graph)."""
 
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ def build_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Se
     """Build model `name` for inputs of shape `in_shape` (no batch dim) and `num_classes`.
 
     Every model is a flat nn.Sequential whose children are whole blocks (a residual block, a
-    Linear+ReLU, the pooling+classifier head), so a partition at child boundaries never cuts
-    a skip connection. Initialisation uses torch's global RNG: seed it for a reproducible model.
+    Linear+ReLU, the pooling+classifier head): integer split points name blocks, module
+    paths ("7.conv2") name layers inside them. Initialisation uses torch's global RNG: seed it
+    for a reproducible model.
     """
     check_model_name(name)
     in_shape = tuple(int(s) for s in in_shape)
