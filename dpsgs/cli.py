@@ -349,7 +349,10 @@ def _main(argv: list[str]) -> int:
     try:
         defaults = _base_config(argv) if argv and argv[0] == "train" else None
     except ValueError as e:
-        print(f"dpsgs train: error: {e}", file=sys.stderr)
+        from dpsgs.job.process import launcher_rank
+
+        if launcher_rank() == 0:       # every rank reads the same file: say it once
+            print(f"dpsgs train: error: {e}", file=sys.stderr)
         return 2
     args = build_parser(defaults).parse_args(argv)
     if args.command == "train":

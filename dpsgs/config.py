@@ -104,11 +104,12 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{option(name)} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        # --epochs 0 would train nothing and report an untrained model as the result
         for name in ("stages", "replicas", "batch_size", "micro_batches", "metrics_every",
-                     "eval_every", "synthetic_samples"):
+                     "eval_every", "synthetic_samples", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "checkpoint_every", "keep_checkpoints"):
+        for name in ("checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{option(name)} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
