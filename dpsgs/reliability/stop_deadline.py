@@ -4,14 +4,14 @@ SIGTERM only sets a flag that the ranks agree on at a step boundary (preemption.
 that is stopped (`kill -STOP`, a frozen node) or stuck never gets there, and its peers would
 wait in their channels and votes until --timeout — long after the batch system's SIGKILL
 (Slurm's KillWait: 30 s by default). So every rank runs a watchdog thread with a
-communicator of its own. When this rank has had a stop signal for `grace` seconds and the
-job has not ended (the clean stop — flush, checkpoint, end — normally takes a fraction of
-that), it starts a roll call: one tiny message to every rank. A rank's watchdog that
+communicator of its own. When the job has not ended `grace - answer_s` seconds after this
+rank got a stop signal (the clean stop — flush, checkpoint, end — normally takes a fraction
+of that), it starts a roll call: one tiny message to every rank. A rank's watchdog that
 receives one answers the same way, whether its rank had the signal or not. After
-`answer_s` seconds the ranks not heard from are frozen: not even their threads run. The
-lowest rank heard from prints one line naming them and the newest committed checkpoint
-(saves are atomic: one cut short leaves the previous checkpoint the newest), and the job
-ends with EXIT_CODE. Frozen ranks are named; a rank whose threads still run but whose main
+`answer_s` seconds (at most half the grace) the ranks not heard from are frozen: not even
+their threads run. The lowest rank heard from prints one line naming them and the newest
+committed checkpoint (saves are atomic: one cut short leaves the previous checkpoint the
+newest), and the job ends with EXIT_CODE, `grace` seconds after the signal. Frozen ranks are named; a rank whose threads still run but whose main
 thread is stuck answers, and the line then says that every rank answered.
 
 Needs MPI_THREAD_MULTIPLE (mpi4py's default); without it the watchdog is not started and
@@ -50,7 +50,8 @@ class StopDeadline:
                  answer_s: float = 2.0) -> None:
         from mpi4py import MPI
 
-        self.handler, self.grace, self.answer_s = handler, grace, answer_s
+        self.handler, self.grace = handler, grace
+        self.answer_s = min(answer_s, grace / 2)
         self.label, self.last_checkpoint = label, last_checkpoint
         self.comm = comm.Dup()          # collective: keeps the roll call off every other tag
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -86,7 +87,7 @@ class StopDeadline:
                 req = self.comm.Irecv(buf, source=MPI.ANY_SOURCE, tag=_TAG)
                 break
             since = self.handler.received_at
-            if self.handler.signum and time.monotonic() - since >= self.grace:
+            if self.handler.signum and time.monotonic() - since >= self.grace - self.answer_s:
                 break
         else:
             req.Cancel()
