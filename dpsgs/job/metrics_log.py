@@ -126,8 +126,13 @@ class MetricsLog:
     def __enter__(self) -> "MetricsLog":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """A caller that writes synchronously (`with MetricsLog(...)`): lines written, or
+        OSError with the failure."""
+        failure = self.flush() if exc_type is None else None
         self.close()
+        if failure:
+            raise OSError(failure)
 
     # -- the writer thread -----------------------------------------------------------------
     def _fail(self, why: str) -> None:

@@ -57,6 +57,9 @@ def test_a_full_disk_is_one_line_naming_the_file() -> None:
     log.write({"step": 0})
     assert log.flush() == "metrics file /dev/full cannot be written: [Errno 28] No space left on device"
     log.close()
+    with pytest.raises(OSError, match=r"^metrics file /dev/full cannot be written: \[Errno 28\]"):
+        with MetricsLog("/dev/full") as log:     # a synchronous writer (--simulate) gets the error
+            log.write({"step": 0})
 
 
 def test_a_queue_that_fills_is_a_failure_not_a_wait(tmp_path: Path) -> None:
