@@ -2,8 +2,10 @@
 
 A training step must never sit in the kernel writing its metrics line: on a frozen file
 system every rank would, and no deadline of the job could fire. So `write` only formats the
-line and puts it on a bounded queue; a thread of the log's own writes and flushes it (a
-killed run keeps the lines written so far). What goes wrong there is kept, not raised, and
+line and appends it to a bounded queue; a thread of the log's own writes and flushes it (a
+killed run keeps the lines written so far). The queue is a deque the thread polls, not a
+queue.Queue: a Ctrl-C raised in the middle of a Condition's notify loses the wake-up, and the
+writer (and a close that waits for it) would wait until the timeout. What goes wrong there is kept, not raised, and
 `failure` says it in one line naming the file — a write that fails (a full disk), a write
 that has not returned within `timeout` seconds (a frozen file system), or a queue that
 fills up (a file system far slower than training) — for the job to act on at a step
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +27,7 @@ from dpsgs.job.atomic_file import atomic_write
 
 __all__ = ["MetricsLog", "read_metrics", "jsonable"]
 
-_DONE = object()        # the queue's last item: close the file, end the thread
+_IDLE_S = (0.001, 0.05)     # the writer's poll of an empty queue: backs off to 50 ms idle
 
 
 class MetricsLog:
@@ -45,7 +47,10 @@ class MetricsLog:
         self.keep_below, self.timeout = keep_below, timeout
         self._open_file = open_file or (lambda p: open(p, "a"))
         self._before_write = before_write
-        self._queue: queue.Queue[Any] = queue.Queue(max_pending)
+        self.max_pending = max_pending
+        self._queue: deque[tuple[int, str]] = deque()    # append/popleft: atomic, no lock
+        self._queued = self._written = 0                  # lines given / taken by the writer
+        self._closing = False
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self._busy_since: float | None = None      # monotonic start of the write in progress
@@ -76,13 +81,14 @@ class MetricsLog:
         if self.failure is not None:
             self.dropped += 1
             return
-        line = json.dumps({k: jsonable(v) for k, v in record.items()}) + "\n"
-        try:
-            self._queue.put_nowait((int(record.get("step", -1)), line))
-        except queue.Full:
-            self._fail(f"{self._queue.maxsize} lines wait to be written: its file system is "
-                       "far slower than training, or stalls")
+        if len(self._queue) >= self.max_pending:
+            self._fail(f"{self.max_pending} lines wait to be written: its file system is far "
+                       "slower than training, or stalls")
             self.dropped += 1
+            return
+        line = json.dumps({k: jsonable(v) for k, v in record.items()}) + "\n"
+        self._queue.append((int(record.get("step", -1)), line))
+        self._queued += 1
 
     @property
     def failure(self) -> str | None:
@@ -100,28 +106,25 @@ class MetricsLog:
         if self._thread is None:
             return self.failure
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while self.failure is None and self._queue.unfinished_tasks:
+        while self.failure is None and self._written < self._queued:
             if time.monotonic() > deadline:
-                self._fail(f"{self._queue.unfinished_tasks} lines not written within "
+                self._fail(f"{self._queued - self._written} lines not written within "
                            f"{self.timeout:g} s: its file system stalls")
                 break
-            time.sleep(0.005)
+            time.sleep(_IDLE_S[0])
         return self.failure
 
-    def close(self) -> None:
-        """Write what is queued (bounded by the timeout) and end the writer. Never raises and
-        never waits on a writer that failed: the thread is a daemon, and a write stuck in
-        the kernel must not hold the process."""
+    def close(self, wait: float | None = None) -> None:
+        """Write what is queued (waiting at most `wait` seconds, default the timeout) and end
+        the writer. Never raises and never waits on a writer that failed: the thread is a
+        daemon, and a write stuck in the kernel must not hold the process."""
+        self._closed = True
         if self._thread is None:
             return
+        self._closing = True
         if self.failure is None:
-            try:
-                self._queue.put(_DONE, timeout=self.timeout)
-            except queue.Full:
-                pass
-            self._thread.join(self.timeout)
+            self._thread.join(self.timeout if wait is None else wait)
         self._thread = None
-        self._closed = True
 
     def __enter__(self) -> "MetricsLog":
         return self
@@ -140,29 +143,31 @@ class MetricsLog:
             self._error = f"metrics file {self.path} cannot be written: {why}"
 
     def _run(self, file: IO[str]) -> None:
+        idle = _IDLE_S[0]
         try:
-            while True:
-                item = self._queue.get()
+            while self._error is None:
                 try:
-                    if item is _DONE:
+                    step, line = self._queue.popleft()
+                except IndexError:
+                    if self._closing:
                         return
-                    if self._error is not None:
-                        continue            # failed: drain without writing
-                    step, line = item
-                    self._busy_since = time.monotonic()
-                    try:
-                        if self._before_write is not None:
-                            self._before_write(step)
-                        file.write(line)
-                        file.flush()
-                    except OSError as e:
-                        self._fail(f"[Errno {e.errno}] {e.strerror or e}")
-                    except Exception as e:  # noqa: BLE001 - kept for the job to report
-                        self._fail(f"{type(e).__name__}: {e}")
-                    finally:
-                        self._busy_since = None
+                    time.sleep(idle)
+                    idle = min(2 * idle, _IDLE_S[1])
+                    continue
+                idle = _IDLE_S[0]
+                self._busy_since = time.monotonic()
+                try:
+                    if self._before_write is not None:
+                        self._before_write(step)
+                    file.write(line)
+                    file.flush()
+                except OSError as e:
+                    self._fail(f"[Errno {e.errno}] {e.strerror or e}")
+                except Exception as e:  # noqa: BLE001 - kept for the job to report
+                    self._fail(f"{type(e).__name__}: {e}")
                 finally:
-                    self._queue.task_done()
+                    self._busy_since = None
+                    self._written += 1
         finally:
             try:
                 file.close()

@@ -49,6 +49,8 @@ from dpsgs.reliability.step_control import StepControl
 
 __all__ = ["RunFinished", "Trainer", "train"]
 
+_LOG_CLOSE_WAIT_S = 1.0
+
 
 class RunFinished(Exception):
     """A resume of a run that already finished: nothing to do (the summary is attached)."""
@@ -239,8 +241,10 @@ class Trainer:
         self.executor.close()
         self.control.preempt.uninstall()
         self.progress.close()
-        self.progress.job_log.close()
-        self.progress.rank_log.close()
+        # the lines are flushed already, or this is an error path: its one line (Ctrl-C's
+        # from rank 0 within the others' 2 s) must not wait on a slow disk
+        self.progress.job_log.close(wait=_LOG_CLOSE_WAIT_S)
+        self.progress.rank_log.close(wait=_LOG_CLOSE_WAIT_S)
         self._release_folder()
 
     def _resume(self) -> Position:
