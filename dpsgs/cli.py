@@ -94,6 +94,9 @@ HELP: dict[str, str] = {
     "allreduce": "all-reduce algorithm: auto, ring (C++ ring) or mpi (MPI_Allreduce)",
     "timeout": "seconds any wait may take before the job is aborted, naming the peer",
     "warn_after": "seconds after which a stalled wait is reported (which ranks are missing)",
+    "stop_grace": "after SIGTERM/SIGUSR1 the job ends within this many seconds, even when a rank "
+                  "is stopped or stuck (naming it; the last checkpoint is kept); keep it below "
+                  "the batch system's grace (Slurm's KillWait, 30 s by default)",
     "run_dir": "run folder for config, metrics, checkpoints, summary; it belongs to one run "
                "(a fresh run into a used folder is refused) (default: runs/<timestamp>)",
     "metrics_every": "write a metrics line every this many steps",
@@ -250,7 +253,9 @@ def _report(summary: dict, config: TrainConfig) -> None:
               + (f" (epoch {epoch})" if epoch is not None else ""))
     elif acc is not None:
         print(f"final test accuracy: {100 * float(acc):.2f}%")
-    print("summary: " + json.dumps(test or summary, default=str))
+    from dpsgs.job.run_folder import strict_json
+
+    print("summary: " + json.dumps(strict_json(test or summary), default=str))
     print(f"run folder: {summary.get('run_dir', config.run_dir)}")
 
 
@@ -277,9 +282,7 @@ def _train(args: argparse.Namespace) -> int:
             return 2
         _report(summary, config)
         return 0
-    rc, summary = run_job(config, _timestamp_run_dir)
-    if rc == 0 and summary is not None and launcher_rank() == 0:
-        _report(summary, config)
+    rc, _ = run_job(config, _timestamp_run_dir, report=lambda summary: _report(summary, config))
     return rc
 
 
@@ -360,7 +363,10 @@ def _main(argv: list[str]) -> int:
     try:
         defaults = _base_config(argv) if argv and argv[0] == "train" else None
     except ValueError as e:
-        print(f"dpsgs train: error: {e}", file=sys.stderr)
+        from dpsgs.job.process import launcher_rank
+
+        if launcher_rank() == 0:       # every rank reads the same file: say it once
+            print(f"dpsgs train: error: {e}", file=sys.stderr)
         return 2
     args = build_parser(defaults).parse_args(argv)
     if args.command == "train":

@@ -23,8 +23,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # other field is an identity setting: a resume keeps it unless named with --override.
 OPERATIONAL = frozenset({
     "data_dir", "balance", "bucket_cap_mb", "first_bucket_mb", "allreduce", "timeout", "warn_after",
-    "run_dir", "metrics_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
-    "resume_fallback", "override", "trace", "progress", "on_nonfinite", "device",
+    "stop_grace", "run_dir", "metrics_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "resume", "resume_fallback", "override", "trace", "progress", "on_nonfinite", "device",
 })
 
 
@@ -79,6 +79,7 @@ class TrainConfig:
     allreduce: str = "auto"            # auto | ring | mpi
     timeout: float = 300.0             # seconds any wait may take before the job is aborted
     warn_after: float = 60.0           # stall report threshold
+    stop_grace: float = 15.0           # after SIGTERM the job ends within this, stuck ranks or not
 
     # output
     run_dir: str | None = None
@@ -107,17 +108,20 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{option(name)} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        # --epochs 0 would train nothing and report an untrained model as the result
         for name in ("stages", "replicas", "batch_size", "micro_batches", "metrics_every",
-                     "eval_every", "synthetic_samples"):
+                     "eval_every", "synthetic_samples", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "checkpoint_every", "keep_checkpoints"):
+        for name in ("checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{option(name)} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
         if not self.lr > 0 or not self.timeout > 0:
             raise ValueError(f"--lr and --timeout must be > 0, got {self.lr} and {self.timeout}")
+        if not self.stop_grace > 0:
+            raise ValueError(f"--stop-grace must be > 0, got {self.stop_grace}")
         if not 0 < self.shrink <= 1:
             raise ValueError(f"--shrink must be in (0, 1], got {self.shrink}")
         if self.schedule == "sync" and self.shrink != 1.0:

@@ -129,6 +129,11 @@ PYBIND11_MODULE(_C, m) {
           wait_for_output_drain(drain_s);
         }, py::arg("drain_s") = 2.0,
         "flush stdio, then wait (bounded) until mpirun's proxy has read this rank's stdout/stderr pipes");
+  m.def("finalize_mpi", [] {
+          py::gil_scoped_release nogil;
+          finalize_mpi();
+        },
+        "MPI_Finalize (unless MPI is down) with the GIL released, so a Python watchdog still runs");
   bind_core(m);
 #ifdef DPSGS_WITH_NCCL
   bind_nccl(m);

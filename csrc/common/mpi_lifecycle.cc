@@ -39,4 +39,9 @@ void wait_for_output_drain(double drain_s) {
   std::this_thread::sleep_for(kForwardGrace);
 }
 
+void finalize_mpi() {
+  if (!mpi_alive()) return;
+  MPI_Finalize();  // errors: nothing is left to report them to; the process ends next
+}
+
 }  // namespace dpsgs

@@ -12,4 +12,9 @@ bool mpi_alive();
 // in the pipe (the one naming the dead peer) would be lost.
 void wait_for_output_drain(double drain_s = 2.0);
 
+// MPI_Finalize unless MPI is down already. Its caller releases the GIL first: MPI_Finalize
+// waits for every rank (a PMI barrier), and a stopped peer would otherwise hold the Python
+// thread that is meant to end this rank after a deadline (mpi4py's Finalize keeps the GIL).
+void finalize_mpi();
+
 }  // namespace dpsgs

@@ -70,10 +70,11 @@ def job_digest(config: TrainConfig, model: Any, train: Any, test: Any) -> dict[s
     return d
 
 
-def _ranks(grid: Grid, ranks: list[int]) -> str:
-    if len(ranks) == grid.size:
+def _ranks(grid: Grid, ranks: list[int], world: int) -> str:
+    if len(ranks) == world:
         return "every rank"
-    return ", ".join(grid.label(r) for r in ranks)
+    # a rank outside this rank's grid (a world that does not match it) has no place to name
+    return ", ".join(grid.label(r) if r < grid.size else f"rank {r}" for r in ranks)
 
 
 def agree(comm: Any, grid: Grid, mine: Outcome, timeout: float) -> Outcome:
@@ -88,7 +89,8 @@ def agree(comm: Any, grid: Grid, mine: Outcome, timeout: float) -> Outcome:
         if o.error:
             errors.setdefault(o.error, []).append(r)
     if errors:
-        raise SetupFailed("; ".join(f"{_ranks(grid, rs)}: {text}" for text, rs in errors.items()))
+        raise SetupFailed("; ".join(f"{_ranks(grid, rs, len(everyone))}: {text}"
+                                    for text, rs in errors.items()))
     differ = []
     for key in everyone[0].digest:
         values: dict[str, list[int]] = {}
@@ -97,9 +99,11 @@ def agree(comm: Any, grid: Grid, mine: Outcome, timeout: float) -> Outcome:
         if len(values) > 1:
             groups = sorted(values.items(), key=lambda kv: kv[1][0])
             if key.startswith("--"):
-                differ.append(f"{key} is " + " but ".join(f"{v} on {_ranks(grid, rs)}" for v, rs in groups))
+                differ.append(f"{key} is " + " but ".join(f"{v} on {_ranks(grid, rs, len(everyone))}"
+                                                          for v, rs in groups))
             else:            # digests: name who agrees with whom, not the hashes
-                differ.append(f"{key} differ between " + " and ".join(_ranks(grid, rs) for _, rs in groups))
+                differ.append(f"{key} differ between " + " and ".join(_ranks(grid, rs, len(everyone))
+                                                                      for _, rs in groups))
     if differ:
         raise SetupFailed("the ranks do not run the same job: " + "; ".join(differ[:4])
                           + ("; ..." if len(differ) > 4 else "")

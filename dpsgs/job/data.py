@@ -11,7 +11,9 @@ through the pipeline.
 - cifar10: a local folder in the standard python-pickle format (data_batch_1..5,
   test_batch; batches.meta is not needed), normalised with the CIFAR-10 channel mean/std;
   train batches are augmented (random crop 32 with padding 4, horizontal flip). Held as
-  float32: ~615 MB for the train set in every process that loads it.
+  float32: ~615 MB for the train set in every process that loads it. The pickle files are
+  read with a restricted unpickler (dpsgs.job.safe_pickle): a file that would run code is
+  refused, naming it.
 - synthetic: Gaussian inputs of any shape with labels from a fixed random linear teacher,
   so the task is learnable; test set = a quarter as many samples from the same teacher.
 """
@@ -19,7 +21,6 @@ through the pipeline.
 from __future__ import annotations
 
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +129,12 @@ def _cifar10(data_dir: str | None) -> tuple[Dataset, Dataset]:
 
 
 def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from dpsgs.job.safe_pickle import UnsafePickle, load_restricted
+
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        d = load_restricted(path)
+    except UnsafePickle as e:
+        raise ValueError(f"CIFAR-10 file {str(path)!r} is refused: {e}") from None
     except Exception as e:  # truncated or not a pickle at all
         raise ValueError(f"CIFAR-10 file {str(path)!r} is not a readable pickle: "
                          f"{type(e).__name__}: {e}") from None

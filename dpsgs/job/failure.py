@@ -1,7 +1,8 @@
 """One error, one clear line: the traceback goes to a per-rank log file, stderr gets one line.
 
 When every rank raises the same error at the same point (the start-up agreement, a NaN/Inf
-stop, a failed checkpoint save: all decided collectively), rank 0 prints it; any other error
+stop, a failed checkpoint save, a rank's metrics file that cannot be written: all decided
+collectively), rank 0 prints it; any other error
 is printed by the rank that saw it, named by its job rank and (replica, stage). The full
 traceback of every failing rank is in RUN_DIR/logs/rank{R}.log (or a temporary folder when
 the run has no folder).
@@ -24,8 +25,9 @@ def everywhere(error: BaseException) -> bool:
     from dpsgs.job.agreement import SetupFailed
     from dpsgs.job.checkpoint import CheckpointSaveError
     from dpsgs.reliability.guards import NonFiniteError
+    from dpsgs.reliability.step_control import RankFailure
 
-    return isinstance(error, (SetupFailed, NonFiniteError, CheckpointSaveError))
+    return isinstance(error, (SetupFailed, NonFiniteError, CheckpointSaveError, RankFailure))
 
 
 def log_file(run_dir: str | None, rank: int) -> Path:

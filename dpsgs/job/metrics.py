@@ -1,9 +1,9 @@
-"""Per-rank timing (per-step totals by category, optional Chrome trace) and JSON-lines metrics."""
+"""Per-rank timing (per-step totals by category, optional Chrome trace); the JSON-lines log
+(MetricsLog, read_metrics) lives in dpsgs.job.metrics_log and is re-exported here."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import defaultdict, deque
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from dpsgs.job.atomic_file import atomic_write
+from dpsgs.job.metrics_log import MetricsLog, jsonable as _jsonable, read_metrics
 from dpsgs.pipeline.hooks import Spans
 
 __all__ = ["CATEGORIES", "Timeline", "MetricsLog", "read_metrics", "rank_path", "merge_traces"]
@@ -162,69 +162,3 @@ def merge_traces(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path
     out = Path(out)
     out.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
     return out
-
-
-class MetricsLog:
-    """Appends one JSON object per write() to `path` (flushed, so a killed run keeps its
-    lines); path=None makes every call a no-op (ranks that do not log). `keep_below`: first
-    drop (atomically) the records of steps >= keep_below already in the file — a resumed run
-    redoes those steps, and a run restarted from the beginning passes 0."""
-
-    def __init__(self, path: str | os.PathLike | None, keep_below: int | None = None) -> None:
-        self.path = Path(path) if path else None
-        self._file = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if keep_below is not None and self.path.exists():
-                kept = [r for r in read_metrics(self.path) if int(r.get("step", -1)) < keep_below]
-                atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-            self._file = open(self.path, "a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            return
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "MetricsLog":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a torn last line (killed writer) is skipped."""
-    records = []
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
-    return records
-
-
-def _jsonable(v: Any) -> Any:
-    """Tensors/NumPy scalars -> Python numbers; NaN/Inf -> strings (strict JSON has neither)."""
-    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
-        v = v.item()
-    elif hasattr(v, "tolist"):
-        v = v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    return v

@@ -2,12 +2,16 @@
 moment to the last: signals, one line per error, a bounded end.
 
 - The preemption handler is installed before MPI and torch load, so a SIGTERM in the first
-  seconds takes the clean path (stop at the first agreed step, checkpoint, exit 0).
+  seconds takes the clean path (stop at the first agreed step, checkpoint, exit 0). If the
+  job has not ended --stop-grace seconds after the signal (a rank is stopped or stuck), a
+  watchdog ends it, naming the ranks that do not answer (dpsgs.reliability.stop_deadline).
 - Errors follow dpsgs.job.failure: one line, the traceback in RUN_DIR/logs/. Ctrl-C prints
   one line (rank 0) and ends the job at once, without tracebacks.
 - The job ends with an agreement under a deadline (a vote that names any rank that does not
-  come) and aborts rather than wait; MPI_Finalize then runs with a watchdog, so a rank that
-  dies at the very end cannot leave the others in MPI_Finalize past the timeout.
+  come) and aborts rather than wait; rank 0 reports the results, and MPI_Finalize then runs
+  with a watchdog, so a rank that dies or stops at the very end cannot leave the others in
+  MPI_Finalize past the timeout (mpirun itself still waits for a stopped process:
+  docs/reliability.md).
 Embedded use (dpsgs.train with the caller's communicator) does none of this: the caller owns
 MPI's lifecycle (DESIGN §2).
 """
@@ -18,6 +22,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dpsgs.comm.abort import abort_job
@@ -40,23 +45,33 @@ def launcher_rank() -> int:
     return 0
 
 
-def run_job(config: TrainConfig, default_run_dir: Any) -> tuple[int, dict[str, Any] | None]:
-    """Run the job on COMM_WORLD in this process; (exit code, summary on success)."""
-    install_early()
+def run_job(config: TrainConfig, default_run_dir: Any,
+            report: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, dict[str, Any] | None]:
+    """Run the job on COMM_WORLD in this process; (exit code, summary on success). `report`
+    is called on rank 0 with the summary once every rank has agreed that the job ended, before
+    MPI_Finalize (which a peer stopped at the very end would hold)."""
+    handler = install_early()
     from mpi4py import MPI
 
     from dpsgs.job.trainer import train
+    from dpsgs.reliability.stop_deadline import StopDeadline
     from dpsgs.reliability.votes import StepVote, VoteTimeout
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    deadline: StopDeadline | None = None
     try:
         config.run_dir = config.run_dir or default_run_dir(comm)
         # made now, while every rank is here: the end-of-job vote must not need a collective
         closing = StepVote(comm, 1, config.timeout, config.warn_after)
+        deadline = StopDeadline(comm, handler, config.stop_grace, label=_labels(config, comm),
+                                last_checkpoint=lambda: _newest_checkpoint(config.run_dir)).start()
         summary = train(config, comm)
         fault_point("end", 0, rank)
         closing.vote(-1, [0], "end-of-job agreement")
+        if report is not None and rank == 0:
+            report(summary)
+        fault_point("finalize", 0, rank)
     except KeyboardInterrupt:
         if rank == 0:
             print("dpsgs: interrupted (Ctrl-C): the job ends now, without a checkpoint "
@@ -73,26 +88,56 @@ def run_job(config: TrainConfig, default_run_dir: Any) -> tuple[int, dict[str, A
         print(f"dpsgs: {e}", file=sys.stderr, flush=True)
         abort_job(1)
     except Exception:  # noqa: BLE001 - train() has reported it, and aborted unless all ranks raise it
-        _finalize(comm, config.timeout)
+        _finalize(comm, config.timeout, deadline)
         return 1, None
-    _finalize(comm, config.timeout)
+    _finalize(comm, config.timeout, deadline, done=True)
     return 0, summary
 
 
-def _finalize(comm: Any, timeout: float) -> None:
-    """Shut the core's progress threads down and finalize MPI now, under a watchdog."""
-    from mpi4py import MPI
+def _labels(config: TrainConfig, comm: Any) -> Any:
+    """How the stop deadline names a rank: with its place in the grid where the world fits it."""
+    from dpsgs.comm.grid import Grid
 
+    try:
+        grid = Grid(config.stages, config.replicas)
+        grid.check_world(comm.Get_size())
+    except ValueError:
+        return lambda r: f"rank {r}"
+    return grid.label
+
+
+def _newest_checkpoint(run_dir: str | None) -> str | None:
+    from dpsgs.job.checkpoint import committed_checkpoints
+
+    found = committed_checkpoints(run_dir) if run_dir else []
+    return str(found[-1]) if found else None
+
+
+def _finalize(comm: Any, timeout: float, deadline: Any = None, done: bool = False) -> None:
+    """Shut the core's progress threads down and finalize MPI now, under a watchdog.
+
+    MPI_Finalize waits for every rank; one stopped at the very end would hold this rank in it
+    forever. After `timeout` the watchdog ends the rank instead: exit 0 when `done` (every
+    rank agreed that the job ended: its results are complete and reported), else 1. mpirun's
+    clean-up then ends the stopped process too. Rank 0 says so; the others give it
+    _INTERRUPT_GRACE_S to, and speak only if it cannot (it may be the stopped one)."""
     from dpsgs import _C
 
+    if deadline is not None:     # its thread uses MPI: it ends before MPI does
+        deadline.stop()
+    rank = comm.Get_rank()       # not in hung(): MPI is being finalized then
+
     def hung() -> None:
-        print(f"dpsgs: rank {comm.Get_rank()}: MPI_Finalize did not return within {timeout:.0f} s "
-              "(a peer is gone); exiting", file=sys.stderr, flush=True)
-        os._exit(1)
+        if rank != 0:
+            time.sleep(_INTERRUPT_GRACE_S)
+        print(f"dpsgs: rank {rank}: MPI_Finalize did not return within {timeout:g} s (a peer is "
+              "gone or stopped)" + ("; the job's results are complete" if done else "")
+              + "; exiting", file=sys.stderr, flush=True)
+        os._exit(0 if done else 1)
 
     watchdog = threading.Timer(timeout, hung)
     watchdog.daemon = True
     watchdog.start()
     _C._shutdown()
-    MPI.Finalize()
+    _C.finalize_mpi()       # with the GIL released (mpi4py's Finalize holds it): the watchdog runs
     watchdog.cancel()

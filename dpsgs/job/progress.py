@@ -158,6 +158,21 @@ class ProgressReporter(StepHooks):
             self._bar.set_postfix(loss=f"{self.last_train.get('loss', float('nan')):.4f}",
                                   test_acc=f"{test['test_accuracy']:.3f}")
 
+    # -- the metrics files (written by their own threads: dpsgs.job.metrics_log) ------------
+    def open_logs(self) -> None:
+        """Start writing the metrics files (after a resume was agreed: a refused one leaves
+        them as they were)."""
+        self.job_log.open()
+        self.rank_log.open()
+
+    def log_failure(self) -> str | None:
+        """Why this rank's metrics lines are not being written (None while all is well)."""
+        return self.job_log.failure or self.rank_log.failure
+
+    def flush_logs(self) -> str | None:
+        """Wait (bounded) until every queued metrics line is written; the failure, if any."""
+        return self.job_log.flush() or self.rank_log.flush()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

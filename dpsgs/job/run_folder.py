@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 import time
@@ -28,7 +29,7 @@ from typing import Any
 from dpsgs.config import TrainConfig
 from dpsgs.job.atomic_file import atomic_write
 
-__all__ = ["RunFolder", "RunFolderError", "RUN_FILE", "LOCK_FILE", "check_run_dir"]
+__all__ = ["RunFolder", "RunFolderError", "RUN_FILE", "LOCK_FILE", "check_run_dir", "strict_json"]
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -54,8 +55,23 @@ def check_run_dir(path: str) -> Path:
     return p
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every NaN or Inf float as None: strict JSON (the files' readers) has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    return json.dumps(strict_json(obj), allow_nan=False, default=str, **kw) + "\n"
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(path, _dumps(obj, indent=2, sort_keys=True))
 
 
 @dataclass
@@ -82,7 +98,7 @@ class RunFolder:
         try:
             run_file = path / RUN_FILE
             if run_file.exists():
-                record = json.loads(run_file.read_text())
+                record = _read_record(run_file)
                 folder = cls(path, record["run_id"], record, lock)
                 folder._check_resume(config)
             else:
@@ -149,7 +165,7 @@ class RunFolder:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic_write(self.path / "summary.json", _dumps(summary, indent=2))
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.record["finished"] = True
@@ -159,12 +175,29 @@ class RunFolder:
                                 "iterations": summary.get("run_iterations", summary.get("iterations")),
                                 "test_accuracy": summary.get("test_accuracy"),
                                 "test_loss": summary.get("test_loss")}
+        if summary.get("test_loss_nonfinite"):
+            self.record["final"]["test_loss_nonfinite"] = summary["test_loss_nonfinite"]
         _atomic_json(self.path / RUN_FILE, self.record)
 
     def close(self) -> None:
         if self._lock is not None:
             self._lock.close()          # closing the file releases the flock
             self._lock = None
+
+
+def _read_record(run_file: Path) -> dict[str, Any]:
+    """run.json as written by RunFolder; RunFolderError naming the file when it is not."""
+    try:
+        record = json.loads(run_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{run_file} cannot be read as a run record ({type(e).__name__}: {e}); "
+                             "restore it, or choose a new --run-dir") from None
+    if not isinstance(record, dict) or not isinstance(record.get("run_id"), str) \
+            or not isinstance(record.get("identity", {}), dict) \
+            or not isinstance(record.get("history", []), list):
+        raise RunFolderError(f"{run_file} is not a run record (it needs a run_id, an identity "
+                             "and a history, as dpsgs writes them); restore it, or choose a new --run-dir")
+    return record
 
 
 def _take_lock(path: Path) -> Any:

@@ -30,7 +30,7 @@ from dpsgs.comm.grid import Grid
 from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier, wait_for
 from dpsgs.config import TrainConfig
-from dpsgs.job.agreement import Outcome, SetupFailed, agree, job_digest
+from dpsgs.job.agreement import Outcome, agree, job_digest
 from dpsgs.job.checkpoint import CheckpointError, resolve_resume
 from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip_done
 from dpsgs.job.failure import everywhere, log_traceback, report_failure
@@ -42,12 +42,14 @@ from dpsgs.job.run_setup import Loaded, assemble, choose_split, load, segments
 from dpsgs.pipeline.executor import StageExecutor
 from dpsgs.pipeline.hooks import HookChain
 from dpsgs.pipeline.schedule import fdg_plan
-from dpsgs.reliability.faults import fault_hooks
+from dpsgs.reliability.faults import fault_callback, fault_hooks
 from dpsgs.reliability.preemption import PreemptionHandler
 from dpsgs.reliability.rank_map import announce_ranks
 from dpsgs.reliability.step_control import StepControl
 
 __all__ = ["RunFinished", "Trainer", "train"]
+
+_LOG_CLOSE_WAIT_S = 1.0
 
 
 class RunFinished(Exception):
@@ -68,12 +70,15 @@ class Trainer:
     a dpsgs.pipeline.recorder.Recorder. `cuda_view`: what this rank sees of CUDA (default:
     probed), the seam through which tests make up a GPU machine for --device.
 
-    Start-up has two parts. First every rank does what it can alone — check the config, load
-    the data, build the model — and rank 0 takes the run folder (dpsgs.job.run_folder),
-    picks the checkpoint to resume from and the split (its profile, or the checkpoint's);
-    one agreement (dpsgs.job.agreement) then compares every rank's outcome and digest of the
-    job, so a failure or a disagreement anywhere is one error on every rank. Then the
-    collective part: communicators, transport, step control, the executor."""
+    Start-up has two parts. First every rank does what it can alone — check the world size
+    and the config, load the data, build the model — and rank 0 takes the run folder
+    (dpsgs.job.run_folder), picks the checkpoint to resume from and the split (its profile,
+    or the checkpoint's); one agreement (dpsgs.job.agreement) then compares every rank's
+    outcome and digest of the job, so a failure or a disagreement anywhere is one error on
+    every rank. Then the collective part: communicators, transport, step control, the
+    executor; fit() loads the checkpoint under a second agreement, and only then writes to
+    the run folder (run.json, config.json, the metrics files), so a refused start leaves
+    it as it was."""
 
     def __init__(self, config: TrainConfig, comm: Any = None, *, model: nn.Module | None = None,
                  data: Any = None, transport: str | Transport = "core", hooks: Any = None,
@@ -92,6 +97,9 @@ class Trainer:
         views = gather_views(comm, CudaView(host_identity()) if config.device == "cpu" else
                              cuda_view or probe_cuda(), config.timeout)
         try:
+            # here, not before: a world that matches the grid of some ranks only (an MPMD
+            # launch) must reach the agreement, or those ranks wait out the timeout
+            self.grid.check_world(comm.Get_size())
             decision = resolve_device(config.device, views, labels=[
                 self.grid.label(r) for r in range(len(views))] if len(views) == self.grid.size else None)
             loaded = load(config, model, data)
@@ -128,28 +136,32 @@ class Trainer:
         self.replica, self.stage = ctx.replica, ctx.stage
         if self.stage > 0:          # only stage 0 reads inputs; the last stage reads labels
             self.setup.drop_inputs()
-        resumed = decided.get("resume")
-        self.checkpointer = Checkpointer(config, self.grid, self.rank, resumed, self.run_id)
-        if self.folder is not None:
-            self.folder.start(config, resumed, ran=self.ran, split=self.setup.choice.record())
+        self.resumed = decided.get("resume")
+        self.checkpointer = Checkpointer(config, self.grid, self.rank, self.resumed, self.run_id)
         self.timeline = Timeline(self.rank, config.trace, gpu=device == "cuda")
         # reliability (docs/reliability.md): step-boundary vote (preemption signals, NaN/Inf
         # policy) with deadline-checked collectives, rank->pid map, fault points (only when
         # DPSGS_FAULT names this rank)
         barrier(self.pycomm, config.timeout, "start-up barrier")      # the vote's Dup has no deadline
-        self.control = StepControl(self.pycomm, grid=self.grid, rank=self.rank, timeout=config.timeout,
-                                   warn_after=config.warn_after, on_nonfinite=config.on_nonfinite,
-                                   preempt=_early_signals())
-        announce_ranks(self.control.bounded(self.pycomm, "start-up rank map"), self.grid, config.run_dir)
         run_dir = Path(config.run_dir) if config.run_dir else None
         self.run_dir = run_dir
-        # a resumed run redoes the steps after its checkpoint: their old lines go
+        # a resumed run redoes the steps after its checkpoint: their old lines go (when the
+        # resume is agreed: _resume opens the logs); lines are written by a thread of their own
         keep_below = int(decided.get("resume_step") or 0)
+
+        def log(path: Path | None) -> MetricsLog:
+            return MetricsLog(path, keep_below, timeout=config.timeout, deferred=True,
+                              before_write=fault_callback("metrics", self.rank))
+
         self.progress = ProgressReporter(
             config, self.grid, self.pycomm, self.rank, self.timeline,
-            MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.rank == 0 else None, keep_below),
-            MetricsLog(run_dir / f"metrics.rank{self.rank}.jsonl" if run_dir else None, keep_below),
+            log(run_dir / "metrics.jsonl" if run_dir and self.rank == 0 else None),
+            log(run_dir / f"metrics.rank{self.rank}.jsonl" if run_dir else None),
             batches_per_epoch=self.setup.batches_per_epoch)
+        self.control = StepControl(self.pycomm, grid=self.grid, rank=self.rank, timeout=config.timeout,
+                                   warn_after=config.warn_after, on_nonfinite=config.on_nonfinite,
+                                   preempt=_early_signals(), health=self.progress.log_failure)
+        announce_ranks(self.control.bounded(self.pycomm, "start-up rank map"), self.grid, config.run_dir)
         # order matters: the step's metrics are written before the vote may stop the run
         self.executor = StageExecutor(self.setup, self.rank, ctx.transport,
                                       hooks=HookChain(fault_hooks(self.rank), self.progress,
@@ -160,6 +172,7 @@ class Trainer:
         self.position = Position()
         self.global_step = 0
         self.evals: list[dict[str, Any]] = []
+        self._said_nonfinite_test = False
 
     def _decide(self, loaded: Loaded) -> dict[str, Any]:
         """Rank 0, before the agreement: the run folder, the checkpoint to resume, the split."""
@@ -205,13 +218,24 @@ class Trainer:
         loss_sum, correct, n = self.executor.evaluate()
         from mpi4py import MPI
 
-        tot = np.array([loss_sum, correct, n], dtype=np.float64)   # counts exact below 2^53
+        # counts exact below 2^53; the last: samples whose loss was NaN or Inf
+        tot = np.array([loss_sum, correct, n, self.executor.eval_nonfinite], dtype=np.float64)
         # non-blocking, waited for politely: a rank that died or was interrupted before it
         # (Ctrl-C reaches the ranks at different points) must not hold the others in MPI
         req = self.pycomm.Iallreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
         wait_for(req.Test, self.config.timeout, f"{self.grid.label(self.rank)}: evaluation's all-reduce")
         n = max(1, int(tot[2]))
-        return {"test_loss": float(tot[0]) / n, "test_accuracy": float(tot[1]) / n}
+        test = {"test_loss": float(tot[0]) / n, "test_accuracy": float(tot[1]) / n}
+        bad = int(tot[3])
+        if bad:
+            test["test_loss_nonfinite"] = bad
+            if self.rank == 0 and not self._said_nonfinite_test:
+                self._said_nonfinite_test = True
+                print(f"dpsgs: {bad} of {n} test losses are not finite (NaN or Inf) after step "
+                      f"{self.global_step - 1}: test_loss is NaN (null in summary.json and run.json; "
+                      "each evaluation's count is test_loss_nonfinite in metrics.jsonl)",
+                      file=sys.stderr, flush=True)
+        return test
 
     def fit(self) -> dict[str, Any]:
         """Train the run's remaining segments; the summary. On an error, what this rank holds
@@ -228,13 +252,31 @@ class Trainer:
         self.executor.close()
         self.control.preempt.uninstall()
         self.progress.close()
-        self.progress.job_log.close()
-        self.progress.rank_log.close()
+        # the lines are flushed already, or this is an error path: its one line (Ctrl-C's
+        # from rank 0 within the others' 2 s) must not wait on a slow disk
+        self.progress.job_log.close(wait=_LOG_CLOSE_WAIT_S)
+        self.progress.rank_log.close(wait=_LOG_CLOSE_WAIT_S)
         self._release_folder()
+
+    def _resume(self) -> Position:
+        """Collective: load the resume checkpoint on every rank, agreed — a rank that cannot
+        is one error on every rank, and the run folder is left as it was (nothing of it is
+        written before this). Then record the start in the folder and open the metrics."""
+        mine, position = Outcome(), Position()
+        try:
+            position = self.checkpointer.resume(self.executor, self.setup.split)
+        except Exception as e:  # noqa: BLE001 - reported by every rank, through the agreement
+            mine.error = f"{type(e).__name__}: {e}"
+            log_traceback(e, self.rank, self.config.run_dir)
+        agree(self.pycomm, self.grid, mine, self.config.timeout)
+        if self.folder is not None:
+            self.folder.start(self.config, self.resumed, ran=self.ran, split=self.setup.choice.record())
+        self.progress.open_logs()
+        return position
 
     def _fit(self) -> dict[str, Any]:
         cfg, ex = self.config, self.executor
-        self.position = self.checkpointer.resume(ex, self.setup.split)
+        self.position = self._resume()
         self.global_step = self.position.global_step
         segs = skip_done(segments(self.setup, self.position.epoch), self.position.batch)
         K = cfg.stages
@@ -281,6 +323,10 @@ class Trainer:
             test = self.evaluate()
         seconds = time.perf_counter() - t0
         self.progress.close()
+        # the last metrics lines are written (bounded), and what any rank found in the last
+        # steps (a NaN, a file it cannot write) stops every rank with its one error
+        self.progress.flush_logs()
+        self.control.settle(self.global_step)
         summary = self._summary(seconds, iterations, test)
         if self.control.stop_signal and not finished:
             summary["stopped_by"] = self.control.stop_signal
@@ -372,10 +418,6 @@ def train(config: TrainConfig, comm: Any = None, **kwargs: Any) -> dict[str, Any
     grid = Grid(config.stages, config.replicas)
     rank = comm.Get_rank()
     try:
-        try:
-            grid.check_world(comm.Get_size())
-        except ValueError as e:
-            raise SetupFailed(str(e)) from None
         return Trainer(config, comm, **kwargs).fit()
     except RunFinished as done:
         if rank == 0:

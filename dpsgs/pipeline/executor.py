@@ -80,6 +80,7 @@ class StageExecutor:
         self.reducer = self._make_reducer()
         self._sends: list[Work] = []
         self.step = 0          # the global step being executed (for hooks outside a plan)
+        self.eval_nonfinite = 0    # last stage: non-finite per-sample losses of the last evaluate
 
     def _make_reducer(self) -> Reducer | None:
         """The stage group's averaging reducer. overlap=step backpropagates while the last
@@ -284,12 +285,14 @@ class StageExecutor:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int, int]:
         """Pipelined forward of this replica's share of the test set (eval mode); returns
-        (loss sum, correct, samples) on the last stage, zeros elsewhere."""
+        (loss sum, correct, samples) on the last stage, zeros elsewhere; eval_nonfinite
+        counts the samples whose loss was NaN or Inf (their sum is then non-finite)."""
         self.hooks.phase("eval", self.step)
         module = self.compute.module
         mode = module.training
         module.eval()
         loss_sum, correct, n = 0.0, 0, 0
+        self.eval_nonfinite = 0
         try:
             for a, b in self.workload.eval_spans(self.replica):
                 if self.stage == 0:
@@ -302,7 +305,9 @@ class StageExecutor:
                     h = hs[0]
                     y = self._to_device(self.workload.eval_labels(a, b))
                     logits = h if h.element_size() >= 4 else h.float()
-                    loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                    losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+                    loss_sum += float(losses.sum())
+                    self.eval_nonfinite += int((~torch.isfinite(losses)).sum())
                     correct += int((h.argmax(dim=1) == y).sum())
                     n += b - a
                 else:

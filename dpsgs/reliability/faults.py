@@ -11,10 +11,14 @@ random step still lands on the next occurrence). `step` may be omitted (= 0).
 
 Kinds: `sigkill` (the process vanishes, as on an OOM kill), `exception` (a Python error
 escapes, as on a bug), `oom` (MemoryError), `exit` (os._exit without MPI_Finalize),
-`hang` (the rank stops answering; its peers must time out) and `sigterm` (this one rank
-receives a preemption signal and carries on: a deterministic preemption test). Before
-failing, the rank prints one line to stderr naming itself, so a test log always says which
-rank was the culprit.
+`hang` (the calling thread stops answering; its peers must time out), `stop` (the whole
+process is stopped, as by `kill -STOP` or a node that freezes: not even its signal handlers
+or other threads run until a SIGCONT) and `sigterm` (this one rank receives a preemption
+signal and carries on: a deterministic preemption test). Before failing, the rank prints
+one line to stderr naming itself, so a test log always says which rank was the culprit.
+
+Phase `metrics` is marked on the writer thread of a rank's metrics files before each line
+(dpsgs.job.metrics_log), with the line's step: `hang` there is a frozen file system.
 """
 
 from __future__ import annotations
@@ -23,19 +27,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dpsgs.pipeline.hooks import StepHooks
 
 __all__ = ["ENV_VAR", "PHASES", "KINDS", "Fault", "FaultHooks", "FaultInjected", "parse_fault",
-           "active_fault", "fault_hooks", "fault_point", "reset"]
+           "active_fault", "fault_hooks", "fault_point", "fault_callback", "reset"]
 
 ENV_VAR = "DPSGS_FAULT"
 # Phase boundaries the trainer marks. `warmup` is marked at the top of each step while the
 # pipeline fills, so a warm-up fault hits before the first update of every stage; `end` after
-# training, before the CLI's end-of-job agreement (step 0).
-PHASES = ("warmup", "forward", "backward", "reduce", "flush", "eval", "save", "end")
-KINDS = ("sigkill", "exception", "oom", "exit", "hang", "sigterm")
+# training, before the CLI's end-of-job agreement (step 0); `finalize` after that agreement,
+# before MPI_Finalize (step 0).
+PHASES = ("warmup", "forward", "backward", "reduce", "flush", "eval", "save", "end", "finalize",
+          "metrics")
+KINDS = ("sigkill", "exception", "oom", "exit", "hang", "stop", "sigterm")
 EXIT_CODE = 17          # kind=exit: distinctive, so logs tell it from a crash
 
 
@@ -119,6 +126,9 @@ def fault_point(phase: str, step: int, rank: int) -> None:
     if f.kind == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)    # the handler (dpsgs.reliability.preemption) sets a flag
         return
+    if f.kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)    # every thread stops here until a SIGCONT
+        return
     if f.kind == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(60)      # the signal is asynchronous; never return into the trainer
@@ -151,3 +161,12 @@ def fault_hooks(rank: int) -> FaultHooks | None:
     fault code at all."""
     f = _fault
     return FaultHooks(rank) if f is not None and f.rank == rank else None
+
+
+def fault_callback(phase: str, rank: int) -> Callable[[int], None] | None:
+    """`step -> fault_point(phase, step, rank)` when the fault names this rank and phase, else
+    None (for seams that take a callback, such as the metrics writer's)."""
+    f = _fault
+    if f is None or f.rank != rank or f.phase != phase:
+        return None
+    return lambda step: fault_point(phase, step, rank)

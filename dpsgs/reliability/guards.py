@@ -56,6 +56,7 @@ class FiniteGuard:
         self.policy, self.rank, self.stage = policy, rank, stage
         self.pending: str | None = None      # first report not yet acted on (policy stop)
         self.pending_step = -1               # the step it was found at
+        self.pending_what = ""               # its kind of tensor ("loss", "gradient", ...)
         self.skipped = 0                     # updates skipped so far (policy skip)
         self._reported = 0                   # loss reports printed (policy skip)
 
@@ -82,7 +83,7 @@ class FiniteGuard:
                 print(f"dpsgs: {report}: {action} (--on-nonfinite skip; {self.skipped} skipped "
                       "on this rank)", file=sys.stderr, flush=True)
         elif self.pending is None:
-            self.pending, self.pending_step = report, step
+            self.pending, self.pending_step, self.pending_what = report, step, what
             print(f"dpsgs: {report}: stopping all ranks (--on-nonfinite stop)",
                   file=sys.stderr, flush=True)
         return False

@@ -5,13 +5,15 @@ walltime; hydra's mpirun forwards both to every rank. The handler does nothing b
 the signal: no MPI, no I/O, no allocation, because it runs between two arbitrary bytecodes
 of the training loop (possibly inside a communication call). The ranks then agree on it in
 the step-boundary vote (dpsgs.reliability.votes), flush the pipeline, write a checkpoint and exit 0;
-`--resume auto` continues from that checkpoint.
+`--resume auto` continues from that checkpoint. A rank that is stopped or stuck never comes
+to that vote: dpsgs.reliability.stop_deadline then ends the job within the grace.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -35,10 +37,12 @@ class PreemptionHandler:
     def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS) -> None:
         self.signals = tuple(signals)
         self.signum = 0
+        self.received_at = 0.0      # time.monotonic() of the first signal (the stop's grace)
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.signum:         # keep the first: a second SIGTERM must not re-trigger
+            self.received_at = time.monotonic()
             self.signum = signum
 
     @property

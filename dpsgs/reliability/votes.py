@@ -213,6 +213,9 @@ class LaggedVote:
             v._wait({0: r.answer}, r.step, "waiting for the answer of", grace)
         return [int(x) for x in r.result[1:]]
 
-    def drain(self) -> None:
+    def drain(self) -> list[list[int]]:
+        """Complete every round in flight; their decided values, oldest first."""
+        done = []
         while self.rounds:
-            self._finish(self.rounds.popleft())
+            done.append(self._finish(self.rounds.popleft()))
+        return done
