@@ -1,9 +1,11 @@
 // NcclChannel: device-memory channel, MPI header + ncclSend/ncclRecv payload (see nccl_channel.h).
 #include "cuda/nccl_channel.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "common/error.h"
@@ -19,6 +21,24 @@ std::string shape_str(const int64_t* shape, int ndim) {
   std::string s = "(";
   for (int i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + (ndim == 1 ? ",)" : ")");
+}
+
+// Sends a destroyed channel left in flight, with the buffers their Works own: ncclSend may
+// still read those, so they are released only once complete (or failed), checked whenever
+// a channel is destroyed.
+void keep_until_complete(std::deque<std::shared_ptr<NcclWork>> works) {
+  static std::mutex mu;
+  static auto* kept = new std::vector<std::shared_ptr<NcclWork>>();  // never destroyed: used at exit
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& w : works) kept->push_back(std::move(w));
+  kept->erase(std::remove_if(kept->begin(), kept->end(), [](const std::shared_ptr<NcclWork>& w) {
+                try {
+                  return w->is_completed();
+                } catch (const std::exception&) {
+                  return true;  // failed: its communicator is aborted and reads nothing more
+                }
+              }),
+              kept->end());
 }
 
 }  // namespace
@@ -80,6 +100,7 @@ NcclChannel::~NcclChannel() {
   if (unfinished > 0)
     std::fprintf(stderr, "[dpsgs] rank %d: %s closed with %zu sends still in flight (their buffers stay alive "
                  "until they complete)\n", rank_, describe_end().c_str(), unfinished);
+  keep_until_complete(std::move(inflight_));
   if (mpi_alive()) {
     // Pre-posted header receives nobody will match, and the sender's finished Isends.
     for (auto& r : hreq_) {
