@@ -7,6 +7,7 @@ namespace dpsgs {
 
 NcclReducer::NcclReducer(std::shared_ptr<NcclCommunicator> comm) : comm_(std::move(comm)) {
   DPSGS_CHECK_ARG(comm_ != nullptr, "NcclReducer: communicator is None");
+  comm_->will_allreduce();  // connect() then warms the all-reduce up (made after it: lazily, on first use)
 }
 
 std::shared_ptr<NcclWork> NcclReducer::allreduce(const Buffer& buf, Owner owner, bool average) {
