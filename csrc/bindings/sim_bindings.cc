@@ -14,6 +14,7 @@
 
 #include "common/error.h"
 #include "sim/sim_faults.h"
+#include "sim/sim_group.h"
 #include "sim/sim_memory.h"
 #include "sim/sim_settings.h"
 
@@ -94,6 +95,8 @@ void bind_sim(py::module_& m) {
     }
   }, py::arg("fault"), "arm a fault hook of this process: 'stall:N', 'async_error:N' or 'init_hang:N'");
   s.def("clear_fault", [] { sim::set_fault(sim::Fault::None, 0); });
+  s.def("submitted", &sim::submitted,
+        "NCCL operations submitted so far in this process, per communicator name and kind");
 
   s.def("set_device", [](int device) { check(cudaSetDevice(device), "cudaSetDevice"); }, py::arg("device"));
   s.def("current_device", [] {

@@ -171,9 +171,13 @@ ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t* newc
   // parent rank), form a new communicator whose tags come from its first member.
   auto job = [=](Comm& p) -> ncclResult_t {
     int n = p.nranks(), me = p.rank();
-    std::vector<long long> all(4 * n);
-    long long mine[4] = {color, key, me_world, static_cast<long long>(candidate)};
-    std::copy(mine, mine + 4, all.begin() + 4 * me);
+    auto store = std::make_shared<std::vector<long long>>(4 * n);  // abandoned if the split is aborted
+    std::vector<long long>& all = *store;
+    long long* mine = &all[4 * me];
+    mine[0] = color;
+    mine[1] = key;
+    mine[2] = me_world;
+    mine[3] = static_cast<long long>(candidate);
     std::vector<MPI_Request> reqs;
     for (int r = 0; r < n; ++r) {
       if (r == me) continue;
@@ -185,6 +189,7 @@ ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t* newc
     }
     std::string error;
     if (!wait_requests(reqs, [&p] { return p.aborted(); }, &error)) {
+      abandon(store);
       if (error.empty()) return ncclSuccess;
       p.set_error(ncclSystemError, "ncclCommSplit of '" + p.name() + "': " + error);
       return ncclSystemError;

@@ -150,15 +150,21 @@ bool wait_requests(std::vector<MPI_Request>& reqs, const std::function<bool()>& 
     }
     if (done) return true;
     if (stop && stop()) {
-      for (auto& r : reqs) {
-        if (r == MPI_REQUEST_NULL) continue;
-        MPI_Cancel(&r);
-        MPI_Request_free(&r);
-      }
+      // Not cancelled (cancelling a rendezvous send crashes some transports, UCX's among
+      // them): released, with their buffers kept alive forever by the caller (abandon()).
+      for (auto& r : reqs)
+        if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
       return false;
     }
     backoff.pause();
   }
+}
+
+void abandon(std::shared_ptr<void> storage) {
+  static std::mutex mu;
+  static auto* kept = new std::vector<std::shared_ptr<void>>();  // never freed: MPI may still write them
+  std::lock_guard<std::mutex> lock(mu);
+  kept->push_back(std::move(storage));
 }
 
 ncclResult_t bootstrap(Comm& comm, const IdInfo& id) {
@@ -169,10 +175,18 @@ ncclResult_t bootstrap(Comm& comm, const IdInfo& id) {
     while (!comm.aborted()) sleep_for(1e-3);
     return ncclSuccess;
   }
-  std::vector<int> world(n, -1);
+  // The buffers MPI uses, abandoned (kept forever) if the bootstrap is aborted mid-way.
+  struct Buffers {
+    std::vector<int> world, hello;
+    int mine[2];
+  };
+  auto bufs = std::make_shared<Buffers>();
+  std::vector<int>& world = bufs->world;
+  world.assign(n, -1);
   auto stop = [&comm] { return comm.aborted(); };
   std::string error;
   auto failed = [&] {
+    abandon(bufs);
     if (error.empty()) return ncclSuccess;  // aborted: nothing to report
     comm.set_error(ncclSystemError, "bootstrap of '" + comm.name() + "': " + error);
     return ncclSystemError;
@@ -180,7 +194,8 @@ ncclResult_t bootstrap(Comm& comm, const IdInfo& id) {
   if (comm.rank() == 0) {
     // The root hears from every other member (rank, world rank), then tells all.
     world[0] = me;
-    std::vector<int> hello(2 * (n - 1));
+    std::vector<int>& hello = bufs->hello;
+    hello.resize(2 * (n - 1));
     std::vector<MPI_Request> reqs(n - 1, MPI_REQUEST_NULL);
     for (int i = 0; i < n - 1; ++i)
       MPI_Irecv(&hello[2 * i], 2, MPI_INT, MPI_ANY_SOURCE, tag + 1, MPI_COMM_WORLD, &reqs[i]);
@@ -199,13 +214,15 @@ ncclResult_t bootstrap(Comm& comm, const IdInfo& id) {
     for (int r = 1; r < n; ++r) MPI_Isend(world.data(), n, MPI_INT, world[r], tag + 1, MPI_COMM_WORLD, &sends[r - 1]);
     if (!wait_requests(sends, stop, &error)) return failed();
   } else {
-    int hello[2] = {comm.rank(), me};
+    int* hello = bufs->mine;
+    hello[0] = comm.rank();
+    hello[1] = me;
     std::vector<MPI_Request> reqs(2, MPI_REQUEST_NULL);
     MPI_Isend(hello, 2, MPI_INT, id.root_world, tag + 1, MPI_COMM_WORLD, &reqs[0]);
     MPI_Irecv(world.data(), n, MPI_INT, id.root_world, tag + 1, MPI_COMM_WORLD, &reqs[1]);
     if (!wait_requests(reqs, stop, &error)) return failed();
   }
-  comm.set_identity(std::move(world), tag);
+  comm.set_identity(world, tag);
   return ncclSuccess;
 }
 

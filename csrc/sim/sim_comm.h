@@ -102,10 +102,13 @@ int tag_for(int root_world, uint64_t serial);
 uint64_t next_serial();
 
 // Polls `reqs` (MPI_Testall with back-off: waits never burn a core) until all are done;
-// false, with the unfinished ones cancelled or freed, once stop() is true, or with `error`
-// set when MPI fails.
+// false once stop() is true (the unfinished requests released: the caller abandon()s their
+// buffers) or with `error` set when MPI fails.
 bool wait_requests(std::vector<MPI_Request>& reqs, const std::function<bool()>& stop,
                    std::string* error = nullptr);
+
+// Keeps `storage` (buffers of MPI requests released by wait_requests) alive forever.
+void abandon(std::shared_ptr<void> storage);
 
 // The bootstrap of ncclCommInitRankConfig (the members meet their root over MPI).
 ncclResult_t bootstrap(Comm& comm, const IdInfo& id);

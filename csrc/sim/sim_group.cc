@@ -3,6 +3,7 @@
 
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <vector>
 
@@ -22,6 +23,12 @@ struct Group {
 };
 
 thread_local Group tls_group;
+
+std::mutex counts_mu;
+std::map<std::string, std::map<std::string, long>>& counts() {
+  static auto* c = new std::map<std::string, std::map<std::string, long>>();
+  return *c;
+}
 
 // Puts each stream's share of `ops` on that stream, in call order.
 void launch(const std::vector<Pending>& ops) {
@@ -79,9 +86,19 @@ ncclResult_t submit(NcclOp op, cudaStream_t stream) {
     op.comm->note(op.what() + ": invalid CUDA stream");
     return ncclInvalidArgument;
   }
+  {
+    std::lock_guard<std::mutex> lock(counts_mu);
+    const char* kind = op.kind == NcclOp::Send ? "ncclSend" : op.kind == NcclOp::Recv ? "ncclRecv" : "ncclAllReduce";
+    ++counts()[op.comm->name()][kind];
+  }
   group_start();
   tls_group.ops.push_back(Pending{std::move(op), std::move(s)});
   return group_end();
+}
+
+std::map<std::string, std::map<std::string, long>> submitted() {
+  std::lock_guard<std::mutex> lock(counts_mu);
+  return counts();
 }
 
 }  // namespace dpsgs::sim

@@ -4,6 +4,9 @@
 
 #include <nccl.h>
 
+#include <map>
+#include <string>
+
 #include "sim/sim_ops.h"
 
 namespace dpsgs::sim {
@@ -17,5 +20,9 @@ void group_start();
 ncclResult_t group_end();
 // Adds `op` to the current group (opening and closing one around it when none is open).
 ncclResult_t submit(NcclOp op, cudaStream_t stream);
+
+// How many operations of each kind ("ncclSend", ...) were submitted per communicator name,
+// for tests of what dpsgs issues (e.g. which communicators connect() warms up).
+std::map<std::string, std::map<std::string, long>> submitted();
 
 }  // namespace dpsgs::sim

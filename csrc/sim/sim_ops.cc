@@ -74,23 +74,25 @@ void all_reduce(const NcclOp& op) {
   Comm& c = *op.comm;
   int n = c.nranks(), me = c.rank();
   size_t bytes = op.bytes();
-  std::vector<std::vector<char>> parts(n);
-  parts[me].assign(static_cast<const char*>(op.src), static_cast<const char*>(op.src) + bytes);
+  // Every contribution, in sim-owned memory MPI may keep using if the op is abandoned.
+  auto parts = std::make_shared<std::vector<std::vector<char>>>(n);
+  (*parts)[me].assign(static_cast<const char*>(op.src), static_cast<const char*>(op.src) + bytes);
   poison(op.dst, bytes);  // in place too: the buffer holds garbage until the result lands
   std::vector<MPI_Request> reqs;
   for (int r = 0; r < n; ++r) {
     if (r == me) continue;
-    parts[r].resize(bytes);
-    post(false, parts[r].data(), bytes, c.world_rank_of(r), c.data_tag(), reqs);
-    post(true, parts[me].data(), bytes, c.world_rank_of(r), c.data_tag(), reqs);
+    (*parts)[r].resize(bytes);
+    post(false, (*parts)[r].data(), bytes, c.world_rank_of(r), c.data_tag(), reqs);
+    post(true, (*parts)[me].data(), bytes, c.world_rank_of(r), c.data_tag(), reqs);
   }
   std::string error;
   if (!wait_requests(reqs, [&c] { return c.aborted() || mpi_gone(); }, &error)) {
+    abandon(parts);
     if (!error.empty()) c.set_error(ncclSystemError, op.what() + ": " + error);
     return;
   }
   std::vector<const void*> inputs(n);
-  for (int r = 0; r < n; ++r) inputs[r] = parts[r].data();
+  for (int r = 0; r < n; ++r) inputs[r] = (*parts)[r].data();
   std::vector<char> result(bytes);
   reduce(inputs, result.data(), op.count, op.type, op.op);  // rank order: every rank gets the same bits
   sleep_for(rng().delay_s());
@@ -99,26 +101,31 @@ void all_reduce(const NcclOp& op) {
 
 struct P2P {
   const NcclOp* op;
-  std::vector<char> staging;  // receives land here, then the worker copies them late
+  // What MPI reads or writes: a send's bytes as they were when the op started (the send
+  // buffer itself is checked at the end), a receive's landing place (copied out late).
+  std::vector<char> staging;
   uint64_t sum_at_start = 0;
 };
 
 void point_to_point(const std::vector<const NcclOp*>& ops) {
-  std::vector<P2P> p2p;
+  auto p2p = std::make_shared<std::vector<P2P>>();
   std::vector<MPI_Request> reqs;
+  p2p->reserve(ops.size());
   for (const NcclOp* op : ops) {
-    P2P p{op, {}, 0};
+    p2p->push_back(P2P{op, {}, 0});
+    P2P& p = p2p->back();
     Comm& c = *op->comm;
     size_t bytes = op->bytes();
     if (op->kind == NcclOp::Send) {
+      const char* src = static_cast<const char*>(op->src);
+      p.staging.assign(src, src + bytes);
       if (settings().check_sends) p.sum_at_start = checksum(op->src, bytes);
-      post(true, op->src, bytes, c.world_rank_of(op->peer), c.data_tag(), reqs);
+      post(true, p.staging.data(), bytes, c.world_rank_of(op->peer), c.data_tag(), reqs);
     } else {
       poison(op->dst, bytes);
       p.staging.resize(bytes);
       post(false, p.staging.data(), bytes, c.world_rank_of(op->peer), c.data_tag(), reqs);
     }
-    p2p.push_back(std::move(p));
   }
   std::string error;
   bool ok = wait_requests(reqs, [&ops] {
@@ -128,11 +135,12 @@ void point_to_point(const std::vector<const NcclOp*>& ops) {
     return false;
   }, &error);
   if (!ok) {
+    abandon(p2p);
     if (!error.empty())  // e.g. a message longer than its receive: NCCL requires equal counts
       for (auto* op : ops) op->comm->set_error(ncclSystemError, op->what() + ": " + error);
     return;
   }
-  for (auto& p : p2p) {
+  for (auto& p : *p2p) {
     const NcclOp& op = *p.op;
     if (op.kind == NcclOp::Recv) {
       sleep_for(rng().delay_s());  // late, so a reader that did not wait on this stream sees poison
