@@ -64,14 +64,22 @@ def host_identity(env: Mapping[str, str] | None = None) -> str:
 
 
 def resolve_device(requested: str, nccl: bool = True) -> str:
-    """'cpu' or 'cuda' for a --device setting, from what this process can see. 'auto' is
-    cuda when a GPU is visible to a CUDA torch and (with `nccl`: ranks talk over it)
-    dpsgs._C has the NCCL backend, else cpu; 'cuda' without them is a ValueError saying
-    which is missing. (Ranks compare their answers at start.)"""
+    """'cpu', 'cuda' or 'sim' for a --device setting, from what this process can see. 'auto'
+    is cuda when a GPU is visible to a CUDA torch and (with `nccl`: ranks talk over it)
+    dpsgs._C has the real NCCL backend, else cpu — never 'sim', the CPU simulator of a
+    DPSGS_CUDA=sim build, a test device asked for by name; 'cuda' or 'sim' without what they
+    need is a ValueError saying what is missing. (Ranks compare their answers at start.)"""
     if requested == "cpu":
         return "cpu"
+    if requested == "sim":
+        from dpsgs.comm.nccl import available    # (nccl imports this module: not at the top)
+
+        ok, why = available("sim")
+        if not ok:
+            raise ValueError(f"--device sim: {why}")
+        return "sim"
     if requested not in ("auto", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+        raise ValueError(f"--device must be auto, cpu, cuda or sim, got {requested!r}")
     why = _cuda_missing(nccl)
     if why is None:
         return "cuda"
@@ -85,7 +93,7 @@ def _cuda_missing(nccl: bool) -> str | None:
     if nccl:
         from dpsgs.comm.nccl import available    # (nccl imports this module: not at the top)
 
-        ok, why = available()
+        ok, why = available("cuda")
         if not ok:
             return why
     try:
@@ -176,11 +184,13 @@ def check_unique_gpus(slots: Sequence[GpuSlot], visible: Mapping[str, int] | Non
 
 
 def visible_gpu_count() -> int:
-    """CUDA devices this process can see (0 without a GPU or driver); never raises."""
+    """CUDA devices this process can see (0 without a GPU or driver; a simulated build's
+    devices do not count); never raises."""
     try:
         from dpsgs import _C
 
-        if _C.build_info()["nccl"]:          # a CUDA build can ask the runtime itself
+        info = _C.build_info()
+        if info["nccl"] and not info.get("cuda_simulated"):   # a CUDA build can ask the runtime
             return int(_C.cuda_device_count())
     except ImportError:
         pass
