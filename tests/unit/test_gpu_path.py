@@ -41,7 +41,7 @@ def test_auto_is_cpu_without_a_gpu_and_cuda_names_what_is_missing(monkeypatch):
         device_mod.resolve_device("cuda")
     monkeypatch.setattr(device_mod, "_cuda_missing", lambda nccl: None)
     assert device_mod.resolve_device("auto") == "cuda"
-    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or sim"):
         device_mod.resolve_device("tpu")
 
 
@@ -54,13 +54,30 @@ def test_what_cuda_needs_here_is_named():
 
     with pytest.raises(ValueError) as e:
         device_mod.resolve_device("cuda")
-    if not _C.build_info()["nccl"]:
+    info = _C.build_info()
+    if not info["nccl"]:
         assert "built without the NCCL backend" in str(e.value)
+    elif info["cuda_simulated"]:
+        assert str(e.value).startswith("--device cuda: dpsgs._C was built with the simulated CUDA/NCCL")
     else:
         assert str(e.value) == "--device cuda: no CUDA device is visible"
     with pytest.raises(ValueError, match=re.escape(f"--device cuda: this torch ({torch.__version__}) is a CPU build")):
         device_mod.resolve_device("cuda", nccl=False)
     assert device_mod.resolve_device("auto", nccl=False) == "cpu"
+
+
+def test_the_simulated_device_is_taken_by_name_only():
+    """--device auto never picks the CPU simulator of a DPSGS_CUDA=sim build; --device sim
+    needs that build and says so otherwise."""
+    from dpsgs import _C
+
+    assert device_mod.resolve_device("auto") == "cpu"
+    if _C.build_info()["cuda_simulated"]:
+        assert device_mod.resolve_device("sim") == "sim"
+        assert device_mod.visible_gpu_count() == 0      # the simulated devices are no GPUs
+    else:
+        with pytest.raises(ValueError, match="--device sim: dpsgs._C was built"):
+            device_mod.resolve_device("sim")
 
 
 def test_device_is_operational_and_amp_is_identity():
