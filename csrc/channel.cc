@@ -1,20 +1,32 @@
 // Channel: wire protocol, receiver slots (pre-posted, double-buffered), sender in-flight bound.
 //
-// Protocol, per message #seq going to receiver slot s = seq % 2:
-//   INLINE   (nbytes <= kInlineBytes): one message on tag_head = header + payload copy.
-//   SEPARATE (nbytes <= slot capacity): header on tag_head, payload on tag_data[s] straight
-//            into the receiver's pre-posted slot buffer (zero-copy both ends).
-//   OVERSIZE (nbytes > slot capacity): header, an empty message on tag_data[s] that consumes the
-//            pre-posted payload receive, then the payload on tag_big; the receiver grows slot s
-//            to grow_capacity(cap, nbytes) and receives it there after reading the header.
-// Both ends apply the same growth rule, so the sender always knows the receiver's capacity.
+// Protocol, per message #seq of tensors t_0..t_{n-1} going to receiver slot s = seq % 2:
+//   The header message on tag_head: the header (count, each tensor's dtype, shape, bytes and
+//   placement; channel_header.h), then the INLINE tensors copied in: taken in order, a tensor
+//   is inline when it still fits in kInlineBytes (64-byte aligned; empty tensors always). A
+//   message whose tensors all fit is this one MPI message.
+//   The SEPARATE tensors, zero-copy from the caller's memory, each its own MPI message, in order:
+//   - the first on tag_data[s], straight into the receiver's pre-posted slot buffer if it fits
+//     the slot capacity; else (OVERSIZE, kFirstOversize) an empty message on tag_data[s]
+//     consumes the pre-posted receive and the tensor follows on tag_big; the receiver grows
+//     slot s to grow_capacity(cap, nbytes) after reading the header and receives it there.
+//     Both ends apply the same growth rule, so the sender always knows the receiver's capacity.
+//   - the others on tag_big, received (after the header) into the slot's `extra` buffer.
+// So a one-tensor message travels exactly as before messages had several: inline up to
+// kInlineBytes, else one zero-copy payload into the pre-posted slot. Why not pack several
+// tensors into one payload: the pack is a copy of every byte on the sender (and the page
+// offsets below are lost), while a further MPI message costs a rendezvous handshake of a few
+// microseconds; docs/architecture.md has the measurements.
 // Page alignment: MPICH moves large payloads with one kernel copy (CMA), which runs at ~17
 // GB/s when source and destination sit at the same offset within a page and ~10 GB/s when
-// they do not (bench, 16 MiB). Slots have a page of slack; each payload receive is posted at
-// the page offset the sender's last payload had (carried in the header), which a stream of
-// tensors from one allocator repeats. A wrong guess costs speed only, never correctness.
+// they do not (bench, 16 MiB). Slots have a page of slack; the pre-posted payload receive is
+// posted at the page offset the sender's last first-separate payload had (carried in the
+// header), which a stream of tensors from one allocator repeats; the other separate tensors
+// are received after the header, each at its own sender's page offset. A wrong guess costs
+// speed only, never correctness.
 // Header receives are posted in sequence order on one tag (MPI's non-overtaking rule keeps
-// the matching); each slot's payload receive has its own tag and stays posted until consumed.
+// the matching); each slot's payload receive has its own tag and stays posted until consumed;
+// tag_big is received in send order, one message at a time.
 #include "channel.h"
 
 #include <cstdio>
@@ -29,8 +41,6 @@
 namespace dpsgs {
 
 namespace {
-constexpr uint32_t kMagic = 0x44505347;  // "DPSG"
-constexpr uint32_t kInline = 1, kSeparate = 2, kOversize = 4;
 constexpr double kPayloadSpinSeconds = 2e-3;
 constexpr double kPayloadYieldSeconds = 0.05;
 constexpr double kAssumedCopyBytesPerSecond = 2e9;
@@ -51,11 +61,7 @@ std::shared_ptr<uint8_t> alloc_bytes(size_t n) {
   return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(host_alloc(n)), [](uint8_t* q) { std::free(q); });
 }
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (shape.size() == 1 ? ",)" : ")");
-}
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 }  // namespace
 
 size_t grow_capacity(size_t cap, size_t nbytes) {
@@ -67,24 +73,25 @@ size_t grow_capacity(size_t cap, size_t nbytes) {
 // guards them; the owner is released outside the mutex (its deleter may take the GIL).
 struct SendOp {
   std::mutex mu;
-  MPI_Request reqs[3] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  MPI_Request reqs[kMaxMessageTensors + 2];  // the header message, then the separate tensors' messages
+  int nreqs = 0;
   bool done = false;
-  Owner owner;
+  std::vector<Owner> owners;       // of the separate tensors' buffers
   std::shared_ptr<uint8_t> head;
   uint64_t seq = 0;
   size_t bytes = 0;
   int rank = 0, peer = 0;
 
   bool test() {
-    Owner release;
+    std::vector<Owner> release;
     {
       std::lock_guard<std::mutex> lock(mu);
       if (done) return true;
       int flag = 0;
-      DPSGS_CHECK_MPI(MPI_Testall(3, reqs, &flag, MPI_STATUSES_IGNORE), rank, peer);
+      DPSGS_CHECK_MPI(MPI_Testall(nreqs, reqs, &flag, MPI_STATUSES_IGNORE), rank, peer);
       if (!flag) return false;
       done = true;
-      release = std::move(owner);
+      release = std::move(owners);
       head.reset();
     }
     return true;
@@ -137,7 +144,7 @@ Channel::Channel(std::shared_ptr<Communicator> comm, int peer, int tag, bool is_
   cap_[0] = cap_[1] = capacity;
   if (!is_sender_) {
     for (int i = 0; i < 2; ++i) {
-      slots_[i].head = alloc_bytes(kHeaderBytes + kInlineBytes);
+      slots_[i].head = alloc_bytes(kMaxHeaderBytes + kInlineBytes);
       slots_[i].cap = capacity;
       slots_[i].data = alloc_bytes(capacity + kPageBytes);
       post_head(slots_[i]);
@@ -178,6 +185,11 @@ Channel::~Channel() {
             MPI_Wait(r, MPI_STATUS_IGNORE);
           }
         }
+        for (MPI_Request& r : s.big) {  // left posted by a recv that failed (a timeout)
+          if (r == MPI_REQUEST_NULL) continue;
+          MPI_Cancel(&r);
+          MPI_Wait(&r, MPI_STATUS_IGNORE);
+        }
       }
     }
   } catch (const std::exception& e) {
@@ -196,7 +208,7 @@ std::string Channel::op_name(const char* op, uint64_t seq) const {
 }
 
 void Channel::post_head(Slot& s) {
-  DPSGS_CHECK_MPI(MPI_Irecv(s.head.get(), int(kHeaderBytes + kInlineBytes), MPI_BYTE, peer_, tag_head_,
+  DPSGS_CHECK_MPI(MPI_Irecv(s.head.get(), int(kMaxHeaderBytes + kInlineBytes), MPI_BYTE, peer_, tag_head_,
                             comm_->p2p(), &s.hreq), rank_, peer_);
   s.need_repost_head = false;
 }
@@ -224,17 +236,24 @@ int Channel::in_flight() {
   return int(inflight_.size());
 }
 
-std::shared_ptr<Work> Channel::send(const Buffer& buf, Owner owner) {
+std::shared_ptr<Work> Channel::send(const std::vector<Buffer>& bufs, std::vector<Owner> owners) {
   std::lock_guard<std::mutex> lock(mu_);
   DPSGS_CHECK_ARG(is_sender_, describe_end(), ": send() called on the receiving end (rank ", rank_, ")");
-  DPSGS_CHECK_ARG(buf.device == Device::CPU, describe_end(), ": send of a CUDA buffer over the MPI channel; "
-                  "use the NCCL backend");
-  DPSGS_CHECK_ARG(buf.shape.size() <= size_t(kMaxDims), describe_end(), ": ", buf.shape.size(),
-                  " dims exceed the maximum of ", kMaxDims);
-  DPSGS_CHECK_ARG(buf.bytes <= size_t(INT32_MAX), describe_end(), ": message of ", buf.bytes,
-                  " bytes exceeds 2 GiB - 1");
+  check_message_length(bufs.size(), "got", [&] { return describe_end(); });
+  DPSGS_CHECK_ARG(owners.size() == bufs.size(), describe_end(), ": ", owners.size(), " owners for ", bufs.size(),
+                  " buffers");
+  size_t count = bufs.size();
+  for (size_t i = 0; i < count; ++i) {
+    const Buffer& b = bufs[i];
+    DPSGS_CHECK_ARG(b.device == Device::CPU, describe_end(), ": tensor ", i, " is a CUDA buffer; the MPI channel "
+                    "takes host memory (use the NCCL backend)");
+    DPSGS_CHECK_ARG(b.shape.size() <= size_t(kMaxDims), describe_end(), ": tensor ", i, " has ", b.shape.size(),
+                    " dims; at most ", kMaxDims);
+    DPSGS_CHECK_ARG(b.bytes <= size_t(INT32_MAX), describe_end(), ": tensor ", i, " of ", b.bytes,
+                    " bytes exceeds 2 GiB - 1");
+  }
   reap_completed();
-  while (inflight_.size() >= 2) {  // the two-in-flight bound: wait for the oldest
+  while (inflight_.size() >= 2) {  // the two-in-flight bound (messages): wait for the oldest
     auto& oldest = inflight_.front();
     Polling p = polling_for(oldest->bytes);
     poll_until([&] { return oldest->test(); }, comm_->timeout(), comm_->warn_after(),
@@ -242,55 +261,41 @@ std::shared_ptr<Work> Channel::send(const Buffer& buf, Owner owner) {
                p.spin_s);
     inflight_.pop_front();
   }
+  MessageLayout l = layout_message(bufs);
   uint64_t seq = sent_;
   int s = int(seq % 2);
   auto op = std::make_shared<SendOp>();
   op->seq = seq;
-  op->bytes = buf.bytes;
   op->rank = rank_;
   op->peer = peer_;
-  bool inl = buf.bytes <= kInlineBytes;
-  op->head = alloc_bytes(kHeaderBytes + (inl ? buf.bytes : 0));
-  auto* h = reinterpret_cast<MsgHeader*>(op->head.get());
-  std::memset(h, 0, kHeaderBytes);
-  h->magic = kMagic;
-  h->seq = seq;
-  h->dtype = int32_t(buf.dtype);
-  h->ndim = int32_t(buf.shape.size());
-  h->nbytes = buf.bytes;
-  h->src_page_offset = uint32_t(reinterpret_cast<uintptr_t>(buf.ptr) % kPageBytes);
-  for (size_t i = 0; i < buf.shape.size(); ++i) h->shape[i] = buf.shape[i];
+  op->head = alloc_bytes(l.total());
+  write_header(op->head.get(), bufs, seq, l);
+  bool oversize = l.nsep > 0 && bufs[l.separate[0]].bytes > cap_[s];
+  if (oversize) reinterpret_cast<MsgHeader*>(op->head.get())->flags = kFirstOversize;
   MPI_Comm c = comm_->p2p();
-  if (inl) {
-    h->flags = kInline;
-    if (buf.bytes) std::memcpy(op->head.get() + kHeaderBytes, buf.ptr, buf.bytes);
-    DPSGS_CHECK_MPI(MPI_Isend(op->head.get(), int(kHeaderBytes + buf.bytes), MPI_BYTE, peer_, tag_head_, c,
-                              &op->reqs[0]), rank_, peer_);
-  } else if (buf.bytes <= cap_[s]) {
-    h->flags = kSeparate;
-    op->owner = std::move(owner);
-    DPSGS_CHECK_MPI(MPI_Isend(op->head.get(), int(kHeaderBytes), MPI_BYTE, peer_, tag_head_, c, &op->reqs[0]),
-                    rank_, peer_);
-    DPSGS_CHECK_MPI(MPI_Isend(buf.ptr, int(buf.bytes), MPI_BYTE, peer_, tag_data_[s], c, &op->reqs[1]),
-                    rank_, peer_);
-  } else {
-    h->flags = kOversize;
-    op->owner = std::move(owner);
-    DPSGS_CHECK_MPI(MPI_Isend(op->head.get(), int(kHeaderBytes), MPI_BYTE, peer_, tag_head_, c, &op->reqs[0]),
-                    rank_, peer_);
-    DPSGS_CHECK_MPI(MPI_Isend(nullptr, 0, MPI_BYTE, peer_, tag_data_[s], c, &op->reqs[1]), rank_, peer_);
-    DPSGS_CHECK_MPI(MPI_Isend(buf.ptr, int(buf.bytes), MPI_BYTE, peer_, tag_big_, c, &op->reqs[2]), rank_, peer_);
-    cap_[s] = grow_capacity(cap_[s], buf.bytes);
+  op->nreqs = int(1 + l.nsep + (oversize ? 1 : 0));
+  MPI_Request* r = op->reqs;
+  DPSGS_CHECK_MPI(MPI_Isend(op->head.get(), int(l.total()), MPI_BYTE, peer_, tag_head_, c, r++), rank_, peer_);
+  for (size_t j = 0; j < l.nsep; ++j) {
+    const Buffer& b = bufs[l.separate[j]];
+    op->bytes += b.bytes;
+    op->owners.push_back(std::move(owners[l.separate[j]]));
+    int tag = j == 0 && !oversize ? tag_data_[s] : tag_big_;
+    if (j == 0 && oversize) {
+      DPSGS_CHECK_MPI(MPI_Isend(nullptr, 0, MPI_BYTE, peer_, tag_data_[s], c, r++), rank_, peer_);
+      cap_[s] = grow_capacity(cap_[s], b.bytes);
+    }
+    DPSGS_CHECK_MPI(MPI_Isend(b.ptr, int(b.bytes), MPI_BYTE, peer_, tag, c, r++), rank_, peer_);
   }
   ++sent_;
   inflight_.push_back(op);
   return std::make_shared<SendWork>(op, shared_name_, comm_->timeout(), comm_->warn_after());
 }
 
-Channel::Received Channel::recv(std::optional<DType> expect_dtype,
-                                const std::optional<std::vector<int64_t>>& expect_shape) {
+std::vector<Channel::Received> Channel::recv(const std::optional<std::vector<TensorSpec>>& expect) {
   std::lock_guard<std::mutex> lock(mu_);
   DPSGS_CHECK_ARG(!is_sender_, describe_end(), ": recv() called on the sending end (rank ", rank_, ")");
+  if (expect) check_message_length(expect->size(), "expected", [&] { return describe_end(); });
   // Re-post the slot the user was holding: it will take message #received_+1.
   if (held_ >= 0) {
     Slot& old = slots_[held_];
@@ -306,48 +311,83 @@ Channel::Received Channel::recv(std::optional<DType> expect_dtype,
   held_ = si;
   ++received_;
   auto* h = reinterpret_cast<MsgHeader*>(s.head.get());
-  if (h->magic != kMagic || h->seq != seq) {
+  if (h->magic != kChannelMagic || h->seq != seq) {
     throw CommError(str_cat(op_name("recv", seq), ": corrupt stream: got ",
-                            h->magic == kMagic ? str_cat("message #", h->seq) : std::string("a foreign message"),
+                            h->magic == kChannelMagic ? str_cat("message #", h->seq) : std::string("a foreign message"),
                             " (is another channel using tag ", tag_, " between these ranks?)"));
   }
-  if (h->flags != kInline) expect_page_offset_ = h->src_page_offset % kPageBytes;
-  DType dt = static_cast<DType>(h->dtype);
-  std::vector<int64_t> shape(h->shape, h->shape + (h->ndim > 0 && h->ndim <= kMaxDims ? h->ndim : 0));
-  Received out{nullptr, size_t(h->nbytes), dt, shape, nullptr};
-  if (h->flags == kInline) {
-    out.ptr = s.head.get() + kHeaderBytes;
-    out.storage = s.head;
-  } else {
-    // The header is here, so the payload is in flight and moves only while this thread drives
-    // MPI progress (the receiver copies, single-copy CMA).
-    wait_req(&s.preq, "recv payload", seq, h->flags == kSeparate ? size_t(h->nbytes) : 1);
-    s.need_repost_data = true;
-    if (h->flags == kOversize) {
-      s.cap = grow_capacity(s.cap, h->nbytes);
-      s.data = alloc_bytes(s.cap + kPageBytes);
-      s.offset = h->src_page_offset % kPageBytes;
-      MPI_Request big;
-      DPSGS_CHECK_MPI(MPI_Irecv(s.data.get() + s.offset, int(h->nbytes), MPI_BYTE, peer_, tag_big_, comm_->p2p(), &big),
-                      rank_, peer_);
-      wait_req(&big, "recv oversize payload", seq, size_t(h->nbytes));
+  if (!header_valid(h)) throw CommError(str_cat(op_name("recv", seq), ": corrupt stream: a malformed header"));
+  size_t count = h->count, hbytes = header_bytes(count);
+  const TensorHeader* th = tensor_headers(h);
+  std::vector<Received> out(count);
+  std::vector<size_t> separate;
+  for (size_t i = 0; i < count; ++i) {
+    out[i].bytes = size_t(th[i].nbytes);
+    out[i].dtype = static_cast<DType>(th[i].dtype);
+    out[i].shape.assign(th[i].shape, th[i].shape + th[i].ndim);
+    if (th[i].separate) {
+      separate.push_back(i);
+    } else {
+      out[i].ptr = s.head.get() + hbytes + th[i].offset;
+      out[i].storage = s.head;
     }
-    out.ptr = s.data.get() + s.offset;
-    out.storage = s.data;
   }
-  if (expect_dtype && *expect_dtype != dt) {
-    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
-                             ": expected dtype ", dtype_name(*expect_dtype), " shape ",
-                             expect_shape ? shape_str(*expect_shape) : std::string("(any)"),
-                             " but received dtype ", dtype_name(dt), " shape ", shape_str(shape)));
-  }
-  if (expect_shape && *expect_shape != shape) {
-    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
-                             ": expected shape ", shape_str(*expect_shape), " dtype ",
-                             expect_dtype ? dtype_name(*expect_dtype) : "(any)", " but received shape ",
-                             shape_str(shape), " dtype ", dtype_name(dt)));
+  if (!separate.empty()) receive_separate(s, seq, h, separate, out);
+  if (expect) {
+    std::vector<TensorSpec> received(count);
+    for (size_t i = 0; i < count; ++i) received[i] = {out[i].dtype, out[i].shape};
+    std::string diff = message_mismatch(*expect, received);
+    if (!diff.empty())
+      throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ",
+                                   comm_->label(peer_), ": ", diff));
   }
   return out;
+}
+
+void Channel::receive_separate(Slot& s, uint64_t seq, const MsgHeader* h, const std::vector<size_t>& separate,
+                               std::vector<Received>& out) {
+  const TensorHeader* th = tensor_headers(const_cast<MsgHeader*>(h));
+  const TensorHeader& first = th[separate[0]];
+  bool oversize = h->flags & kFirstOversize;
+  // The header is here, so the first payload is in flight and moves only while this thread
+  // drives MPI progress (the receiver copies, single-copy CMA).
+  wait_req(&s.preq, "recv payload", seq, oversize ? 1 : size_t(first.nbytes));
+  s.need_repost_data = true;
+  expect_page_offset_ = first.src_page_offset % kPageBytes;
+  if (oversize) {
+    s.cap = grow_capacity(s.cap, first.nbytes);
+    s.data = alloc_bytes(s.cap + kPageBytes);
+    s.offset = first.src_page_offset % kPageBytes;
+  }
+  out[separate[0]].ptr = s.data.get() + s.offset;
+  out[separate[0]].storage = s.data;
+  // The rest on tag_big in send order, each at its sender's page offset in `extra`.
+  std::vector<size_t> at(separate.size(), 0);
+  size_t end = 0;
+  for (size_t j = 1; j < separate.size(); ++j) {
+    at[j] = round_up(end, kPageBytes) + th[separate[j]].src_page_offset % kPageBytes;
+    end = at[j] + th[separate[j]].nbytes;
+  }
+  if (end > s.extra_cap) {
+    s.extra_cap = grow_capacity(s.extra_cap, end);
+    s.extra = alloc_bytes(s.extra_cap);
+  }
+  s.big.assign(separate.size(), MPI_REQUEST_NULL);
+  MPI_Comm c = comm_->p2p();
+  for (size_t j = 0; j < separate.size(); ++j) {
+    if (j == 0 && !oversize) continue;
+    const TensorHeader& t = th[separate[j]];
+    uint8_t* dst = j == 0 ? s.data.get() + s.offset : s.extra.get() + at[j];
+    DPSGS_CHECK_MPI(MPI_Irecv(dst, int(t.nbytes), MPI_BYTE, peer_, tag_big_, c, &s.big[j]), rank_, peer_);
+    if (j > 0) {
+      out[separate[j]].ptr = dst;
+      out[separate[j]].storage = s.extra;
+    }
+  }
+  for (size_t j = 0; j < separate.size(); ++j) {
+    if (s.big[j] == MPI_REQUEST_NULL) continue;
+    wait_req(&s.big[j], j == 0 ? "recv oversize payload" : "recv payload", seq, size_t(th[separate[j]].nbytes));
+  }
 }
 
 }  // namespace dpsgs

@@ -1,4 +1,5 @@
-// Channel: directed, ordered, double-buffered point-to-point queue of arrays with header checks.
+// Channel: directed, ordered, double-buffered point-to-point queue of messages (tuples of arrays)
+// with header checks.
 #pragma once
 
 #include <mpi.h>
@@ -12,30 +13,14 @@
 #include <vector>
 
 #include "common/buffer.h"
+#include "channel_header.h"
+#include "common/message.h"
 #include "communicator.h"
 #include "common/work.h"
 
 namespace dpsgs {
 
-constexpr int kMaxDims = 8;
-constexpr size_t kHeaderBytes = 128;          // header padded so an inline payload is 64-byte aligned
-constexpr size_t kInlineBytes = 8192;         // payloads up to this size travel inside the header message
 constexpr size_t kDefaultSlotCapacity = 65536;
-constexpr size_t kPageBytes = 4096;
-
-// Wire header. flags says how the payload travels (see channel.cc).
-struct MsgHeader {
-  uint32_t magic;
-  uint32_t flags;
-  uint64_t seq;
-  int32_t dtype;
-  int32_t ndim;
-  uint64_t nbytes;
-  uint32_t src_page_offset;  // payload address mod kPageBytes on the sender (see channel.cc)
-  uint32_t reserved;
-  int64_t shape[kMaxDims];
-};
-static_assert(sizeof(MsgHeader) <= kHeaderBytes, "header must fit its padded size");
 
 // Deterministic growth shared by both ends: the sender mirrors the receiver's slot capacity.
 size_t grow_capacity(size_t cap, size_t nbytes);
@@ -44,8 +29,9 @@ struct SendOp;
 
 // One direction between two ranks of a Communicator, identified by (peer, tag). Exactly one
 // sender and one receiver construct it with the same tag (and slot capacity); each tag uses
-// MPI tags 4*tag..4*tag+3 on the communicator's p2p duplicate. Not thread-safe across threads
-// calling send/recv on the same end concurrently (one caller thread per end, as in a pipeline).
+// MPI tags 4*tag..4*tag+3 on the communicator's p2p duplicate. A message is 1..kMaxMessageTensors
+// buffers; sent/received/in_flight count messages. Not thread-safe across threads calling
+// send/recv on the same end concurrently (one caller thread per end, as in a pipeline).
 class Channel {
  public:
   Channel(std::shared_ptr<Communicator> comm, int peer, int tag, bool is_sender, std::string name,
@@ -54,9 +40,10 @@ class Channel {
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
-  // Sender: Isend of buf (zero-copy above the inline size); `owner` is kept until complete.
-  // Blocks (politely, deadline) while two sends are in flight.
-  std::shared_ptr<Work> send(const Buffer& buf, Owner owner);
+  // Sender: Isends of the message's buffers (zero-copy for those that do not travel inline);
+  // `owners` (one per buffer) are kept until complete. Blocks (politely, deadline) while two
+  // messages are in flight.
+  std::shared_ptr<Work> send(const std::vector<Buffer>& bufs, std::vector<Owner> owners);
 
   struct Received {
     void* ptr;
@@ -65,8 +52,10 @@ class Channel {
     std::vector<int64_t> shape;
     std::shared_ptr<void> storage;  // keeps the slot memory alive (a later message may overwrite it)
   };
-  // Receiver: the next message in order; checks the header against the expectation when given.
-  Received recv(std::optional<DType> expect_dtype, const std::optional<std::vector<int64_t>>& expect_shape);
+  // Receiver: the next message in order, one entry per tensor. With `expect`, checks the count
+  // and each tensor's dtype and shape (HeaderMismatch naming the tensor index), after the
+  // whole message has arrived, so the channel stays usable.
+  std::vector<Received> recv(const std::optional<std::vector<TensorSpec>>& expect);
 
   int in_flight();
   uint64_t sent() const { return sent_; }
@@ -79,17 +68,23 @@ class Channel {
 
  private:
   struct Slot {
-    std::shared_ptr<uint8_t> head;   // header + inline payload
-    std::shared_ptr<uint8_t> data;   // separate payload
+    std::shared_ptr<uint8_t> head;   // header + inline payloads
+    std::shared_ptr<uint8_t> data;   // the first separate payload (pre-posted)
     size_t cap = 0;
     size_t offset = 0;               // the payload receive was posted at data + offset
+    std::shared_ptr<uint8_t> extra;  // the other separate payloads, each at its sender's page offset
+    size_t extra_cap = 0;
     MPI_Request hreq = MPI_REQUEST_NULL;
     MPI_Request preq = MPI_REQUEST_NULL;
+    std::vector<MPI_Request> big;    // receives on tag_big posted after the header
     bool need_repost_head = false;
     bool need_repost_data = false;
   };
   void post_head(Slot& s);
   void post_data(Slot& s, int slot_index);
+  // After the header of message #seq: the payloads of its separate tensors into `out`.
+  void receive_separate(Slot& s, uint64_t seq, const MsgHeader* h, const std::vector<size_t>& separate,
+                        std::vector<Received>& out);
   // payload_bytes > 0: a payload known to be in flight (its header arrived); spin longer.
   void wait_req(MPI_Request* req, const char* part, uint64_t seq, size_t payload_bytes = 0);
   void reap_completed();

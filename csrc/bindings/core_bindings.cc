@@ -10,6 +10,7 @@
 
 #include "bindings/py_buffer.h"
 #include "channel.h"
+#include "common/message.h"
 #include "common/error.h"
 #include "communicator.h"
 #include "reducer.h"
@@ -20,6 +21,16 @@ namespace py = pybind11;
 namespace dpsgs {
 
 namespace {
+
+// The arrays of a message: a list or tuple (never a lone array, whose rows would iterate).
+py::sequence message_items(py::handle message, const char* where, const Channel& ch) {
+  DPSGS_CHECK_ARG(PyList_Check(message.ptr()) || PyTuple_Check(message.ptr()), ch.describe_end(), ": ", where,
+                  ": a message is a list or tuple of arrays, got ",
+                  std::string(py::str(py::type::of(message).attr("__name__"))));
+  auto items = py::reinterpret_borrow<py::sequence>(message);
+  check_message_length(items.size(), "got", [&] { return ch.describe_end(); });
+  return items;
+}
 
 std::shared_ptr<Communicator> make_communicator(py::object comm, double timeout, double warn_after) {
   MPI_Comm* c = PyMPIComm_Get(comm.ptr());
@@ -37,6 +48,7 @@ std::shared_ptr<Communicator> make_communicator(py::object comm, double timeout,
 }  // namespace
 
 void bind_core(py::module_& m) {
+  m.attr("MAX_MESSAGE_TENSORS") = kMaxMessageTensors;
   // mpi4py's C API table is per translation unit: import it here, where PyMPIComm_Get is used.
   if (import_mpi4py() < 0) throw py::error_already_set();
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator",
@@ -80,27 +92,47 @@ void bind_core(py::module_& m) {
            }),
            py::arg("comm"), py::arg("peer"), py::arg("tag"), py::arg("is_sender"), py::arg("name") = "",
            py::arg("capacity") = kDefaultSlotCapacity)
-      .def("send", [](Channel& ch, py::object array, std::optional<int> dtype_code) {
-             BufferRequest req;
-             req.dtype_code = dtype_code;
-             req.allow_copy = true;  // non-contiguous: sent from a contiguous copy
-             req.where = "Channel.send";
-             auto [buf, owner] = to_buffer(array, req);
+      .def("send", [](Channel& ch, py::object message, std::optional<std::vector<std::optional<int>>> dtype_codes) {
+             auto items = message_items(message, "Channel.send", ch);
+             DPSGS_CHECK_ARG(!dtype_codes || dtype_codes->size() == items.size(), ch.describe_end(),
+                             ": send: ", dtype_codes ? dtype_codes->size() : 0, " dtype codes for ", items.size(),
+                             " arrays");
+             std::vector<Buffer> bufs;
+             std::vector<Owner> owners;
+             bufs.reserve(items.size());
+             owners.reserve(items.size());
+             for (size_t i = 0; i < items.size(); ++i) {
+               BufferRequest req;
+               if (dtype_codes) req.dtype_code = (*dtype_codes)[i];
+               req.allow_copy = true;  // non-contiguous: sent from a contiguous copy
+               req.where = "Channel.send";
+               auto [buf, owner] = to_buffer(items[i], req);
+               bufs.push_back(std::move(buf));
+               owners.push_back(std::move(owner));
+             }
              py::gil_scoped_release nogil;
-             return ch.send(buf, std::move(owner));
-           }, py::arg("array"), py::arg("dtype_code") = py::none(),
-           "Send (zero-copy; non-contiguous input is copied). Blocks while 2 sends are in flight.")
-      .def("recv", [](Channel& ch, std::optional<int> dtype_code, std::optional<std::vector<int64_t>> shape) {
-             std::optional<DType> dt;
-             if (dtype_code) dt = dtype_from_code(*dtype_code);
-             Channel::Received r;
+             return ch.send(bufs, std::move(owners));
+           }, py::arg("message"), py::arg("dtype_codes") = py::none(),
+           "Send a message: a list or tuple of 1..MAX_MESSAGE_TENSORS arrays (zero-copy above the inline "
+           "size; non-contiguous input is copied); dtype_codes, one per array, override element types "
+           "(bfloat16 as uint16). Blocks while 2 messages are in flight.")
+      .def("recv", [](Channel& ch, std::optional<std::vector<std::pair<int, std::vector<int64_t>>>> specs) {
+             std::optional<std::vector<TensorSpec>> expect;
+             if (specs) {
+               expect.emplace();
+               for (auto& [code, shape] : *specs) expect->push_back({dtype_from_code(code), shape});
+             }
+             std::vector<Channel::Received> got;
              {
                py::gil_scoped_release nogil;
-               r = ch.recv(dt, shape);
+               got = ch.recv(expect);
              }
-             return numpy_view(r.ptr, r.dtype, r.shape, std::move(r.storage));
-           }, py::arg("dtype_code") = py::none(), py::arg("shape") = py::none(),
-           "Next message as a writable NumPy view of the slot, valid until the next recv().")
+             py::list out;
+             for (auto& r : got) out.append(numpy_view(r.ptr, r.dtype, r.shape, std::move(r.storage)));
+             return out;
+           }, py::arg("specs") = py::none(),
+           "The next message as a list of writable NumPy views of the slot, valid until the next recv(); "
+           "specs, a list of (dtype code, shape), is checked against it (HeaderMismatch).")
       .def_property_readonly("in_flight", [](Channel& ch) {
              py::gil_scoped_release nogil;
              return ch.in_flight();

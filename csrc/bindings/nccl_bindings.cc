@@ -149,20 +149,23 @@ void bind_nccl(py::module_& m) {
              return std::make_shared<NcclChannel>(std::move(comm), peer, tag, is_sender, std::move(name));
            }),
            py::arg("comm"), py::arg("peer"), py::arg("tag"), py::arg("is_sender"), py::arg("name") = "")
-      .def("send", [](NcclChannel& ch, const Descriptor& d, py::object owner) {
-             Buffer b = to_device_buffer(d, "NcclChannel.send");
+      .def("send", [](NcclChannel& ch, const std::vector<Descriptor>& descs, py::object owner) {
+             std::vector<Buffer> bufs;
+             for (const Descriptor& d : descs) bufs.push_back(to_device_buffer(d, "NcclChannel.send"));
              Owner o = make_owner(std::move(owner));
              py::gil_scoped_release nogil;
-             return ch.send(b, std::move(o));
-           }, py::arg("desc"), py::arg("owner"),
-           "Queue ncclSend of desc=(ptr, nbytes, dtype_code, shape, device, stream); owner is kept alive.")
-      .def("recv_into", [](NcclChannel& ch, const Descriptor& d, py::object owner) {
-             Buffer b = to_device_buffer(d, "NcclChannel.recv_into");
+             return ch.send(bufs, std::move(o));
+           }, py::arg("descs"), py::arg("owner"),
+           "Queue the message's ncclSends: descs, a list of (ptr, nbytes, dtype_code, shape, device, stream), "
+           "one per array (1..MAX_MESSAGE_TENSORS, one stream); owner is kept alive until they complete.")
+      .def("recv_into", [](NcclChannel& ch, const std::vector<Descriptor>& descs, py::object owner) {
+             std::vector<Buffer> bufs;
+             for (const Descriptor& d : descs) bufs.push_back(to_device_buffer(d, "NcclChannel.recv_into"));
              Owner o = make_owner(std::move(owner));
              py::gil_scoped_release nogil;
-             return ch.recv_into(b, std::move(o));
-           }, py::arg("desc"), py::arg("owner"),
-           "Wait for the next header, check it against desc, queue ncclRecv into desc.")
+             return ch.recv_into(bufs, std::move(o));
+           }, py::arg("descs"), py::arg("owner"),
+           "Wait for the next header, check its count and each array against descs, queue the ncclRecvs.")
       .def_property_readonly("in_flight", [](NcclChannel& ch) {
              py::gil_scoped_release nogil;
              return ch.in_flight();

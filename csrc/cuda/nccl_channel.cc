@@ -1,11 +1,13 @@
-// NcclChannel: device-memory channel, MPI header + ncclSend/ncclRecv payload (see nccl_channel.h).
+// NcclChannel: device-memory channel, MPI header + grouped ncclSend/ncclRecv payloads (see nccl_channel.h).
 #include "cuda/nccl_channel.h"
 
 #include <algorithm>
 #include <climits>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common/error.h"
@@ -17,10 +19,24 @@ namespace dpsgs {
 namespace {
 constexpr uint32_t kMagic = 0x4e43434cu;  // "NCCL"
 
-std::string shape_str(const int64_t* shape, int ndim) {
-  std::string s = "(";
-  for (int i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (ndim == 1 ? ",)" : ")");
+// Bytes of a header carrying `count` tensors (only those entries travel).
+int header_bytes(size_t count) { return int(offsetof(NcclHeader, tensors) + count * sizeof(NcclTensorHeader)); }
+
+using Parts = std::vector<std::pair<void*, size_t>>;  // the non-empty arrays of a message
+
+// One ncclSend/ncclRecv per part; several inside one group, which NCCL matches with the
+// peer's group in order. A one-array message is the single call it always was.
+template <class Call>
+ncclResult_t grouped(const Parts& parts, Call call) {
+  if (parts.size() == 1) return call(parts[0].first, parts[0].second);
+  ncclResult_t rc = ncclGroupStart();
+  if (rc != ncclSuccess) return rc;
+  for (auto& [ptr, bytes] : parts) {
+    rc = call(ptr, bytes);
+    if (rc != ncclSuccess && rc != ncclInProgress) break;
+  }
+  ncclResult_t end = ncclGroupEnd();  // always closes the group it opened
+  return rc != ncclSuccess && rc != ncclInProgress ? rc : end;
 }
 
 // Sends a destroyed channel left in flight, with the buffers their Works own: ncclSend may
@@ -134,15 +150,26 @@ void NcclChannel::check_buffer(const Buffer& b, const char* op) const {
                   "(use the MPI Channel for host memory)");
   DPSGS_CHECK_ARG(b.device_index == device_, describe_end(), ": ", op, " of a buffer on cuda:", b.device_index,
                   " but this rank's NCCL communicator uses cuda:", device_);
-  DPSGS_CHECK_ARG(b.shape.size() <= size_t(kNcclMaxDims), describe_end(), ": ", b.shape.size(),
-                  " dimensions; at most ", kNcclMaxDims);
+  DPSGS_CHECK_ARG(b.shape.size() <= size_t(kMaxDims), describe_end(), ": ", b.shape.size(),
+                  " dimensions; at most ", kMaxDims);
   DPSGS_CHECK_ARG(connected_->load(), describe_end(), ": ", op, " before NcclCommunicator.connect(); call "
                   "connect() on every rank after creating the channels");
   if (comm_->closed()) throw CommError(str_cat(describe_end(), ": ", op, " after its NcclCommunicator was closed"));
 }
 
+uintptr_t NcclChannel::check_message(const std::vector<Buffer>& bufs, const char* op) const {
+  check_message_length(bufs.size(), is_sender_ ? "got" : "expected", [&] { return describe_end(); });
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    check_buffer(bufs[i], op);
+    DPSGS_CHECK_ARG(bufs[i].stream == bufs[0].stream, describe_end(), ": ", op, ": tensor ", i, " is on stream ",
+                    bufs[i].stream, " but tensor 0 on stream ", bufs[0].stream, "; a message is ordered after one "
+                    "producer stream");
+  }
+  return bufs[0].stream;
+}
+
 void NcclChannel::post_header(int slot) {
-  DPSGS_CHECK_MPI(MPI_Irecv(&headers_[slot], sizeof(NcclHeader), MPI_BYTE, peer_, tag_, comm_->mpi(), &hreq_[slot]),
+  DPSGS_CHECK_MPI(MPI_Irecv(&headers_[slot], int(sizeof(NcclHeader)), MPI_BYTE, peer_, tag_, comm_->mpi(), &hreq_[slot]),
                   rank_, peer_);
 }
 
@@ -181,9 +208,9 @@ std::shared_ptr<NcclWork> NcclChannel::issue(const char* op, uint64_t seq, uintp
   return work;
 }
 
-std::shared_ptr<NcclWork> NcclChannel::send(const Buffer& src, Owner owner) {
+std::shared_ptr<NcclWork> NcclChannel::send(const std::vector<Buffer>& src, Owner owner) {
   DPSGS_CHECK_ARG(is_sender_, describe_end(), ": send() called on the receiving end (rank ", rank_, ")");
-  check_buffer(src, "send");
+  uintptr_t producer = check_message(src, "send");
   // The bound: a third send waits for the oldest one.
   while (in_flight() >= 2) inflight_.front()->wait();
   if (id_req_ != MPI_REQUEST_NULL)
@@ -198,59 +225,81 @@ std::shared_ptr<NcclWork> NcclChannel::send(const Buffer& src, Owner owner) {
   NcclHeader& h = headers_[slot];
   std::memset(&h, 0, sizeof(h));
   h.magic = kMagic;
-  h.dtype = static_cast<int32_t>(src.dtype);
+  h.count = static_cast<uint32_t>(src.size());
   h.seq = seq;
-  h.ndim = static_cast<int32_t>(src.shape.size());
-  h.nbytes = src.bytes;
-  for (size_t i = 0; i < src.shape.size(); ++i) h.shape[i] = src.shape[i];
-  DPSGS_CHECK_MPI(MPI_Isend(&h, sizeof(h), MPI_BYTE, peer_, tag_, comm_->mpi(), &hreq_[slot]), rank_, peer_);
+  size_t total = 0;
+  for (size_t i = 0; i < src.size(); ++i) {
+    NcclTensorHeader& t = h.tensors[i];
+    t.dtype = static_cast<int32_t>(src[i].dtype);
+    t.ndim = static_cast<int32_t>(src[i].shape.size());
+    t.nbytes = src[i].bytes;
+    for (size_t d = 0; d < src[i].shape.size(); ++d) t.shape[d] = src[i].shape[d];
+    total += src[i].bytes;
+  }
+  DPSGS_CHECK_MPI(MPI_Isend(&h, header_bytes(src.size()), MPI_BYTE, peer_, tag_, comm_->mpi(), &hreq_[slot]), rank_,
+                  peer_);
   ++sent_;
-  if (src.bytes == 0) {
+  if (total == 0) {
     auto work = std::make_shared<NcclWork>(op_name("send", seq), handle_, device_, peer_, std::move(owner));
     work->mark_trivial();
     return work;
   }
   // Raw bytes: byte-exact for every dtype (bool and bfloat16 included), no reduction involved.
-  void* ptr = src.ptr;
-  size_t bytes = src.bytes;
-  auto work = issue("send", seq, src.stream, std::move(owner),
-                    [ptr, bytes](ncclComm_t c, cudaStream_t s) { return ncclSend(ptr, bytes, ncclUint8, 1, c, s); },
+  Parts parts;
+  for (const Buffer& b : src)
+    if (b.bytes) parts.emplace_back(b.ptr, b.bytes);
+  auto work = issue("send", seq, producer, std::move(owner),
+                    [parts](ncclComm_t c, cudaStream_t s) {
+                      return grouped(parts, [&](void* p, size_t n) { return ncclSend(p, n, ncclUint8, 1, c, s); });
+                    },
                     "ncclSend");
   inflight_.push_back(work);
   return work;
 }
 
-std::shared_ptr<NcclWork> NcclChannel::recv_into(const Buffer& dst, Owner owner) {
+std::shared_ptr<NcclWork> NcclChannel::recv_into(const std::vector<Buffer>& dst, Owner owner) {
   DPSGS_CHECK_ARG(!is_sender_, describe_end(), ": recv() called on the sending end (rank ", rank_, ")");
-  check_buffer(dst, "recv");
+  uintptr_t consumer = check_message(dst, "recv");
   uint64_t seq = received_;
   int slot = static_cast<int>(seq % 2);
   wait_mpi_request(&hreq_[slot], rank_, peer_, comm_->timeout(), comm_->warn_after(),
                    [&] { return op_name("recv header", seq); });
   NcclHeader h = headers_[slot];
-  DPSGS_CHECK_ARG(h.magic == kMagic && h.ndim >= 0 && h.ndim <= kNcclMaxDims && valid_dtype_code(h.dtype),
-                  describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
+  bool sane = h.magic == kMagic && h.count >= 1 && h.count <= uint32_t(kMaxMessageTensors);
+  for (uint32_t i = 0; sane && i < h.count; ++i)
+    sane = h.tensors[i].ndim >= 0 && h.tensors[i].ndim <= kMaxDims && valid_dtype_code(h.tensors[i].dtype);
+  DPSGS_CHECK_ARG(sane, describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
                   ": malformed header (is the peer using the MPI Channel with the same tag?)");
   DPSGS_CHECK_ARG(h.seq == seq, describe_end(), " on ", comm_->label(rank_), ": expected message #", seq, " from ",
                   comm_->label(peer_), " but received #", h.seq);
-  std::vector<int64_t> shape(h.shape, h.shape + h.ndim);
-  DType dt = static_cast<DType>(h.dtype);
-  if (dt != dst.dtype || shape != dst.shape || h.nbytes != dst.bytes) {
-    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ", comm_->label(peer_),
-                             ": expected dtype ", dtype_name(dst.dtype), " shape ", dst.shape_string(),
-                             " but received dtype ", dtype_name(dt), " shape ", shape_str(h.shape, h.ndim)));
+  std::vector<TensorSpec> expected, received;
+  for (const Buffer& b : dst) expected.push_back({b.dtype, b.shape});
+  for (uint32_t i = 0; i < h.count; ++i) {
+    const NcclTensorHeader& t = h.tensors[i];
+    received.push_back({static_cast<DType>(t.dtype), std::vector<int64_t>(t.shape, t.shape + t.ndim)});
+  }
+  std::string diff = message_mismatch(expected, received);
+  if (!diff.empty())
+    throw HeaderMismatch(str_cat(describe_end(), " message #", seq, " on ", comm_->label(rank_), " from ",
+                                 comm_->label(peer_), ": ", diff));
+  Parts parts;
+  for (size_t i = 0; i < dst.size(); ++i) {
+    // dtype and shape agree, so the byte counts do unless the header lies: refuse before ncclRecv
+    DPSGS_CHECK_ARG(h.tensors[i].nbytes == dst[i].bytes, describe_end(), " message #", seq, ": tensor ", i, " of ",
+                    h.tensors[i].nbytes, " bytes for a buffer of ", dst[i].bytes);
+    if (dst[i].bytes) parts.emplace_back(dst[i].ptr, dst[i].bytes);
   }
   post_header(slot);  // for message seq + 2
   ++received_;
-  if (h.nbytes == 0) {
+  if (parts.empty()) {
     auto work = std::make_shared<NcclWork>(op_name("recv", seq), handle_, device_, peer_, std::move(owner));
     work->mark_trivial();
     return work;
   }
-  void* ptr = dst.ptr;
-  size_t bytes = dst.bytes;
-  return issue("recv", seq, dst.stream, std::move(owner),
-               [ptr, bytes](ncclComm_t c, cudaStream_t s) { return ncclRecv(ptr, bytes, ncclUint8, 0, c, s); },
+  return issue("recv", seq, consumer, std::move(owner),
+               [parts](ncclComm_t c, cudaStream_t s) {
+                 return grouped(parts, [&](void* p, size_t n) { return ncclRecv(p, n, ncclUint8, 0, c, s); });
+               },
                "ncclRecv");
 }
 

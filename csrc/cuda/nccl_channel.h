@@ -11,30 +11,36 @@
 #include <string>
 
 #include "common/buffer.h"
+#include "common/message.h"
 #include "cuda/cuda_stream.h"
 #include "cuda/nccl_backend.h"
 #include "cuda/nccl_work.h"
 
 namespace dpsgs {
 
-constexpr int kNcclMaxDims = 8;
-
-// Header of one message. It travels over MPI (the NcclCommunicator's duplicate, this
-// channel's tag), not NCCL: the receiver must know the exact byte count before it may post
-// ncclRecv (NCCL requires matching counts and has no probe), and it checks seq, dtype and
-// shape against what the caller expects before any device memory is written.
+// Header of one message (1..kMaxMessageTensors device arrays). It travels over MPI (the
+// NcclCommunicator's duplicate, this channel's tag), not NCCL: the receiver must know the exact
+// byte counts before it may post ncclRecv (NCCL requires matching counts and has no probe), and
+// it checks seq, the count and each array's dtype and shape against what the caller expects
+// before any device memory is written. Only the first `count` tensor entries are sent.
+struct NcclTensorHeader {
+  int32_t dtype;
+  int32_t ndim;
+  uint64_t nbytes;
+  int64_t shape[kMaxDims];
+};
 struct NcclHeader {
   uint32_t magic;
-  int32_t dtype;
+  uint32_t count;
   uint64_t seq;
-  int32_t ndim;
-  int32_t reserved;
-  uint64_t nbytes;
-  int64_t shape[kNcclMaxDims];
+  NcclTensorHeader tensors[kMaxMessageTensors];
 };
 
 // Semantics match the MPI Channel (csrc/channel.h): one sender, one receiver, same (peer,
-// tag) on both ends, messages in order, seq/dtype/shape checked, at most two sends in flight.
+// tag) on both ends, messages in order, seq/count/dtypes/shapes checked, at most two messages
+// in flight. A message's arrays travel as one ncclSend/ncclRecv each inside one
+// ncclGroupStart/End on the channel's stream (so one event orders the whole message), in
+// their own memory: no packing copy on the GPU.
 //
 // Why each channel owns a 2-rank NCCL communicator (bootstrapped point-to-point: the sender
 // makes the unique id and MPI-sends it to the receiver) and a CUDA stream: NCCL runs the
@@ -48,8 +54,8 @@ struct NcclHeader {
 // unique id, and the sender never waits, so channels may be created in any order. The first
 // send/recv requires NcclCommunicator::connect() (collective) to have run.
 //
-// Ordering: send() records an event on the caller's stream (Buffer::stream) and the channel
-// stream waits for it, so the data are read only after the compute that produced them.
+// Ordering: send() records an event on the caller's stream (Buffer::stream, the same for every
+// array of a message) and the channel stream waits for it, so the data are read only after the compute that produced them.
 // recv_into() likewise waits for the caller's stream before overwriting `dst`; the caller
 // then makes its stream wait for the returned Work (NcclWork::wait_stream) before reading.
 // `owner` keeps the caller's memory alive until the Work is destroyed.
@@ -62,12 +68,12 @@ class NcclChannel {
   NcclChannel(const NcclChannel&) = delete;
   NcclChannel& operator=(const NcclChannel&) = delete;
 
-  // Sender: queues ncclSend of src (zero-copy). Blocks (politely, deadline) while two sends
-  // are in flight.
-  std::shared_ptr<NcclWork> send(const Buffer& src, Owner owner);
-  // Receiver: waits for the next header, checks it against dst's dtype and shape (ValueError
-  // naming both ranks on a mismatch), queues ncclRecv into dst.
-  std::shared_ptr<NcclWork> recv_into(const Buffer& dst, Owner owner);
+  // Sender: queues the message's ncclSends (zero-copy). Blocks (politely, deadline) while two
+  // messages are in flight.
+  std::shared_ptr<NcclWork> send(const std::vector<Buffer>& src, Owner owner);
+  // Receiver: waits for the next header, checks the count and each array's dtype and shape
+  // against dst (HeaderMismatch naming both ranks and the tensor index), queues the ncclRecvs.
+  std::shared_ptr<NcclWork> recv_into(const std::vector<Buffer>& dst, Owner owner);
 
   int in_flight();
   uint64_t sent() const { return sent_; }
@@ -81,6 +87,8 @@ class NcclChannel {
 
  private:
   void check_buffer(const Buffer& b, const char* op) const;
+  // The message's length, each buffer, and one producer stream for all; returns that stream.
+  uintptr_t check_message(const std::vector<Buffer>& bufs, const char* op) const;
   void post_header(int slot);
   std::string op_name(const char* op, uint64_t seq) const;
   // Queues `call` (ncclSend/ncclRecv) on the issuing thread, ordered after `producer`.

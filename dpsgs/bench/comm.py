@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "opt-in blocking MPI_Allreduce below 256 KiB (default "
                         "auto,ring,mpi,auto+blocking)")
     p.add_argument("--window", type=int, default=64, help="osu_bw window (default 64)")
+    p.add_argument("--tensors", type=int, default=1,
+                   help="p2p: tensors per dpsgs message, the size split among them (1..16; "
+                        "default 1)")
     p.add_argument("--window-bytes", type=parse_size, default=parse_size("128M"),
                    help="cap on bytes per window; window >= 2 (default 128M)")
     p.add_argument("--compute", default="numpy", choices=("numpy", "sleep"),
@@ -82,6 +85,8 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any, who: dict[str, st
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise SystemExit(f"--only: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    if not 1 <= args.tensors <= 16:
+        raise SystemExit(f"--tensors {args.tensors}: a channel message holds 1 to 16 tensors")
     # before any work: a run that would overwrite another's results stops here, on all ranks
     out, refused = comm.bcast(resolve_out(args.out, args.force, comm.Get_size())
                               if comm.Get_rank() == 0 else None, root=0)
@@ -117,7 +122,7 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any, who: dict[str, st
     results: dict[str, Any] = {}
     if "p2p" in sections:
         from . import p2p
-        results["p2p"] = p2p.run(ctx, sizes, args.window, args.window_bytes)
+        results["p2p"] = p2p.run(ctx, sizes, args.window, args.window_bytes, args.tensors)
     if "allreduce" in sections:
         from . import allreduce
         results["allreduce"] = allreduce.run(ctx, sizes, args.dtype, algorithms)

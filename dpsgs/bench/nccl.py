@@ -242,11 +242,11 @@ class _Sides:
         ch, dist = self.channel, self.dist
         if side == "dpsgs":
             if self.rank == 0:
-                return lambda k: _wait_all([ch.send(buf) for _ in range(k)])
+                return lambda k: _wait_all([ch.send((buf,)) for _ in range(k)])
 
             def receive(k: int) -> None:
                 for _ in range(k):
-                    ch.recv_into(buf)   # the current stream waits for it; sync() the host
+                    ch.recv_into((buf,))   # the current stream waits for it; sync() the host
             return receive
         if self.rank == 0:
             return lambda k: _wait_all([dist.isend(buf, 1) for _ in range(k)])

@@ -7,6 +7,8 @@ messages back to back, rank 1 receives them and answers with a 1-byte ack (the s
 mpi4py ack for both sides); MB/s = W * size / window time (1 MB = 1e6 B). The window is
 64 messages (OSU) but at most `window_bytes` in total, and never below 2, so large messages
 stay cheap; dpsgs' own bound of two sends in flight applies inside the window.
+With --tensors T, each dpsgs message carries the size as T tensors (what a stage cut with
+skip connections sends), against the same raw one-buffer messages.
 """
 
 from __future__ import annotations
@@ -20,11 +22,22 @@ from mpi4py import MPI
 from .harness import MIB, BenchContext, Timing, count_wrong, iters_for, pattern, ratio, \
     time_iterations
 
-__all__ = ["run", "window_for"]
+__all__ = ["joined", "run", "split", "window_for"]
 
 TAG_DATA = 11
 TAG_ACK = 12
 CHANNEL_TAG = 101  # dpsgs channel r -> peer uses tag CHANNEL_TAG + r
+
+
+def split(buf: np.ndarray, tensors: int) -> list[np.ndarray]:
+    """A channel message of `tensors` consecutive views of buf (sizes differ by the remainder)."""
+    step = len(buf) // tensors
+    return [buf[i * step:(i + 1) * step if i + 1 < tensors else len(buf)] for i in range(tensors)]
+
+
+def joined(message: list[np.ndarray]) -> np.ndarray:
+    """The received message's bytes in order, for the verification."""
+    return np.concatenate([np.asarray(a) for a in message])
 
 
 def window_for(nbytes: int, window: int, window_bytes: int) -> int:
@@ -103,24 +116,25 @@ class _Pair:
         return body
 
     # --- dpsgs Channel ------------------------------------------------------------------
-    def dp_pingpong(self, sbuf: np.ndarray) -> Callable[[], None]:
-        out, inp = self.out, self.inp
+    def dp_pingpong(self, sbuf: np.ndarray, tensors: int) -> Callable[[], None]:
+        out, inp, msg = self.out, self.inp, split(sbuf, tensors)
         if self.rank == 0:
             def body() -> None:
-                work = out.send(sbuf)
+                work = out.send(msg)
                 inp.recv()
                 work.wait()
         else:
             def body() -> None:
                 inp.recv()
-                out.send(sbuf).wait()
+                out.send(msg).wait()
         return body
 
-    def dp_window(self, sbuf: np.ndarray, w: int) -> Callable[[], None]:
+    def dp_window(self, sbuf: np.ndarray, w: int, tensors: int) -> Callable[[], None]:
         out, inp, comm, peer, ack = self.out, self.inp, self.comm, self.peer, self.ack
+        msg = split(sbuf, tensors)
         if self.rank == 0:
             def body() -> None:
-                works = [out.send(sbuf) for _ in range(w)]
+                works = [out.send(msg) for _ in range(w)]
                 for work in works:
                     work.wait()
                 comm.Recv(ack, peer, TAG_ACK)
@@ -132,7 +146,7 @@ class _Pair:
         return body
 
     # --- verification -------------------------------------------------------------------
-    def verify(self, nbytes: int, dpsgs: bool) -> int:
+    def verify(self, nbytes: int, dpsgs: bool, tensors: int) -> int:
         """Three ordered messages 0 -> 1 with distinct patterns, one back 1 -> 0; returns
         the wrong bytes summed over both ranks (untimed)."""
         wrong = 0
@@ -141,8 +155,8 @@ class _Pair:
             msgs = [pattern(nbytes, np.uint8, s) for s in salts_fwd]
             back = pattern(nbytes, np.uint8, salt_back)
             if dpsgs:
-                works = [self.out.send(m) for m in msgs]
-                wrong += count_wrong(np.asarray(self.inp.recv()), back)
+                works = [self.out.send(split(m, tensors)) for m in msgs]
+                wrong += count_wrong(joined(self.inp.recv()), back)
                 for work in works:
                     work.wait()
             else:
@@ -154,14 +168,14 @@ class _Pair:
         else:
             for s in salts_fwd:
                 if dpsgs:
-                    got = np.asarray(self.inp.recv())
+                    got = joined(self.inp.recv())
                 else:
                     got = np.zeros(nbytes, dtype=np.uint8)
                     self.comm.Recv(got, self.peer, TAG_DATA)
                 wrong += count_wrong(got, pattern(nbytes, np.uint8, s))
             reply = pattern(nbytes, np.uint8, salt_back)
             if dpsgs:
-                self.out.send(reply).wait()
+                self.out.send(split(reply, tensors)).wait()
             else:
                 self.comm.Send(reply, self.peer, TAG_DATA)
         return int(self.comm.allreduce(wrong, op=MPI.SUM))
@@ -176,10 +190,12 @@ def _side(t: Timing, wrong: int | None, extra: dict[str, Any] | None = None) -> 
 
 
 def run(ctx: BenchContext, sizes: list[int], window: int = 64,
-        window_bytes: int = 128 * MIB) -> dict[str, Any]:
+        window_bytes: int = 128 * MIB, tensors: int = 1) -> dict[str, Any]:
     """Latency and bandwidth rows for every size (complete on ranks 0 and 1; ranks >= 2
-    only wait). For each size the raw side runs first, then dpsgs, on the same buffers."""
-    result: dict[str, Any] = {"latency": [], "bandwidth": [], "ranks": [0, 1]}
+    only wait). For each size the raw side runs first, then dpsgs, on the same buffers;
+    dpsgs sends each message as `tensors` tensors (the size split evenly, the last one
+    taking the remainder), raw MPI as one buffer."""
+    result: dict[str, Any] = {"latency": [], "bandwidth": [], "ranks": [0, 1], "tensors": tensors}
     if ctx.size < 2:
         result["note"] = "needs >= 2 ranks"
         return result
@@ -199,15 +215,15 @@ def run(ctx: BenchContext, sizes: list[int], window: int = 64,
         bw: dict[str, Any] = {"size": nbytes, "iters": ctx.iters, "window": w}
         for side in sides:
             dp = side == "dpsgs"
-            wrong = pair.verify(nbytes, dp) if ctx.check else None
+            wrong = pair.verify(nbytes, dp, tensors) if ctx.check else None
             if side != "raw2":  # latency: one message in flight either way
-                body = pair.dp_pingpong(sbuf) if dp else pair.raw_pingpong(sbuf, rbuf)
+                body = pair.dp_pingpong(sbuf, tensors) if dp else pair.raw_pingpong(sbuf, rbuf)
                 pair.comm.Barrier()
                 t = _halve(time_iterations(body, iters, ctx.warmup, pair.comm, barrier=False,
                                            combine="root"))
                 lat[side] = _side(t, wrong)
             if dp:
-                body = pair.dp_window(sbuf, w)
+                body = pair.dp_window(sbuf, w, tensors)
             elif side == "raw2":
                 body = pair.raw_window_two(sbuf, rbuf, rbuf2, w)
             else:

@@ -1,9 +1,10 @@
 """LoopbackTransport: the K x N grid inside one process (one thread per virtual rank).
 
 The single-process reference runs the very step executor the distributed trainer runs, over
-this transport: channels are in-process queues that check dtype and shape like the real
-ones, and the stage all-reduce is a rendezvous that sums the replicas' buckets in replica
-order and divides by N (what the MPI core computes). Every wait has the deadline of the
+this transport: channels are in-process queues of messages (tuples of tensors) that check
+the count, dtypes and shapes like the real ones, and the stage all-reduce is a rendezvous
+that sums the replicas' buckets in replica order and divides by N (what the MPI core
+computes). Every wait has the deadline of the
 real transports and ends early when another virtual rank has failed, so an error in one
 thread never leaves the others waiting.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ import torch
 from dpsgs.comm.errors import CommError, CommTimeout, HeaderMismatch
 from dpsgs.comm.gradient_reducer import GradientReducer
 from dpsgs.comm.grid import Grid
+from dpsgs.comm.message import as_message, as_specs, check_received, spec_of
+from dpsgs.comm.protocol import TensorSpec
 
 __all__ = ["LoopbackGroup", "LoopbackTransport", "PeerFailed"]
 
@@ -74,12 +77,12 @@ class LoopbackGroup:
                              f"{type(self._failed).__name__}: {self._failed}")
 
     # -- channels --------------------------------------------------------------------------
-    def put(self, key: tuple[int, int, int], t: torch.Tensor) -> None:
+    def put(self, key: tuple[int, int, int], message: tuple[torch.Tensor, ...]) -> None:
         with self._cv:
-            self._queues.setdefault(key, deque()).append(t)
+            self._queues.setdefault(key, deque()).append(message)
             self._cv.notify_all()
 
-    def take(self, key: tuple[int, int, int], what: str) -> torch.Tensor:
+    def take(self, key: tuple[int, int, int], what: str) -> tuple[torch.Tensor, ...]:
         with self._cv:
             q = self._queues.setdefault(key, deque())
             self._wait(lambda: bool(q), what)
@@ -130,24 +133,27 @@ class _Channel:
         self.sent = self.received = 0
         self.in_flight = 0          # a send completes at once: the queue holds a copy
 
-    def send(self, t: torch.Tensor) -> _Done:
-        self.group.put(self.key, t.detach().clone())
+    def send(self, message: Sequence[torch.Tensor]) -> _Done:
+        msg = as_message(message, f"rank {self.rank}: channel {self.name!r} send #{self.sent}")
+        self.group.put(self.key, tuple(t.detach().clone() for t in msg))
         self.sent += 1
         return _Done()
 
-    def recv(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        what = f"rank {self.rank}: channel {self.name!r} recv #{self.received} from rank {self.peer}"
-        t = self.group.take(self.key, what)
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-            raise HeaderMismatch(f"channel {self.name!r} message #{self.received} on rank {self.rank} "
-                                 f"from rank {self.peer}: expected dtype {dtype} shape {tuple(shape)} "
-                                 f"but received dtype {t.dtype} shape {tuple(t.shape)}")
-        self.received += 1
-        return t
+    def recv(self, specs: Sequence[TensorSpec]) -> tuple[torch.Tensor, ...]:
+        seq = self.received
+        expected = as_specs(specs, f"rank {self.rank}: channel {self.name!r} recv #{seq}")
+        msg = self.group.take(self.key, f"rank {self.rank}: channel {self.name!r} recv #{seq} "
+                                        f"from rank {self.peer}")
+        self.received += 1          # taken off the queue, as the real channels count it
+        check_received(expected, [spec_of(t) for t in msg],
+                       f"channel {self.name!r} message #{seq} on rank {self.rank} from rank {self.peer}")
+        return msg
 
-    def recv_into(self, out: torch.Tensor) -> torch.Tensor:
+    def recv_into(self, out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = as_message(out, f"rank {self.rank}: channel {self.name!r} recv #{self.received}")
         with torch.no_grad():
-            out.copy_(self.recv(out.dtype, tuple(out.shape)))
+            for o, t in zip(out, self.recv([spec_of(o) for o in out])):
+                o.copy_(t)
         return out
 
 

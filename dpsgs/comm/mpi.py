@@ -13,6 +13,8 @@ from dpsgs import _C
 from dpsgs.comm.channel_end import ChannelEnd
 from dpsgs.comm.dtypes import code_of
 from dpsgs.comm.gradient_reducer import GradientReducer
+from dpsgs.comm.message import as_message, as_specs, spec_of
+from dpsgs.comm.protocol import TensorSpec
 
 __all__ = ["Communicator", "MPILibraryMismatch", "MpiTransport", "TensorChannel", "as_buffer",
            "as_communicator", "check_mpi_match"]
@@ -63,13 +65,15 @@ def as_communicator(comm: Any, timeout: float = 300.0, warn_after: float = 60.0)
 
 
 class TensorChannel(ChannelEnd):
-    """Directed channel of torch CPU tensors between two ranks (one end per rank).
+    """Directed channel of messages of torch CPU tensors between two ranks (one end per rank).
 
-    send(tensor) is zero-copy (non-contiguous tensors are sent from a contiguous copy); the
-    tensor must not be modified until the returned Work completes (at most 2 are in flight; a
-    third send waits for the oldest). recv(dtype, shape) returns a **copy** by default, so
-    autograd may keep it; recv(..., copy=False) returns a zero-copy view of the receive slot
-    that is valid only until the next recv() on this channel; recv_into(out) copies into out.
+    A message is a tuple of 1..16 tensors (dpsgs.comm.protocol). send(message) is zero-copy
+    for the tensors that do not travel inline (non-contiguous tensors are sent from a
+    contiguous copy); they must not be modified until the returned Work completes (at most 2
+    messages are in flight; a third send waits for the oldest). recv(specs) returns **copies**
+    by default, so autograd may keep them; recv(specs, copy=False) returns zero-copy views of
+    the receive slot that are valid only until the next recv() on this channel;
+    recv_into(out) copies into the given tensors.
     """
 
     def __init__(self, comm: Any, peer: int, tag: int, is_sender: bool, name: str = "",
@@ -78,18 +82,27 @@ class TensorChannel(ChannelEnd):
         kwargs = {} if capacity is None else {"capacity": capacity}
         self._ch = _C.Channel(self.comm, peer, tag, is_sender, name, **kwargs)
 
-    def send(self, tensor: torch.Tensor) -> _C.Work:
-        return self._ch.send(as_buffer(tensor), dtype_code=_code_override(tensor))
+    def _where(self, op: str, seq: int) -> str:
+        return f"rank {self.comm.rank}: channel {self.name!r} {op} #{seq}"
 
-    def recv(self, dtype: torch.dtype, shape: Sequence[int], copy: bool = True) -> torch.Tensor:
-        a = self._ch.recv(code_of(dtype), tuple(int(s) for s in shape))
-        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == torch.bfloat16 \
-            else torch.from_numpy(a)
-        return t.clone() if copy else t
+    def send(self, message: Sequence[torch.Tensor]) -> _C.Work:
+        msg = as_message(message, self._where("send", self.sent))
+        codes = [_code_override(t) for t in msg]
+        return self._ch.send([as_buffer(t) for t in msg],
+                             dtype_codes=codes if any(c is not None for c in codes) else None)
 
-    def recv_into(self, out: torch.Tensor) -> torch.Tensor:
+    def recv(self, specs: Sequence[TensorSpec], copy: bool = True) -> tuple[torch.Tensor, ...]:
+        expected = as_specs(specs, self._where("recv", self.received))
+        arrays = self._ch.recv([(code_of(dt), shape) for dt, shape in expected])
+        out = tuple(torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dt == torch.bfloat16
+                    else torch.from_numpy(a) for a, (dt, _) in zip(arrays, expected))
+        return tuple(t.clone() for t in out) if copy else out
+
+    def recv_into(self, out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = as_message(out, self._where("recv", self.received))
         with torch.no_grad():
-            out.copy_(self.recv(out.dtype, tuple(out.shape), copy=False))
+            for o, t in zip(out, self.recv([spec_of(o) for o in out], copy=False)):
+                o.copy_(t)
         return out
 
 

@@ -1,34 +1,45 @@
 """Mpi4pyTransport: plain mpi4py (Isend/Irecv, Iallreduce), no C++ core and no progress thread.
 
 A baseline: tests run the trainer over it to check the algorithm independently of the core,
-and benchmarks use it to show what the core adds. Its channels carry no header (a wrong
-shape is MPI's truncation error, not a HeaderMismatch); its all-reduce is MPI's own
+and benchmarks use it to show what the core adds. Its channels send each message as a small
+int64 header (seq, count, each tensor's dtype code and shape) and then one message per
+non-empty tensor, on the channel's tag; the receiver takes the header, then the tensors, and
+checks them as every transport does (HeaderMismatch). Its all-reduce is MPI's own
 Iallreduce(SUM) of each GradientReducer bucket, divided after the wait, progressing only
 while some rank tests it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from mpi4py import MPI
 
+from dpsgs.comm.dtypes import WIRE_CODES, code_of, torch_dtype_of_code
+from dpsgs.comm.errors import CommError
 from dpsgs.comm.gradient_reducer import GradientReducer
+from dpsgs.comm.message import as_message, as_specs, check_received, spec_of
+from dpsgs.comm.protocol import MAX_MESSAGE_TENSORS, TensorSpec
 from dpsgs.comm.waits import wait_for
 
 __all__ = ["Mpi4pyTransport"]
 
 
 class _Work:
-    """An mpi4py request; `then` runs once after completion (e.g. the division of a sum)."""
+    """mpi4py requests; `then` runs once after they complete (e.g. the division of a sum)."""
 
-    def __init__(self, req: Any, keep: Any, timeout: float, what: str, then: Any = None) -> None:
-        self.req, self.keep, self.timeout, self.what, self.then = req, keep, timeout, what, then
+    def __init__(self, reqs: list[Any], keep: Any, timeout: float, what: str,
+                 then: Any = None) -> None:
+        self.reqs, self.keep, self.timeout, self.what, self.then = reqs, keep, timeout, what, then
         self._done = False
 
     def _finish(self) -> bool:
-        if not self._done and self.req.Test():
+        from mpi4py import MPI
+
+        if not self._done and MPI.Request.Testall(self.reqs):
             self._done = True
             if self.then is not None:
                 self.then()
@@ -41,35 +52,106 @@ class _Work:
         wait_for(self._finish, timeout or self.timeout, self.what)
 
 
+_MAGIC = 0x44505347          # "DPSG", as the core's
+_DIMS = 8                    # dimensions per tensor the header carries
+# the header's int64s: magic, seq, count; per tensor: dtype code, ndim, dims
+_HEADER = 3 + MAX_MESSAGE_TENSORS * (2 + _DIMS)
+
+
+def _raw(t: torch.Tensor) -> Any:
+    """The bytes of a contiguous tensor as a NumPy view (every dtype, bfloat16 and bool too)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _parse(header: np.ndarray, seq: int, what: str) -> list[TensorSpec]:
+    """The (dtype, shape) of each tensor of message #seq, or CommError for a corrupt stream."""
+    magic, hseq, count = (int(v) for v in header[:3])
+    specs, ok = [], magic == _MAGIC and hseq == seq and 1 <= count <= MAX_MESSAGE_TENSORS
+    for i in range(count if ok else 0):
+        at = 3 + i * (2 + _DIMS)
+        code, ndim = int(header[at]), int(header[at + 1])
+        ok = code in WIRE_CODES.values() and 0 <= ndim <= _DIMS
+        if not ok:
+            break
+        specs.append((torch_dtype_of_code(code), tuple(int(d) for d in header[at + 2:at + 2 + ndim])))
+    if not ok:
+        got = f"message #{hseq}" if magic == _MAGIC and hseq != seq else \
+            "a malformed header" if magic == _MAGIC else "a foreign message"
+        raise CommError(f"{what}: corrupt stream: got {got}")
+    return specs
+
+
 class _Channel:
-    def __init__(self, comm: Any, peer: int, tag: int, name: str, timeout: float) -> None:
-        self.comm, self.peer, self.tag, self.name, self.timeout = comm, peer, tag, name, timeout
+    def __init__(self, comm: Any, rank: int, peer: int, tag: int, name: str,
+                 timeout: float) -> None:
+        self.comm, self.rank, self.peer, self.tag = comm, rank, peer, tag
+        self.name, self.timeout = name, timeout
         self.sent = self.received = 0
         self._works: list[_Work] = []
+
+    def _where(self, op: str, seq: int) -> str:
+        return f"rank {self.rank}: channel {self.name!r} {op} #{seq}"
 
     @property
     def in_flight(self) -> int:
         self._works = [w for w in self._works if not w.is_completed()]
         return len(self._works)
 
-    def send(self, t: torch.Tensor) -> _Work:
-        while self.in_flight >= 2:          # the transport contract's bound
+    def send(self, message: Sequence[torch.Tensor]) -> _Work:
+        msg = as_message(message, self._where("send", self.sent))
+        for i, t in enumerate(msg):
+            if t.dim() > _DIMS:
+                raise ValueError(f"{self._where('send', self.sent)}: tensor {i} has {t.dim()} "
+                                 f"dims; at most {_DIMS}")
+        while self.in_flight >= 2:          # the transport contract's bound, in messages
             self._works[0].wait()
-        a = t.detach().contiguous().numpy()
-        work = _Work(self.comm.Isend(a, dest=self.peer, tag=self.tag), a, self.timeout,
-                     f"channel {self.name!r} send #{self.sent} to rank {self.peer}")
+        header = np.zeros(3 + len(msg) * (2 + _DIMS), dtype=np.int64)
+        header[:3] = (_MAGIC, self.sent, len(msg))
+        for i, t in enumerate(msg):
+            at = 3 + i * (2 + _DIMS)
+            header[at:at + 2 + t.dim()] = (code_of(t.dtype), t.dim(), *t.shape)
+        keep = [header] + [_raw(t.detach().contiguous()) for t in msg if t.numel()]
+        reqs = [self.comm.Isend(a, dest=self.peer, tag=self.tag) for a in keep]
+        what = f"{self._where('send', self.sent)} to rank {self.peer}"
+        work = _Work(reqs, keep, self.timeout, what)
         self.sent += 1
         self._works.append(work)
         return work
 
-    def recv_into(self, out: torch.Tensor) -> torch.Tensor:
-        req = self.comm.Irecv(out.numpy(), source=self.peer, tag=self.tag)
-        wait_for(req.Test, self.timeout, f"channel {self.name!r} recv #{self.received} from rank {self.peer}")
+    def _take(self, expected: tuple[TensorSpec, ...], into: tuple[torch.Tensor, ...] | None
+              ) -> tuple[torch.Tensor, ...]:
+        """The next message, into `into` when it matches (else fresh tensors, so the stream
+        stays whole), then HeaderMismatch if it differs from `expected`."""
+        seq = self.received
+        what = f"{self._where('recv', seq)} from rank {self.peer}"
+        header = np.zeros(_HEADER, dtype=np.int64)
+        req = self.comm.Irecv(header, source=self.peer, tag=self.tag)
+        wait_for(req.Test, self.timeout, what)
         self.received += 1
-        return out
+        received = _parse(header, seq, what)
+        same = into is not None and [spec_of(t) for t in into] == received
+        if same:
+            bufs = tuple(o if o.is_contiguous()
+                         else torch.empty_like(o, memory_format=torch.contiguous_format) for o in into)
+        else:
+            bufs = tuple(torch.empty(sh, dtype=dt) for dt, sh in received)
+        reqs = [self.comm.Irecv(_raw(b), source=self.peer, tag=self.tag) for b in bufs if b.numel()]
+        wait_for(lambda: MPI.Request.Testall(reqs), self.timeout, what)
+        check_received(expected, received, f"channel {self.name!r} message #{seq} on rank "
+                                           f"{self.rank} from rank {self.peer}")
+        return bufs
 
-    def recv(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.recv_into(torch.empty(shape, dtype=dtype))
+    def recv(self, specs: Sequence[TensorSpec]) -> tuple[torch.Tensor, ...]:
+        return self._take(as_specs(specs, self._where("recv", self.received)), None)
+
+    def recv_into(self, out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = as_message(out, self._where("recv", self.received))
+        got = self._take(tuple(spec_of(o) for o in out), out)
+        with torch.no_grad():
+            for o, g in zip(out, got):
+                if g is not o:
+                    o.copy_(g)              # a non-contiguous `out` was received beside it
+        return out
 
 
 class Mpi4pyTransport:
@@ -84,16 +166,14 @@ class Mpi4pyTransport:
         self._issued = 0
 
     def channel(self, peer: int, tag: int, sending: bool, name: str) -> _Channel:
-        return _Channel(self.comm, peer, tag, name, self.timeout)
+        return _Channel(self.comm, self.comm.Get_rank(), peer, tag, name, self.timeout)
 
     def allreduce(self, flat: torch.Tensor) -> _Work:
-        from mpi4py import MPI
-
         a = flat.numpy()
         n = self.stage_comm.Get_size()
         req = self.stage_comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
         self._issued += 1
-        return _Work(req, a, self.timeout, f"gradient all-reduce #{self._issued - 1} over {n} ranks",
+        return _Work([req], a, self.timeout, f"gradient all-reduce #{self._issued - 1} over {n} ranks",
                      then=lambda: flat.div_(n))
 
     def reducer(self, params: Iterable[torch.nn.Parameter], buffers: int = 1) -> GradientReducer:

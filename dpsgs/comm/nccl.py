@@ -13,8 +13,8 @@ rank's accelerator (dpsgs.comm.accelerator).
     out = nccl.TensorChannel(ncomm, peer=rank + 1, tag=1, is_sender=True, name="act")
     for c in (ncomm, stage, pipe):                     # collective warm-up, after the channels
         c.connect()
-    out.send(x)                                        # ordered after x's producer stream
-    y = back.recv(torch.float32, (64, 128))            # current stream waits for it on the GPU
+    out.send((x, skip))                                # ordered after x's producer stream
+    y, = back.recv([(torch.float32, (64, 128))])       # current stream waits for it on the GPU
     nccl.TensorReducer(stage).allreduce(grad).wait()   # mean over the stage's replicas
     stage.close(); ncomm.close()                       # or at exit: _C.nccl_close_all (atexit)
 
@@ -24,6 +24,7 @@ make its channel and all-reduce calls in the same order (the schedule does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -167,12 +168,13 @@ def _is_torch(x: Any) -> bool:
 
 
 class TensorChannel(ChannelEnd):
-    """One end of an NcclChannel for torch CUDA tensors or CuPy arrays.
+    """One end of an NcclChannel for messages of torch CUDA tensors or CuPy arrays.
 
-    send(x) returns a Work; x stays alive in the channel until its transfer completes.
-    recv(dtype, shape) allocates the result on this communicator's device and makes the
+    send(message) returns a Work; the arrays stay alive in the channel until their transfer
+    completes. recv(specs) allocates the results on this communicator's device and makes the
     current stream wait for the transfer (accelerator.consume: on CUDA the host does not
-    wait); recv_into(out) fills a given array (torch or CuPy) the same way.
+    wait); recv_into(out) fills given arrays (torch or CuPy) the same way. A message is a
+    tuple of 1..16 arrays (dpsgs.comm.protocol), all produced on one stream.
     """
 
     def __init__(self, comm: Any, peer: int, tag: int, is_sender: bool, name: str = "") -> None:
@@ -182,18 +184,39 @@ class TensorChannel(ChannelEnd):
         self.accel = accelerator_of(comm)
         self._ch = _C.NcclChannel(comm, peer, tag, is_sender, name)
 
-    def send(self, x: Any) -> Any:
-        return self._ch.send(self.accel.describe(x) if _is_torch(x) else describe(x), x)
+    def _where(self, op: str, seq: int) -> str:
+        return f"rank {self.comm.rank}: channel {self.name!r} {op} #{seq}"
 
-    def recv_into(self, out: Any) -> Any:
-        if _is_torch(out):
-            self.accel.consume(self._ch.recv_into(self.accel.describe(out), out))
+    def _describe(self, x: Any) -> tuple:
+        return self.accel.describe(x) if _is_torch(x) else describe(x)
+
+    def send(self, message: Sequence[Any]) -> Any:
+        msg = _as_arrays(message, self._where("send", self.sent))
+        return self._ch.send([self._describe(x) for x in msg], msg)
+
+    def recv_into(self, out: Sequence[Any]) -> tuple[Any, ...]:
+        out = _as_arrays(out, self._where("recv", self.received))
+        work = self._ch.recv_into([self._describe(x) for x in out], out)
+        if _is_torch(out[0]):
+            self.accel.consume(work)
         else:
-            self._ch.recv_into(describe(out), out).wait_stream(_current_stream(out))
+            work.wait_stream(_current_stream(out[0]))
         return out
 
-    def recv(self, dtype: Any, shape: tuple[int, ...]) -> Any:
-        return self.recv_into(self.accel.empty(shape, dtype))
+    def recv(self, specs: Sequence[Any]) -> tuple[Any, ...]:
+        from dpsgs.comm.message import as_specs
+
+        specs = as_specs(specs, self._where("recv", self.received))
+        return self.recv_into(tuple(self.accel.empty(tuple(shape), dt) for dt, shape in specs))
+
+
+def _as_arrays(message: Sequence[Any], where: str) -> tuple[Any, ...]:
+    """The message as a tuple of arrays (its length the core checks), or ValueError."""
+    if hasattr(message, "__cuda_array_interface__") or type(message).__module__.startswith("torch") \
+            or not isinstance(message, (tuple, list)):
+        raise ValueError(f"{where}: a message is a tuple or list of arrays, got {type(message).__name__} "
+                         "(send one array as (x,))")
+    return tuple(message)
 
 
 class TensorReducer:

@@ -9,10 +9,17 @@ mpi4py, a baseline) and `LoopbackTransport` (in-process, for the reference). Err
 those of dpsgs.comm.errors on every backend.
 
 Contracts:
-- Channel: one sender and one receiver; messages arrive in order; at most two sends are in
-  flight (a third waits for the oldest). `send(t)` may read `t` until its Work completes.
-  `recv(dtype, shape)` returns a tensor the caller owns (autograd may keep it);
-  `recv_into(out)` fills `out`. Both check the message's dtype and shape (HeaderMismatch).
+- Channel: one sender and one receiver; messages arrive in order. A message is an ordered
+  tuple of 1..MAX_MESSAGE_TENSORS tensors, each of any wire dtype and shape (zero-element
+  tensors too; dtypes may differ within a message): the activation and any skip tensors
+  that cross a stage cut, or their gradients. There is no single-tensor form: `send((t,))`,
+  `(x,) = recv([(torch.float32, (32, 64))])`. `send(message)` may read the tensors until
+  its Work completes; at most two MESSAGES are in flight (a third send waits for the
+  oldest); `sent`, `received` and `in_flight` count messages. `recv(specs)` returns tensors
+  the caller owns (autograd may keep them); `recv_into(out)` fills the given tensors. Both
+  check the count, then each tensor's dtype and shape, and raise HeaderMismatch naming the
+  channel, the ranks, the tensor index and expected vs received. A message of no tensors
+  or of more than MAX_MESSAGE_TENSORS is refused (ValueError) on either end.
 - allreduce(flat): an in-place mean over the stage group, started now (every rank of the
   group calls it in the same order), complete when its Work's wait() returns.
 - Work.wait() has a deadline (CommTimeout) and never burns a core.
@@ -20,13 +27,16 @@ Contracts:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Work", "Channel", "Reducer", "Transport"]
+__all__ = ["MAX_MESSAGE_TENSORS", "TensorSpec", "Work", "Channel", "Reducer", "Transport"]
+
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]     # one tensor of a message: dtype, shape
+MAX_MESSAGE_TENSORS = 16     # tensors per message; the C++ core's kMaxMessageTensors agrees
 
 
 @runtime_checkable
@@ -45,9 +55,9 @@ class Channel(Protocol):
     def received(self) -> int: ...
     @property
     def in_flight(self) -> int: ...
-    def send(self, tensor: torch.Tensor) -> Work: ...
-    def recv(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor: ...
-    def recv_into(self, out: torch.Tensor) -> torch.Tensor: ...
+    def send(self, message: Sequence[torch.Tensor]) -> Work: ...
+    def recv(self, specs: Sequence[TensorSpec]) -> tuple[torch.Tensor, ...]: ...
+    def recv_into(self, out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]: ...
 
 
 @runtime_checkable

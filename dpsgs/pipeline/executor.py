@@ -95,12 +95,13 @@ class StageExecutor:
 
     def _recv(self, ch: Any, rows: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
         with self.spans.span(f"recv {what}", "channel"):
-            return ch.recv(self.place.wire_dtype, (rows, *shape))   # an owned tensor (transport contract)
+            (t,) = ch.recv([(self.place.wire_dtype, (rows, *shape))])   # owned (transport contract)
+            return t
 
     def _send(self, ch: Any, t: torch.Tensor, what: str) -> None:
         with self.spans.span(f"send {what}", "channel"):
             # under autocast a stage may end in float32 (a norm, a softmax): the wire is fixed
-            self._sends.append(ch.send(t.to(self.place.wire_dtype).contiguous()))
+            self._sends.append(ch.send((t.to(self.place.wire_dtype).contiguous(),)))
             # keep only handles still in flight (the channel bounds them at two anyway)
             self._sends = [w for w in self._sends if not w.is_completed()]
 

@@ -15,7 +15,7 @@ from dpsgs.comm.errors import CommTimeout, HeaderMismatch
 from dpsgs.comm.loopback import LoopbackGroup, PeerFailed
 from dpsgs.comm.mpi import MpiTransport
 from dpsgs.comm.mpi4py_baseline import Mpi4pyTransport
-from dpsgs.comm.protocol import Channel, Reducer, Transport, Work
+from dpsgs.comm.protocol import MAX_MESSAGE_TENSORS, Channel, Reducer, Transport, Work
 
 
 def _conforms(t: Transport) -> None:
@@ -30,6 +30,10 @@ def _conforms(t: Transport) -> None:
     assert isinstance(work, Work)
     work.wait()
     assert torch.equal(flat, torch.full((5,), 3.0))        # the mean over a group of one
+
+
+def test_core_and_protocol_agree_on_the_message_length() -> None:
+    assert _C.MAX_MESSAGE_TENSORS == MAX_MESSAGE_TENSORS == 16
 
 
 def test_mpi_core_transport_conforms() -> None:
@@ -71,14 +75,14 @@ def test_loopback_channels_are_ordered_and_checked() -> None:
     assert isinstance(tx, Channel) and isinstance(rx, Channel)
     sent = [torch.arange(6, dtype=torch.float64).reshape(2, 3) + i for i in range(3)]
     for t in sent:
-        tx.send(t)
+        tx.send((t,))
     sent[0].zero_()                          # the sender may reuse its tensor: the queue has a copy
-    got = [rx.recv(torch.float64, (2, 3)) for _ in range(2)]
+    got = [rx.recv([(torch.float64, (2, 3))])[0] for _ in range(2)]
     assert torch.equal(got[0], torch.arange(6.0).reshape(2, 3)) and torch.equal(got[1], sent[1])
-    with pytest.raises(HeaderMismatch, match=r"expected dtype torch.float32 shape \(2, 3\) but received "
-                                             r"dtype torch.float64 shape \(2, 3\)"):
-        rx.recv(torch.float32, (2, 3))
-    assert (tx.sent, rx.received) == (3, 2)
+    with pytest.raises(HeaderMismatch, match=r"tensor 0 of 1: expected dtype float32 shape \(2, 3\) "
+                                             r"but received dtype float64 shape \(2, 3\)"):
+        rx.recv([(torch.float32, (2, 3))])
+    assert (tx.sent, rx.received) == (3, 3)
 
 
 def test_loopback_allreduce_is_the_replica_mean_in_replica_order() -> None:
@@ -101,12 +105,12 @@ def test_loopback_wait_has_a_deadline_and_failures_wake_every_waiter() -> None:
     rx = group.transport(1).channel(0, 12, False, "grad s1->s0")
     with pytest.raises(CommTimeout, match=r"rank 1: channel 'grad s1->s0' recv #0 from rank 0: "
                                           r"no progress after 0.3 s"):
-        rx.recv(torch.float32, (1,))
+        rx.recv([(torch.float32, (1,))])
     group = LoopbackGroup(2, 1, timeout=30.0)
     rx = group.transport(1).channel(0, 12, False, "grad s1->s0")
 
     def waiter():
-        return rx.recv(torch.float32, (1,))
+        return rx.recv([(torch.float32, (1,))])
 
     def failer():
         group.fail(RuntimeError("boom on rank 0"))

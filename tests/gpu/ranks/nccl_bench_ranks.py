@@ -93,8 +93,8 @@ def main() -> int:
 
             def step():
                 if rank == 0:
-                    return ch.send(buf)
-                ch.recv_into(buf)
+                    return ch.send((buf,))
+                ch.recv_into((buf,))
                 return None
 
             for _ in range(a.w):

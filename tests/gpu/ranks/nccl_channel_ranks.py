@@ -1,6 +1,7 @@
-"""2 ranks: NcclChannel byte-exactness for every dtype over N ordered messages of changing
-sizes and shapes, traffic in both directions at once (the pipeline's pattern: both ends send
-before they receive), the two-in-flight bound, and data produced on a side stream.
+"""2 ranks: NcclChannel byte-exactness for every dtype over N ordered messages of 1..4 arrays
+of changing dtypes, sizes and shapes (zero elements too), traffic in both directions at once
+(the pipeline's pattern: both ends send before they receive), the two-in-flight bound
+(counted in messages), and data produced on a side stream.
 
     mpirun -n 2 python -m mpi4py tests/gpu/ranks/nccl_channel_ranks.py [messages]
 """
@@ -36,25 +37,32 @@ def main() -> int:
     out, inp = (fwd, bwd) if rank == 0 else (bwd, fwd)
 
     bad, works = 0, []
+    def specs(i: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Message i: 1..4 arrays, rotating dtypes and sizes."""
+        out = []
+        for j in range(1 + i % 4):
+            n = SIZES[(i // len(arr.dtypes) + 3 * j) % len(SIZES)]
+            out.append((arr.dtypes[(i + j) % len(arr.dtypes)], (n,) if (i + j) % 3 else (1, n)))
+        return out
+
+    def message(i: int, who: int) -> tuple:
+        return tuple(arr.pattern(shape, dt, salt=8 * (2 * i + who) + j) for j, (dt, shape) in enumerate(specs(i)))
+
     for i in range(messages):
-        dtype = arr.dtypes[i % len(arr.dtypes)]
-        n = SIZES[(i // len(arr.dtypes)) % len(SIZES)]
-        shape = (n,) if i % 3 else (1, n)
         if i % 5 == 0:  # produced on a side stream: the send must wait for it
             with arr.side_stream():
-                x = arr.pattern(shape, dtype, salt=2 * i + rank)
-                works.append(out.send(x))
+                works.append(out.send(message(i, rank)))
         else:
-            works.append(out.send(arr.pattern(shape, dtype, salt=2 * i + rank)))
+            works.append(out.send(message(i, rank)))
         if out.in_flight > 2:
             bad += 1
-            print(f"rank {rank}: {out.in_flight} sends in flight after message {i} (bound is 2)", flush=True)
-        y = inp.recv_into(arr.empty(shape, dtype))
-        expect = arr.pattern(shape, dtype, salt=2 * i + peer)
-        if not arr.equal(y, expect):
-            bad += 1
-            if bad <= 5:
-                print(f"rank {rank}: message {i} {dtype}{shape} differs from the pattern", flush=True)
+            print(f"rank {rank}: {out.in_flight} messages in flight after message {i} (bound is 2)", flush=True)
+        got = inp.recv_into(tuple(arr.empty(shape, dt) for dt, shape in specs(i)))
+        for j, (y, expect) in enumerate(zip(got, message(i, peer))):
+            if not arr.equal(y, expect):
+                bad += 1
+                if bad <= 5:
+                    print(f"rank {rank}: message {i} array {j} {specs(i)[j]} differs from the pattern", flush=True)
         works = works[-4:]
     for w in works:
         w.wait()

@@ -34,7 +34,7 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         if OP == "recv":
-            ch.recv_into(arr.empty((1024,), "float32"))
+            ch.recv_into((arr.empty((1024,), "float32"),))
         else:
             nccl.TensorReducer(world).allreduce(arr.pattern((1 << 20,), "float32", salt=0)).wait()
     except _C.CommTimeout as e:

@@ -26,7 +26,8 @@ world.connect()
 ok = True
 if rank == 0:
     for i in range(2):
-        ch.send(arr.pattern((1 << 16,), "float32", salt=i))   # neither the tensor nor the Work kept
+        # two arrays a message; neither the tensors nor the Work kept
+        ch.send((arr.pattern((1 << 16,), "float32", salt=i), arr.pattern((1000,), "int64", salt=10 + i)))
     del ch
     gc.collect()
     for i in range(4):       # new tensors: they would reuse a block released too early
@@ -36,8 +37,9 @@ else:
     comm.barrier()           # the sender has dropped the channel by now
     time.sleep(0.5)
     for i in range(2):
-        y = ch.recv_into(arr.empty((1 << 16,), "float32"))
-        if not arr.equal(y, arr.pattern((1 << 16,), "float32", salt=i)):
+        y, z = ch.recv_into((arr.empty((1 << 16,), "float32"), arr.empty((1000,), "int64")))
+        if not (arr.equal(y, arr.pattern((1 << 16,), "float32", salt=i))
+                and arr.equal(z, arr.pattern((1000,), "int64", salt=10 + i))):
             ok = False
             print(f"rank 1: message {i} differs from what was sent", flush=True)
 ok = comm.allreduce(ok, op=MPI.LAND)

@@ -26,10 +26,11 @@ x = arr.pattern((4096,), "float32", salt=2 * rank)
 reducer.allreduce(x).wait()
 spare_reducer.allreduce(arr.pattern((16,), "float32", salt=rank)).wait()
 if rank == 0:
-    ch.send(arr.pattern((1000,), "int32", salt=5)).wait()
+    ch.send((arr.pattern((1000,), "int32", salt=5), arr.pattern((3, 4), "bfloat16", salt=6))).wait()
     ok = True
 else:
-    ok = arr.equal(ch.recv_into(arr.empty((1000,), "int32")), arr.pattern((1000,), "int32", salt=5))
+    a, b = ch.recv_into((arr.empty((1000,), "int32"), arr.empty((3, 4), "bfloat16")))
+    ok = arr.equal(a, arr.pattern((1000,), "int32", salt=5)) and arr.equal(b, arr.pattern((3, 4), "bfloat16", salt=6))
 ok = ok and arr.equal(x, arr.pattern((4096,), "float32", salt=1))
 ok = comm.allreduce(ok, op=MPI.LAND)
 spare.abort("the test aborts it")

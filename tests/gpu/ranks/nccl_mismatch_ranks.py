@@ -1,6 +1,7 @@
-"""2 ranks: a receiver expecting another shape/dtype gets a HeaderMismatch (the ValueError
-every transport raises for it) naming both ranks by the labels the trainer sets, the
-expected and the received shape, before any device memory is written.
+"""2 ranks: a receiver expecting another shape of the second array of a two-array message
+gets a HeaderMismatch (the ValueError every transport raises for it) naming both ranks by
+the labels the trainer sets, the tensor index, the expected and the received shape, before
+any device memory is written.
 
     mpirun -n 2 python -m mpi4py tests/gpu/ranks/nccl_mismatch_ranks.py
 """
@@ -27,17 +28,18 @@ def main() -> None:
     ncomm.connect()
     ok = True
     if rank == 0:
-        ch.send(arr.pattern((4, 8), "float32", salt=0))
+        ch.send((arr.pattern((2,), "int32", salt=1), arr.pattern((4, 8), "float32", salt=0)))
     else:
         try:
-            ch.recv_into(arr.empty((4, 9), "float32"))
+            ch.recv_into((arr.empty((2,), "int32"), arr.empty((4, 9), "float32")))
             ok = False
             print("rank 1: no error for a mismatched shape", flush=True)
         except HeaderMismatch as e:
             text = str(e)
             print(f"rank 1: got HeaderMismatch: {text}", flush=True)
             ok = all(s in text for s in ("rank 0 (replica 0, stage 0)", "rank 1 (replica 0, stage 1)",
-                                         "(4, 9)", "(4, 8)"))
+                                         "tensor 1 of 2: expected dtype float32 shape (4, 9) but "
+                                         "received dtype float32 shape (4, 8)"))
     ok = comm.allreduce(ok, op=MPI.LAND)
     print(f"rank {rank}: {'OK' if ok else 'FAIL'}", flush=True)
     # The unmatched ncclSend can never finish: leave without finalizing NCCL.

@@ -18,7 +18,7 @@ if comm.rank == 0:
     seen, took, works = [], [], []
     for i in range(N):
         t0 = time.monotonic()
-        works.append(ch.send(payload + i))
+        works.append(ch.send([payload + i]))
         took.append(time.monotonic() - t0)
         seen.append(ch.in_flight)
     for w in works:
@@ -35,7 +35,7 @@ else:
     comm.barrier()
     for i in range(N):
         time.sleep(SLEEP)
-        a = ch.recv(2, payload.shape)
+        (a,) = ch.recv([(2, payload.shape)])
         assert a[0] == i and np.array_equal(a, payload + i), i
 comm.barrier()
 if comm.rank == 0:

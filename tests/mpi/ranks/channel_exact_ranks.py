@@ -48,9 +48,9 @@ if comm.rank == 0:
             big[:, 0] = arr.reshape(-1)
             view = big[:, 0].reshape(arr.shape)
             assert not view.flags.c_contiguous
-            ch.send(view, dtype_code=code)
+            ch.send([view], dtype_codes=[code])
         else:
-            ch.send(arr, dtype_code=code)
+            ch.send([arr], dtype_codes=[code])
         most = max(most, ch.in_flight)
         assert ch.in_flight <= 2, ch.in_flight
     assert ch.sent == MESSAGES
@@ -59,7 +59,7 @@ else:
     ch = _C.Channel(comm, 0, 11, False, "exact", capacity=CAPACITY)
     for i in range(MESSAGES):
         code, arr, _ = message(i)
-        got = ch.recv(code, arr.shape)
+        (got,) = ch.recv([(code, arr.shape)])
         if got.dtype != arr.dtype or got.shape != arr.shape or got.tobytes() != arr.tobytes():
             print(f"rank 1: message {i} differs: {got.dtype} {got.shape} "
                   f"vs {arr.dtype} {arr.shape}", flush=True)

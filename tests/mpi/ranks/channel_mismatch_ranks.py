@@ -13,12 +13,12 @@ comm = _C.Communicator(MPI.COMM_WORLD, timeout=10.0, warn_after=5.0)
 FLOAT32 = 2
 if comm.rank == 0:
     ch = _C.Channel(comm, 1, 5, True, "act s0->s1")
-    ch.send(np.ones(4, dtype=np.float32)).wait()
+    ch.send([np.ones(4, dtype=np.float32)]).wait()
     bad = np.ones(5, np.float32) if sys.argv[1] == "shape" else np.ones(4, np.float64)
-    ch.send(bad).wait()                               # the bug: a changed output
+    ch.send([bad]).wait()                             # the bug: a changed output
     comm.barrier()                                    # never passed: rank 1 aborts the job
 else:
     ch = _C.Channel(comm, 0, 5, False, "act s0->s1")
-    ch.recv(FLOAT32, (4,))
-    ch.recv(FLOAT32, (4,))                            # raises ValueError
+    ch.recv([(FLOAT32, (4,))])
+    ch.recv([(FLOAT32, (4,))])                        # raises ValueError
     comm.barrier()

@@ -24,7 +24,7 @@ t0 = time.monotonic()
 try:
     if OP == "recv":
         ch = _C.Channel(comm, 1, 3, False, "act s0<-s1")
-        ch.recv(2, (10,))
+        ch.recv([(2, (10,))])
     elif OP == "allreduce":
         _C.Reducer(comm, "ring").allreduce(np.ones(1 << 20, np.float32)).wait()
     else:   # a blocking MPI_Allreduce: MPI cannot time out, the watchdog aborts the job

@@ -27,7 +27,7 @@ if comm.rank == 0:
     for what in ("recv", "allreduce"):
         before, t0 = ticks[0], time.monotonic()
         if what == "recv":
-            a = ch.recv(2, (1000,))
+            (a,) = ch.recv([(2, (1000,))])
             assert a[0] == 7.0
         else:
             x = np.ones(1 << 18, np.float32)
@@ -43,7 +43,7 @@ if comm.rank == 0:
 else:
     ch = _C.Channel(comm, 0, 1, True, "late")
     time.sleep(DELAY)
-    ch.send(np.full(1000, 7.0, np.float32)).wait()
+    ch.send([np.full(1000, 7.0, np.float32)]).wait()
     MPI.COMM_WORLD.Barrier()
     time.sleep(DELAY)
     x = np.full(1 << 18, 3.0, np.float32)

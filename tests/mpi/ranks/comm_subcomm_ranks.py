@@ -22,9 +22,9 @@ for how, sub in subs.items():
     assert np.all(x == want), (how, x[:3], want)
     ch = _C.Channel(sub, 1 - sub.rank, 9, sub.rank == 0, f"sub{color}")
     if sub.rank == 0:
-        ch.send(np.full(5, W.rank, np.int64)).wait()
+        ch.send([np.full(5, W.rank, np.int64)]).wait()
     else:
-        got = ch.recv(5, (5,))
+        (got,) = ch.recv([(5, (5,))])
         assert got.tolist() == [color] * 5, (how, got)
     sub.barrier()
 assert world.split(-1, 0) is None                    # color < 0 joins no group

@@ -70,25 +70,26 @@ if r < 2:
     for i, dt in enumerate(dtypes):
         t = (torch.arange(3 * 4000) % 251).to(dt).reshape(3, 4000) + i
         if r == 0:
-            ch.send(t).wait()
-            ch.send(t.t()).wait()                 # non-contiguous: sent from a copy
+            ch.send((t,)).wait()
+            ch.send((t.t(),)).wait()              # non-contiguous: sent from a copy
         else:
-            a = ch.recv(dt, (3, 4000))
-            b = ch.recv(dt, (4000, 3), copy=False)
+            (a,) = ch.recv([(dt, (3, 4000))])
+            (b,) = ch.recv([(dt, (4000, 3))], copy=False)
             assert a.dtype == dt and torch.equal(a, t), dt
             assert torch.equal(b, t.t()), dt
     # recv_into (the transport contract's) fills a given tensor; a wrong shape is named
     if r == 0:
-        ch.send(torch.arange(12, dtype=torch.float32).reshape(3, 4)).wait()
-        ch.send(torch.zeros(5)).wait()
+        ch.send((torch.arange(12, dtype=torch.float32).reshape(3, 4),)).wait()
+        ch.send((torch.zeros(5),)).wait()
     else:
         out = torch.empty(3, 4)
-        assert ch.recv_into(out) is out and torch.equal(out, torch.arange(12.0).reshape(3, 4))
+        assert ch.recv_into((out,))[0] is out and torch.equal(out, torch.arange(12.0).reshape(3, 4))
         try:
-            ch.recv_into(torch.empty(6))
+            ch.recv_into((torch.empty(6),))
             raise AssertionError("a wrong shape was accepted")
         except _C.HeaderMismatch as e:
-            assert "expected shape (6,)" in str(e) and "received shape (5,)" in str(e), e
+            assert "tensor 0 of 1: expected dtype float32 shape (6,) but received dtype float32 shape (5,)" \
+                in str(e), e
 W.Barrier()
 if r == 0:
     print("PASS", flush=True)

@@ -23,7 +23,7 @@ threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
 t0 = time.monotonic()
 try:
     if OP == "recv":
-        _C.Channel(comm, 1, 3, False, "act s0<-s1").recv(2, (10,))
+        _C.Channel(comm, 1, 3, False, "act s0<-s1").recv([(2, (10,))])
     else:
         _C.Reducer(comm, "ring").allreduce(np.ones(1 << 20, np.float32)).wait()
     print("rank 0: the wait returned?!", flush=True)

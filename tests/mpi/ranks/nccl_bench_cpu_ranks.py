@@ -74,11 +74,11 @@ class CpuSides:
         arr = buf.numpy()
         if side == "dpsgs":
             if self.rank == 0:
-                return lambda k: _waited([out.send(arr) for _ in range(k)])
+                return lambda k: _waited([out.send([arr]) for _ in range(k)])
 
             def receive(k: int) -> None:
                 for _ in range(k):
-                    np.copyto(arr, inp.recv())
+                    np.copyto(arr, inp.recv()[0])
                 self._spoil(buf, 1)
             return receive
         if self.rank == 0:
