@@ -36,8 +36,17 @@ copy_tree() {  # copy_tree: a fresh copy of the working tree; prints its path
 
 build() {  # build DIR [CFLAGS [LDFLAGS]]: the sim variant in place in DIR
   echo "--- building $1 (DPSGS_CUDA=sim ${2:-})"
-  (cd "$1" && DPSGS_CUDA=sim CFLAGS="${2:-}" LDFLAGS="${3:-}" python setup.py -q build_ext --inplace \
-     > build.log 2>&1) || { tail -30 "$1/build.log"; echo "sim-checks: the build failed" >&2; exit 2; }
+  # setuptools takes C++ flags from CXXFLAGS (C files: CFLAGS), link flags from LDFLAGS
+  (cd "$1" && DPSGS_CUDA=sim CFLAGS="${2:-}" CXXFLAGS="${2:-}" LDFLAGS="${3:-}" python setup.py -q build_ext \
+     --inplace > build.log 2>&1) || { tail -30 "$1/build.log"; echo "sim-checks: the build failed" >&2; exit 2; }
+  if [ -n "${2:-}" ]; then  # the flags must have reached the compiler
+    local flag=${2%% *} obj
+    obj=$(find "$1/build" -name cuda_runtime.o | head -1)
+    case "$flag" in
+      -fsanitize=thread) nm "$obj" | grep -q __tsan_func_entry ;;
+      --coverage) nm "$obj" | grep -q __gcov ;;
+    esac || { echo "sim-checks: $flag did not reach the compiler" >&2; exit 2; }
+  fi
 }
 
 plant() {  # plant MUTANT DIR
@@ -51,6 +60,14 @@ plant() {  # plant MUTANT DIR
   [ "$before" != "$(md5sum < "$f")" ] \
     || { echo "sim-checks: mutant '$1' no longer applies to csrc/cuda/nccl_channel.cc: update this script" >&2; exit 2; }
   diff -u "$repo/csrc/cuda/nccl_channel.cc" "$f" | grep -E '^[-+][^-+]' | sed 's/^/    /' || true
+}
+
+ran_all() {  # ran_all PYTEST_LOG: fail unless the tests ran (a skip here means the build did not load)
+  if ! tail -1 "$1" | grep -q passed || tail -1 "$1" | grep -q skipped; then
+    echo "sim-checks: the suite did not run (see $1)" >&2
+    grep -E '^SKIPPED' "$1" | head -3 >&2
+    exit 2
+  fi
 }
 
 teeth() {
@@ -91,12 +108,16 @@ tsan() {
   export LD_PRELOAD
   LD_PRELOAD=$(gcc -print-file-name=libtsan.so)
   export TSAN_OPTIONS="log_path=$logs/report exitcode=0 report_signal_unsafe=0 second_deadlock_stack=1"
+  # UCX (MPICH's transport) hooks mmap/munmap for its memory events, as TSan does: with both,
+  # every process crashes in MPI_Finalize. MPI does not need the events here (no GPU memory).
+  export UCX_MEM_EVENTS=no
   set +e
   (cd "$tmp" && python -m pytest tests/gpu/test_nccl.py tests/gpu/test_sim_hooks.py -k sim -q -p no:cacheprovider \
      -rf > pytest.log 2>&1)
   set -e
   unset LD_PRELOAD
   tail -3 "$tmp/pytest.log"
+  ran_all "$tmp/pytest.log"
   n=$(cat "$logs"/report* 2>/dev/null | grep -c '^WARNING: ThreadSanitizer' || true)
   echo "ThreadSanitizer reports: $n (files: $logs)"
   if [ "$n" -gt 0 ]; then
@@ -113,6 +134,7 @@ coverage() {
   (cd "$tmp" && python -m pytest tests/gpu -m "not gpu" -q -p no:cacheprovider -rf > pytest.log 2>&1)
   set -e
   tail -2 "$tmp/pytest.log"
+  ran_all "$tmp/pytest.log"
   (cd "$tmp" && python - <<'PY'
 import glob, os, re, subprocess
 total = hit = 0
