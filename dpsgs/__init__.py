@@ -30,7 +30,10 @@ def train(config: TrainConfig, comm: Any = None, *, model: Any = None, data: Any
     COMM_WORLD) and return the summary dict on every rank.
 
     model: an nn.Sequential built identically on every rank (default: config.model);
-    data: a (train, test) pair of dpsgs.job.data.Dataset (default: config.dataset);
+    data: (train, test), each a pair of tensors (x, y), a TensorDataset, a map-style torch
+    Dataset of (input, label) or a dpsgs.job.data.Dataset (default: config.dataset; labels
+    are integer class ids; inputs are cast to config.dtype as they are fed; anything else is
+    refused in one line: dpsgs.job.user_data);
     transport: "core" (the C++ core), "mpi4py" (plain-MPI baseline) or a
     dpsgs.comm.protocol.Transport. dpsgs never initialises or finalises MPI. A wrong world
     size raises ValueError on every rank; any other failure is reported with the rank's

@@ -56,7 +56,8 @@ HELP: dict[str, str] = {
     "model": "model name: mlp, mlp-wide, resnet20, resnet56, resnet110, resnet18, wrn-D-K "
              "(e.g. wrn-16-4, wrn-28-10)",
     "dataset": "digits (bundled with scikit-learn), cifar10 (needs --data-dir), synthetic",
-    "data_dir": "CIFAR-10 folder in the python-pickle format (data_batch_1..5, test_batch)",
+    "data_dir": "CIFAR-10 folder in the python-pickle format (data_batch_1..5, test_batch); "
+                "only --dataset cifar10 reads it (an error with any other dataset)",
     "synthetic_shape": "synthetic dataset: shape of one sample",
     "synthetic_samples": "synthetic dataset: training samples",
     "num_classes": "number of classes (default: from the dataset)",
@@ -65,8 +66,10 @@ HELP: dict[str, str] = {
                  "wrapping around; shapes never change)",
     "dtype": "parameter and activation dtype",
     "device": "where each rank's stage runs: cuda (one GPU per rank by local rank, NCCL "
-              "channels and all-reduce), cpu (MPI), or auto (cuda when every rank sees a GPU "
-              "and the NCCL backend is built)",
+              "channels and all-reduce; an error names what is missing: GPU, CUDA build of "
+              "torch, NCCL build of dpsgs), cpu (MPI), or auto (cuda only where every rank has "
+              "a GPU of its own and the NCCL backend is built, else cpu; the first line says "
+              "why)",
     "amp": "bf16: autocast forward/backward in bfloat16, CUDA or CPU (float32 weights, bfloat16 "
            "activations between stages); none: the run's dtype throughout",
     "epochs": "training epochs",
@@ -99,7 +102,8 @@ HELP: dict[str, str] = {
                        "(each one skipped is named) instead of stopping with the error",
     "override": "identity settings (e.g. epochs lr) a resume may change on purpose; the change "
                 "is recorded in RUN_DIR/run.json",
-    "trace": "write a Chrome trace (Perfetto) per rank: FILE -> FILE.rankR.json",
+    "trace": "write a Chrome trace (Perfetto) per rank R: --trace t.json writes t.rankR.json "
+             "(a name without a suffix gets .json; a {rank} in the name is replaced by R instead)",
     "progress": "progress bar on rank 0",
     "on_nonfinite": "NaN/Inf loss or gradient: stop (report step, stage, tensor) or skip "
                     "the step",

@@ -1,20 +1,24 @@
 """Embed dpsgs in a larger MPI workflow: train on a sub-communicator while the other ranks work.
 
-    # from the repository root (dpsgs is built in place, so put it on the path)
-    PYTHONPATH=$PWD mpirun -n 3 python -m mpi4py examples/embed_subcomm.py   # 2x1 + 1 worker
-    PYTHONPATH=$PWD mpirun -n 6 python -m mpi4py examples/embed_subcomm.py -K 2 -N 2 --epochs 3
+    # from any folder, in the venv of scripts/setup.sh (dpsgs is installed there)
+    mpirun -n 3 python -m mpi4py examples/embed_subcomm.py                   # 2x1 + 1 worker
+    mpirun -n 6 python -m mpi4py examples/embed_subcomm.py -K 2 -N 2 --epochs 3
 
 The first K*N ranks of COMM_WORLD train (dpsgs never touches COMM_WORLD, only the
 communicator it is given, and never initialises or finalises MPI); the remaining ranks form
 their own communicator and estimate pi by Monte Carlo meanwhile. Then every rank meets again
 on COMM_WORLD: the trainers' rank 0 broadcasts the summary and the workers' result to all.
-`python -m mpi4py` turns an exception on any rank into MPI_Abort, so nobody hangs.
+`python -m mpi4py` turns an exception on any rank into MPI_Abort, so nobody hangs. Each run
+writes a new folder runs/embedded-<time>-<id> (a run folder belongs to one run), unless
+--run-dir names one.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import time
+import uuid
 
 from mpi4py import MPI
 
@@ -35,7 +39,7 @@ def main() -> None:
     p.add_argument("-K", "--stages", type=int, default=2)
     p.add_argument("-N", "--replicas", type=int, default=1)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--run-dir", default="runs/embedded")
+    p.add_argument("--run-dir", default=None, help="default: a new runs/embedded-<time>-<id>")
     args = p.parse_args()
 
     world = MPI.COMM_WORLD
@@ -44,13 +48,17 @@ def main() -> None:
         raise SystemExit(f"launch more than K*N = {trainers} ranks (got {world.Get_size()}): "
                          f"the extra ranks do the other work")
     is_trainer = world.Get_rank() < trainers
+    # world rank 0 names the run's folder for everyone: a new one per run, so a second run
+    # starts its own rather than meet the first one's (which dpsgs refuses to overwrite)
+    fresh = f"runs/embedded-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_dir = world.bcast(args.run_dir or fresh, root=0)
     # Collective over COMM_WORLD: color 0 trains, color 1 does the other work.
     sub = world.Split(color=0 if is_trainer else 1, key=world.Get_rank())
 
     summary, pi = None, None
     if is_trainer:
         config = dpsgs.TrainConfig(stages=args.stages, replicas=args.replicas, epochs=args.epochs,
-                             model="mlp", dataset="digits", run_dir=args.run_dir,
+                             model="mlp", dataset="digits", run_dir=run_dir,
                              progress=False, lr=0.05)
         summary = dpsgs.train(config, comm=sub)
     else:
@@ -66,7 +74,7 @@ def main() -> None:
     # One printer: lines from several ranks can interleave mid-line in the launcher's output.
     lines = world.gather(line, root=0)
     if world.Get_rank() == 0:
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines + [f"run folder: {run_dir}"]), flush=True)
 
 
 if __name__ == "__main__":

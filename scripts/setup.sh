@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv with pinned MPI/PyTorch/pybind11 from PyPI, then builds dpsgs._C in place.
+# Idempotent set-up: .venv with pinned MPI/PyTorch/pybind11 from PyPI, dpsgs installed editable
+# (importable from any folder of the venv), dpsgs._C built in place.
 # Sourced by the other scripts; safe to run on its own: `bash scripts/setup.sh`.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +18,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== installing requirements (mpich, mpi4py, torch==2.13.0 CPU, pybind11, ...)"
   pip install -q --disable-pip-version-check -r requirements.txt
   echo "$want" > "$stamp"
+fi
+# `import dpsgs` from any folder of this venv: an editable install of this checkout (once; again
+# if the checkout moved). Its import hook maps `dpsgs` to ./dpsgs, where it also puts the
+# dpsgs._C it builds: the same file the in-place build below keeps up to date.
+if ! (cd / && python -c "import importlib.util as u, os, sys; s = u.find_spec('dpsgs'); \
+sys.exit(not s or os.path.realpath(s.origin) != os.path.realpath(sys.argv[1]))" "$repo/dpsgs/__init__.py"); then
+  echo "== pip install -e . (dpsgs importable from any folder of .venv; builds dpsgs._C)"
+  pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
 echo "== building dpsgs._C (DPSGS_CUDA=${DPSGS_CUDA:-auto})"
 python setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)" || true

@@ -1,4 +1,10 @@
-"""GPU choice per rank and the one-rank-per-GPU check, done before NCCL initialises.
+"""Where a job runs (--device auto|cpu|cuda), GPU choice per rank and the one-rank-per-GPU
+check, done before NCCL initialises.
+
+--device: every rank reads what it sees of CUDA (a CudaView: GPUs, CUDA build of torch, the
+NCCL build of dpsgs._C), the job gathers them, and `resolve_device` decides for all at once:
+'auto' takes CUDA only where every rank can have a GPU of its own, else the CPU with the
+reason; 'cuda' without what it needs names the first thing missing.
 
 Device = local rank (from the launcher's environment, else from an allgather of host names,
 as nccl-tests does) modulo the GPUs visible to the process. Two ranks on one GPU of one host
@@ -8,8 +14,8 @@ GPU. A host is what NCCL takes it to be: `NCCL_HOSTID` where set, else the host 
 several ranks may share a GPU for testing when each has its own NCCL_HOSTID (NCCL then
 connects them over its network transport); dpsgs never sets it itself.
 
-The mapping and the duplicate detection are pure functions (tested without a GPU);
-`select_device` is the collective that feeds them.
+The decision, the mapping and the duplicate detection are pure functions (tested without a
+GPU); `gather_views` and `select_device` are the collectives that feed them.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import socket
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCAL_RANK_VARS", "DeviceChoice", "GpuSlot", "SharedGPUError", "check_unique_gpus",
-           "resolve_device",
-           "device_for", "find_shared_gpus", "gpu_identity", "host_identity", "local_rank_from_env",
+__all__ = ["LOCAL_RANK_VARS", "CudaView", "DeviceChoice", "DeviceDecision", "GpuSlot",
+           "SharedGPUError", "check_unique_gpus", "cuda_missing", "driver_gpu_count", "gather_views", "probe_cuda",
+           "resolve_device", "device_for", "find_shared_gpus", "gpu_identity", "host_identity", "local_rank_from_env",
            "local_rank_from_hosts", "physical_gpu_id", "select_device", "visible_gpu_count"]
 
 # MPICH/Hydra, Open MPI, Cray PALS, MVAPICH, Slurm: the launcher's own count of this process
@@ -63,47 +70,129 @@ def host_identity(env: Mapping[str, str] | None = None) -> str:
     return env.get("NCCL_HOSTID", "").strip() or socket.gethostname()
 
 
-def resolve_device(requested: str, nccl: bool = True) -> str:
-    """'cpu', 'cuda' or 'sim' for a --device setting, from what this process can see. 'auto'
-    is cuda when a GPU is visible to a CUDA torch and (with `nccl`: ranks talk over it)
-    dpsgs._C has the real NCCL backend, else cpu — never 'sim', the CPU simulator of a
-    DPSGS_CUDA=sim build, a test device asked for by name; 'cuda' or 'sim' without what they
-    need is a ValueError saying what is missing. (Ranks compare their answers at start.)"""
+@dataclass(frozen=True)
+class CudaView:
+    """What one process sees of CUDA: the facts `--device auto|cuda` is decided on.
+    `probe_cuda()` reads them here; a test builds one by hand (the seam: nothing live is
+    patched), and a job gathers every rank's before it decides."""
+
+    host: str                        # as NCCL sees it (host_identity)
+    local_rank: int | None = None    # the launcher's (local_rank_from_env); None if unset
+    gpus: tuple[str, ...] = ()       # identities of the visible GPUs, by CUDA ordinal
+    torch_cuda: bool = False         # torch is a CUDA build
+    torch_version: str = ""
+    nccl: bool = False               # dpsgs._C was built with the NCCL backend
+
+
+@dataclass(frozen=True)
+class DeviceDecision:
+    device: str      # "cpu" | "cuda" | "sim"
+    why: str         # --device auto: why it chose `device` (one clause); "" when named
+
+
+def probe_cuda(env: Mapping[str, str] | None = None) -> CudaView:
+    """This process's CudaView; never raises (what cannot be read counts as absent)."""
+    env = os.environ if env is None else env
+    try:
+        local = local_rank_from_env(env)
+    except ValueError:
+        local = None
+    try:
+        from dpsgs import _C
+
+        info = _C.build_info()
+        nccl = bool(info.get("nccl")) and not info.get("cuda_simulated")   # the simulator is no GPU backend
+    except ImportError:
+        nccl = False
+    try:
+        import torch
+
+        torch_cuda, version = torch.version.cuda is not None, str(torch.__version__)
+    except ImportError:
+        torch_cuda, version = False, "not installed"
+    gpus = tuple(gpu_identity(d, env) for d in range(visible_gpu_count(env)))
+    return CudaView(host_identity(env), local[0] if local else None, gpus, torch_cuda, version, nccl)
+
+
+def resolve_device(requested: str, views: Sequence[CudaView], nccl: bool = True,
+                   labels: Sequence[str] | None = None) -> DeviceDecision:
+    """Where a job runs, from every rank's CudaView (views[r] is rank r's; `labels` name the
+    ranks). 'auto' is cuda only where every rank can have a GPU of its own and (with `nccl`:
+    ranks talk over it) dpsgs._C has the NCCL backend, else cpu with the reason; 'cuda'
+    without them is a ValueError naming the first thing missing, in the order GPU, CUDA build
+    of torch, NCCL build. A pure function: every rank, given the same views, decides alike.
+    'sim', the CPU simulator of a DPSGS_CUDA=sim build (a test device), is taken only when
+    named (this process's build decides), never by 'auto'."""
     if requested == "cpu":
-        return "cpu"
+        return DeviceDecision("cpu", "")
     if requested == "sim":
         from dpsgs.comm.nccl import available    # (nccl imports this module: not at the top)
 
         ok, why = available("sim")
         if not ok:
             raise ValueError(f"--device sim: {why}")
-        return "sim"
+        return DeviceDecision("sim", "")
     if requested not in ("auto", "cuda"):
         raise ValueError(f"--device must be auto, cpu, cuda or sim, got {requested!r}")
-    why = _cuda_missing(nccl)
+    why = cuda_missing(views, nccl, labels)
     if why is None:
-        return "cuda"
+        return DeviceDecision("cuda", "" if requested == "cuda" else
+                              "every rank has a GPU of its own" if len(views) > 1 else "a GPU is visible")
     if requested == "cuda":
         raise ValueError(f"--device cuda: {why}")
-    return "cpu"
+    return DeviceDecision("cpu", why)
 
 
-def _cuda_missing(nccl: bool) -> str | None:
-    """Why this process cannot train on CUDA, or None when it can."""
-    if nccl:
-        from dpsgs.comm.nccl import available    # (nccl imports this module: not at the top)
+def cuda_missing(views: Sequence[CudaView], nccl: bool = True,
+                 labels: Sequence[str] | None = None) -> str | None:
+    """Why these ranks cannot train on CUDA (the first missing thing, and where), or None."""
+    if not views:
+        raise ValueError("cuda_missing: no CudaView given")
+    names = list(labels) if labels else [f"rank {r}" for r in range(len(views))]
+    checks: list[tuple[Any, Any]] = [
+        (lambda v: not v.gpus, lambda v: "no GPU is visible"),
+        (lambda v: not v.torch_cuda, lambda v: f"this torch ({v.torch_version}) is a CPU build, "
+                                               "not a CUDA one"),
+        (lambda v: nccl and not v.nccl, lambda v: "dpsgs._C was built without the NCCL backend "
+                                                  "(rebuild: DPSGS_CUDA=1 bash scripts/setup.sh)"),
+    ]
+    for lacks, text in checks:
+        bad = [r for r, v in enumerate(views) if lacks(v)]
+        if bad:
+            if len(bad) == len(views):
+                return text(views[bad[0]])
+            where = ", ".join(f"{names[r]} on host {views[r].host}" for r in bad[:3]) \
+                + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            return f"{where}: {text(views[bad[0]])}"
+    return _shared(views, names) if nccl else None
 
-        ok, why = available("cuda")
-        if not ok:
-            return why
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return ("no CUDA device is visible" if torch.version.cuda
-                else f"this torch ({torch.__version__}) is a CPU build")
-    return None
+
+def _shared(views: Sequence[CudaView], names: Sequence[str]) -> str | None:
+    """The GPU two ranks would be given by select_device's mapping (local rank mod GPUs, on
+    a host as NCCL sees it), said in one clause; None when every rank gets its own."""
+    placed = [(v.host, v.local_rank) for v in views]
+    slots = []
+    for r, v in enumerate(views):
+        own = (v.local_rank, "launcher") if v.local_rank is not None else None
+        local, _ = _local_rank(placed, own, r)
+        device = local % len(v.gpus)
+        slots.append(GpuSlot(r, v.host, device, v.gpus[device]))
+    pairs = find_shared_gpus(slots)
+    if not pairs:
+        return None
+    a, b = pairs[0]
+    ranks = sum(1 for s in slots if s.host == a.host)
+    gpus = len({s.gpu for s in slots if s.host == a.host})
+    return (f"{ranks} ranks on host {a.host} share {gpus} GPU(s): {names[b.rank]} would use "
+            f"{names[a.rank]}'s GPU {a.gpu} (NCCL needs one GPU per rank)")
+
+
+def gather_views(comm: Any, view: CudaView, timeout: float) -> list[CudaView]:
+    """Collective over `comm` (mpi4py): every rank's CudaView, rank order, behind a deadline."""
+    from dpsgs.comm.waits import barrier
+
+    barrier(comm, timeout, "device choice")
+    return comm.allgather(view)
 
 
 def local_rank_from_env(env: Mapping[str, str]) -> tuple[int, str] | None:
@@ -183,9 +272,11 @@ def check_unique_gpus(slots: Sequence[GpuSlot], visible: Mapping[str, int] | Non
           "NCCL_HOSTID)")
 
 
-def visible_gpu_count() -> int:
-    """CUDA devices this process can see (0 without a GPU or driver; a simulated build's
-    devices do not count); never raises."""
+def visible_gpu_count(env: Mapping[str, str] | None = None) -> int:
+    """CUDA devices this process can see (0 without a GPU or driver); never raises. Asked of
+    the CUDA runtime where a library here can (dpsgs._C's NCCL build, a CUDA torch, CuPy),
+    else counted from the driver's list, so a CPU build of torch does not hide a GPU. A
+    simulated build's devices (DPSGS_CUDA=sim) are no GPUs and do not count."""
     try:
         from dpsgs import _C
 
@@ -197,15 +288,35 @@ def visible_gpu_count() -> int:
     try:
         import torch
 
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+        if torch.version.cuda is not None:
+            return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
     except ImportError:
         pass
     try:
         import cupy  # type: ignore[import-not-found]
 
         return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # noqa: BLE001 - no cupy, no driver: no GPU
+    except Exception:  # noqa: BLE001 - no cupy, no driver: ask the driver's list
+        pass
+    return driver_gpu_count(os.environ if env is None else env)
+
+
+def driver_gpu_count(env: Mapping[str, str], root: Path = Path("/proc/driver/nvidia/gpus")) -> int:
+    """GPUs the NVIDIA driver lists under `root`, as CUDA_VISIBLE_DEVICES narrows them (CUDA
+    stops at its first entry that names no GPU: "-1" or "" hides them all)."""
+    try:
+        listed = sum(1 for _ in root.iterdir())
+    except OSError:
         return 0
+    mask = env.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return listed
+    count = 0
+    for entry in (e.strip() for e in mask.split(",")):
+        if not (entry.isdigit() and int(entry) < listed or entry.startswith(("GPU-", "MIG-"))):
+            break
+        count += 1
+    return min(count, listed)
 
 
 def gpu_identity(device: int, env: Mapping[str, str] | None = None) -> str:

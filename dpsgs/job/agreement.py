@@ -63,10 +63,10 @@ def job_digest(config: TrainConfig, model: Any, train: Any, test: Any) -> dict[s
     d["the model's initial weights"] = _hash(*(_bytes(t) for t in model.state_dict().values()))
     step = max(1, len(train) // 64)
     d["the training data"] = _hash(train.name, tuple(train.x.shape), train.num_classes,
-                                   train.y.numpy().tobytes(), train.x[::step].contiguous().numpy().tobytes())
+                                   train.y.numpy().tobytes(), _bytes(train.x[::step]))
     step = max(1, len(test) // 64)
     d["the test data"] = _hash(test.name, tuple(test.x.shape), test.y.numpy().tobytes(),
-                               test.x[::step].contiguous().numpy().tobytes())
+                               _bytes(test.x[::step]))
     return d
 
 

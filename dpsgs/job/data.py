@@ -75,6 +75,9 @@ def check_dataset(name: str, data_dir: str | None = None) -> None:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
     if name == "cifar10":
         _cifar_root(data_dir)
+    elif data_dir:           # a folder nothing reads: the user meant another dataset
+        raise ValueError(f"--data-dir {data_dir}: --dataset {name} reads no folder (only "
+                         f"--dataset cifar10 does); drop --data-dir or name the dataset")
 
 
 def _digits() -> tuple[Dataset, Dataset]:

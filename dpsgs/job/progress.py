@@ -20,10 +20,22 @@ from dpsgs.config import TrainConfig
 from dpsgs.job.metrics import MetricsLog, Timeline
 from dpsgs.pipeline.hooks import StepHooks
 
-__all__ = ["ProgressReporter"]
+__all__ = ["ProgressReporter", "start_line"]
 
 _LOSS_TAG = 901
 Record = tuple[float, int, int, int]      # loss, correct, samples, global batch
+
+
+def start_line(config: TrainConfig, ran: dict[str, Any], device: Any, simulate: bool = False) -> str:
+    """A run's first line: what trains on what, on which grid and device (and, for --device
+    auto, why that device). `ran` has the model and dataset names, `device` is the job's
+    DeviceDecision."""
+    K, N = config.stages, config.replicas
+    ranks = f"{K * N} virtual ranks in this process" if simulate else f"{K * N} ranks"
+    why = f" (--device auto: {device.why})" if device.why else ""
+    return (f"dpsgs{' --simulate' if simulate else ''}: model {ran['model']}, dataset "
+            f"{ran['dataset']}, grid K×N = {K}×{N} ({ranks}), {config.schedule} schedule, "
+            f"device {device.device}{why}")
 
 
 class ProgressReporter(StepHooks):

@@ -120,12 +120,14 @@ class RunFolder:
                 f"{' '.join(sorted(refused))} (it is recorded in {RUN_FILE})")
         self.changes = changed
 
-    def start(self, config: TrainConfig, resumed_from: str | None) -> None:
-        """Record this job's start (or resume) with its operational settings, and write the
-        config it runs under (config.json)."""
+    def start(self, config: TrainConfig, resumed_from: str | None,
+              ran: dict[str, Any] | None = None) -> None:
+        """Record this job's start (or resume) with its operational settings and what it runs
+        on (`ran`: the model, data and device as the job resolved them), and write the config
+        it runs under (config.json: the settings as given, e.g. --device auto)."""
         atomic_write(self.path / "config.json", config.to_json())
         entry: dict[str, Any] = {"time": time.time(), "event": "resume" if resumed_from else "start",
-                                 "operational": config.operational(),
+                                 "operational": config.operational(), **(ran or {}),
                                  "host": socket.gethostname(), "pid": os.getpid()}
         if resumed_from:
             entry["checkpoint"] = resumed_from

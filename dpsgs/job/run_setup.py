@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -157,18 +159,26 @@ class Loaded:
         return len(list(self.model.children()))
 
 
-def load(config: TrainConfig, model: nn.Sequential | None = None,
-         data: tuple[Dataset, Dataset] | None = None) -> Loaded:
+def load(config: TrainConfig, model: nn.Sequential | None = None, data: Any = None) -> Loaded:
     """The data and the seeded full model of `config` (model/data override config.model and
-    config.dataset: embedding, tests; a given model is used as is, seeded by the caller)."""
+    config.dataset: embedding, tests; a given model is used as is, seeded by the caller;
+    `data` is (train, test) in any form of dpsgs.job.user_data)."""
     from dpsgs.job.data import load_dataset
+    from dpsgs.job.user_data import as_datasets, check_labels
 
     config.validate()
     dtype = torch_dtype(config.dtype)
     if data is None:
-        data = load_dataset(config.dataset, config.data_dir, tuple(config.synthetic_shape),
-                            config.synthetic_samples, config.seed)
-    train, test = data
+        train, test = load_dataset(config.dataset, config.data_dir, tuple(config.synthetic_shape),
+                                   config.synthetic_samples, config.seed)
+        for ds, which in ((train, "train"), (test, "test")):
+            check_labels(ds, which, config.num_classes or ds.num_classes,
+                         "as set" if config.num_classes else "as the dataset declares")
+    elif config.data_dir:
+        raise ValueError(f"--data-dir {config.data_dir}: this run's data comes from data=, "
+                         f"nothing reads the folder; drop data_dir")
+    else:
+        train, test = as_datasets(data, config.num_classes)
     in_shape = tuple(train.x.shape[1:])
     if model is None:
         from dpsgs.job.models import build_model
@@ -216,8 +226,7 @@ def assemble(loaded: Loaded, split: Sequence[int], costs: Sequence[float] | None
                  list(costs) if costs is not None else None)
 
 
-def prepare(config: TrainConfig, model: nn.Sequential | None = None,
-            data: tuple[Dataset, Dataset] | None = None,
+def prepare(config: TrainConfig, model: nn.Sequential | None = None, data: Any = None,
             costs: Sequence[float] | None = None, profile: bool = True,
             split: Sequence[int] | None = None) -> Setup:
     """Data, seeded full model and split for `config`, in one process (load, choose_split,

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpsgs.comm.device import resolve_device
+from dpsgs.comm.device import CudaView, DeviceDecision, probe_cuda, resolve_device
 from dpsgs.config import TrainConfig
-from dpsgs.job.data import Dataset
 from dpsgs.job.metrics import MetricsLog
+from dpsgs.job.progress import start_line
 from dpsgs.job.run_folder import RunFolder
 from dpsgs.job.run_setup import prepare
 from dpsgs.pipeline.hooks import StepHooks
@@ -39,31 +39,41 @@ class _Bar(StepHooks):
         return False
 
 
-def reference_for(config: TrainConfig, model: nn.Sequential | None = None,
-                  data: tuple[Dataset, Dataset] | None = None,
+def reference_for(config: TrainConfig, model: nn.Module | None = None, data: Any = None,
                   progress: StepHooks | None = None) -> Reference:
     """The single-process reference of `config` (model/data override config.model/dataset),
     on the device --device resolves to here (every virtual rank on the current GPU)."""
-    return Reference(prepare(config, model, data), progress, _device(config))
+    return Reference(prepare(config, model, data), progress, _torch_device(_device(config)))
 
 
-def _device(config: TrainConfig) -> torch.device:
-    """One process, no NCCL: a CUDA torch and a GPU are all --device cuda needs here."""
-    return torch.device("cuda") if resolve_device(config.device, nccl=False) == "cuda" else torch.device("cpu")
+def _device(config: TrainConfig, view: CudaView | None = None) -> DeviceDecision:
+    """One process, no NCCL: a GPU and a CUDA torch are all --device cuda needs here."""
+    return resolve_device(config.device, [view or probe_cuda()] if config.device != "cpu" else [],
+                          nccl=False)
 
 
-def simulate(config: TrainConfig, model: nn.Sequential | None = None,
-             data: tuple[Dataset, Dataset] | None = None, progress: bool = False) -> dict[str, Any]:
+def _torch_device(decision: DeviceDecision) -> torch.device:
+    return torch.device("cuda") if decision.device == "cuda" else torch.device("cpu")
+
+
+def simulate(config: TrainConfig, model: nn.Module | None = None, data: Any = None,
+             progress: bool = False, cuda_view: CudaView | None = None) -> dict[str, Any]:
     """Train per `config` on K x N virtual ranks in this process; the summary dict. A progress
-    bar when `progress`; the run folder's files when config.run_dir is set."""
+    bar when `progress`; the run folder's files when config.run_dir is set. `cuda_view`: what
+    this process sees of CUDA (default: probed; tests pass a made-up one)."""
     if config.resume:
         raise ValueError("--simulate runs in one go and writes no checkpoints: there is nothing "
                          "to --resume (choose a new --run-dir)")
-    device = _device(config)                  # a setting's error before any file is made
+    decision = _device(config, cuda_view)     # a setting's error before any file is made
+    device = _torch_device(decision)
     folder = RunFolder.open(config) if config.run_dir else None
     try:
         torch.manual_seed(config.seed)
         setup = prepare(config, model, data)
+        ran = {"model": config.model if model is None else f"{type(model).__name__} (given)",
+               "dataset": config.dataset if data is None else f"{setup.train.name} (given)",
+               "device": decision.device, **({"device_why": decision.why} if decision.why else {})}
+        print(start_line(config, ran, decision, simulate=True), flush=True)
         bar = None
         if progress:
             from dpsgs.pipeline.schedule import fdg_steps
@@ -77,17 +87,19 @@ def simulate(config: TrainConfig, model: nn.Sequential | None = None,
         if bar is not None:
             bar.bar.close()
         summary["split"] = setup.split
+        summary.update(ran)
         if folder is not None:
             summary["run_dir"] = config.run_dir
-            _write(folder, config, ref, summary)
+            _write(folder, config, ref, summary, ran)
         return summary
     finally:
         if folder is not None:
             folder.close()
 
 
-def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict[str, Any]) -> None:
-    folder.start(config, None)
+def _write(folder: RunFolder, config: TrainConfig, ref: Reference, summary: dict[str, Any],
+           ran: dict[str, Any]) -> None:
+    folder.start(config, None, ran=ran)
     B, N = config.batch_size, config.replicas
     with MetricsLog(folder.path / "metrics.jsonl") as log:
         for h in ref.history:

@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 from dpsgs.comm.abort import abort_job
-from dpsgs.comm.device import resolve_device
+from dpsgs.comm.device import CudaView, DeviceDecision, gather_views, host_identity, probe_cuda, resolve_device
 from dpsgs.comm.grid import Grid
 from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier, wait_for
@@ -33,10 +33,9 @@ from dpsgs.config import TrainConfig
 from dpsgs.job.agreement import Outcome, SetupFailed, agree, job_digest
 from dpsgs.job.checkpoint import resolve_resume
 from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip_done
-from dpsgs.job.data import Dataset
 from dpsgs.job.failure import everywhere, log_traceback, report_failure
 from dpsgs.job.metrics import MetricsLog, Timeline
-from dpsgs.job.progress import ProgressReporter
+from dpsgs.job.progress import ProgressReporter, start_line
 from dpsgs.job.rank_context import open_rank
 from dpsgs.job.run_folder import RunFolder
 from dpsgs.job.run_setup import Loaded, assemble, choose_split, load, segments
@@ -63,9 +62,11 @@ class Trainer:
     """One rank's part of a K x N training job on `comm` (default COMM_WORLD).
 
     model/data override config.model/config.dataset (build `model` identically on every
-    rank, e.g. under torch.manual_seed). transport: 'core' (dpsgs._C, the default),
-    'mpi4py' (plain MPI baseline) or a dpsgs.comm.protocol.Transport. `hooks` are extra
-    step hooks (dpsgs.pipeline.hooks), e.g. a dpsgs.pipeline.recorder.Recorder.
+    rank, e.g. under torch.manual_seed; `data` in any form of dpsgs.job.user_data).
+    transport: 'core' (dpsgs._C, the default), 'mpi4py' (plain MPI baseline) or a
+    dpsgs.comm.protocol.Transport. `hooks` are extra step hooks (dpsgs.pipeline.hooks), e.g.
+    a dpsgs.pipeline.recorder.Recorder. `cuda_view`: what this rank sees of CUDA (default:
+    probed), the seam through which tests make up a GPU machine for --device.
 
     Start-up has two parts. First every rank does what it can alone — check the config, load
     the data, build the model — and rank 0 takes the run folder (dpsgs.job.run_folder),
@@ -74,9 +75,9 @@ class Trainer:
     job, so a failure or a disagreement anywhere is one error on every rank. Then the
     collective part: communicators, transport, step control, the executor."""
 
-    def __init__(self, config: TrainConfig, comm: Any = None, *, model: nn.Sequential | None = None,
-                 data: tuple[Dataset, Dataset] | None = None, transport: str | Transport = "core",
-                 hooks: Any = None) -> None:
+    def __init__(self, config: TrainConfig, comm: Any = None, *, model: nn.Module | None = None,
+                 data: Any = None, transport: str | Transport = "core", hooks: Any = None,
+                 cuda_view: CudaView | None = None) -> None:
         if comm is None:
             from mpi4py import MPI
 
@@ -84,12 +85,17 @@ class Trainer:
         self.config = config
         self.grid = Grid(config.stages, config.replicas)
         self.folder: RunFolder | None = None
-        loaded, mine, device = None, Outcome(), "cpu"
+        self._notes: list[str] = []
+        loaded, mine, decision = None, Outcome(), DeviceDecision("cpu", "")
+        # what every rank sees of CUDA, gathered (--device cpu probes nothing): --device is
+        # decided for the job as a whole (a GPU of its own for every rank, or the CPU)
+        views = gather_views(comm, CudaView(host_identity()) if config.device == "cpu" else
+                             cuda_view or probe_cuda(), config.timeout)
         try:
-            device = resolve_device(config.device)
+            decision = resolve_device(config.device, views, labels=[
+                self.grid.label(r) for r in range(len(views))] if len(views) == self.grid.size else None)
             loaded = load(config, model, data)
             mine.digest = job_digest(config, loaded.model, loaded.train, loaded.test)
-            mine.digest["--device (as resolved here)"] = repr(device)
             if comm.Get_rank() == 0:
                 mine.decisions = self._decide(loaded)
         except Exception as e:  # noqa: BLE001 - reported by every rank, through the agreement
@@ -98,12 +104,21 @@ class Trainer:
         try:
             decided = agree(comm, self.grid, mine, config.timeout).decisions
         except BaseException:
+            self._say_notes()
             self._release_folder()
             raise
         if decided.get("finished"):
             self._release_folder()
             raise RunFinished(str(config.run_dir), decided["summary"])
         self.run_id: str | None = decided.get("run_id")
+        self.device, device = decision, decision.device
+        # what ran, as the run's first line says it and its records keep it
+        self.ran = {"model": config.model if model is None else f"{type(model).__name__} (given)",
+                    "dataset": config.dataset if data is None else f"{loaded.train.name} (given)",
+                    "device": device, **({"device_why": decision.why} if decision.why else {})}
+        if comm.Get_rank() == 0:
+            print(start_line(config, self.ran, decision), flush=True)
+        self._say_notes()
         self.setup = assemble(loaded, decided["split"], decided.get("costs"))
         self.ctx = ctx = open_rank(config, comm, transport, device)
         self.pycomm, self.rank = ctx.pycomm, ctx.rank
@@ -113,7 +128,7 @@ class Trainer:
         resumed = decided.get("resume")
         self.checkpointer = Checkpointer(config, self.grid, self.rank, resumed, self.run_id)
         if self.folder is not None:
-            self.folder.start(config, resumed)
+            self.folder.start(config, resumed, ran=self.ran)
         self.timeline = Timeline(self.rank, config.trace, gpu=device == "cuda")
         # reliability (docs/reliability.md): step-boundary vote (preemption signals, NaN/Inf
         # policy) with deadline-checked collectives, rank->pid map, fault points (only when
@@ -154,7 +169,7 @@ class Trainer:
                 decided.update(finished=True, summary=self.folder.summary())
                 return decided
         resume = resolve_resume(cfg.resume, cfg.run_dir, decided["run_id"], cfg.resume_fallback,
-                                note=lambda text: print(f"dpsgs: {text}", file=sys.stderr, flush=True))
+                                note=lambda text: self._notes.append(f"dpsgs: {text}"))
         stored = None
         if resume is not None:
             plan = checkpoint_plan(resume, self.grid)
@@ -162,6 +177,12 @@ class Trainer:
             stored = plan["split"]
         decided["split"], decided["costs"] = choose_split(loaded, split=stored)
         return decided
+
+    def _say_notes(self) -> None:
+        """Rank 0's notes of the start-up (a damaged checkpoint skipped), after the first line."""
+        for note in self._notes:
+            print(note, file=sys.stderr, flush=True)
+        self._notes = []
 
     def _release_folder(self) -> None:
         if self.folder is not None:
@@ -304,7 +325,7 @@ class Trainer:
                 "staleness": {m["stage"]: m["staleness"] for m in per_stage},
                 "stash_peak_bytes": [m["stash_peak_bytes"] for m in per_stage],
                 "stage_params": [m["params"] for m in per_stage],
-                "split": self.setup.split, "run_dir": cfg.run_dir, **test}
+                "split": self.setup.split, "run_dir": cfg.run_dir, **self.ran, **test}
 
     def close(self) -> None:
         """Collective: the vote's last rounds, the trace, the transport; then what the rank

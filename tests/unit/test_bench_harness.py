@@ -9,7 +9,7 @@ import pytest
 from dpsgs.bench.allreduce import bus_factor, expected_sum
 from dpsgs.bench.harness import Table, format_size, iters_for, parse_size, pattern, size_sweep
 from dpsgs.bench.overlap import overlap_percent
-from dpsgs.bench.p2p import window_for
+from dpsgs.bench.p2p import joined, split, window_for
 
 __all__: list[str] = []
 
@@ -37,6 +37,14 @@ def test_iteration_and_window_scaling() -> None:
     assert iters_for(64 << 20, 20) == 20
     assert window_for(8, 64, 128 << 20) == 64 and window_for(64 << 20, 64, 128 << 20) == 2
     assert window_for(1 << 30, 64, 128 << 20) == 2
+
+
+def test_p2p_splits_a_message_into_tensors_that_join_back() -> None:
+    buf = np.arange(10, dtype=np.uint8)
+    assert [len(a) for a in split(buf, 4)] == [2, 2, 2, 4]          # the last takes the remainder
+    assert [len(a) for a in split(np.arange(8, dtype=np.uint8), 16)] == [0] * 15 + [8]
+    assert all(a.base is buf for a in split(buf, 3))                 # views: nothing copied
+    assert np.array_equal(joined(split(buf, 3)), buf)
 
 
 def test_busbw_and_overlap_formulas() -> None:

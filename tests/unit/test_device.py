@@ -165,3 +165,87 @@ def test_an_inherited_local_rank_falls_back_to_host_names():
 @pytest.mark.parametrize("var", ["PALS_LOCAL_RANKID", "MV2_COMM_WORLD_LOCAL_RANK"])
 def test_local_rank_of_cray_and_mvapich_launchers(var):
     assert local_rank_from_env({var: "3"}) == (3, var)
+
+
+# -- --device auto|cuda: the job-wide decision from every rank's CudaView ------------------
+from dpsgs.comm.device import CudaView, DeviceDecision, cuda_missing, driver_gpu_count, resolve_device  # noqa: E402
+from dpsgs.comm.grid import Grid  # noqa: E402
+
+_LABELS = [Grid(2, 2).label(r) for r in range(4)]
+
+
+def _view(host="h", local=None, gpus=("GPU-0",), torch_cuda=True, nccl=True):
+    return CudaView(host, local, tuple(gpus), torch_cuda, "2.13.0+cu130" if torch_cuda else "2.13.0+cpu", nccl)
+
+
+@pytest.mark.parametrize("view, why", [
+    # the first thing missing, in the order GPU, CUDA build of torch, NCCL build of dpsgs
+    (_view(gpus=(), torch_cuda=False, nccl=False), "no GPU is visible"),
+    (_view(gpus=(), torch_cuda=True, nccl=True), "no GPU is visible"),
+    (_view(torch_cuda=False, nccl=False), "this torch (2.13.0+cpu) is a CPU build, not a CUDA one"),
+    (_view(nccl=False), "dpsgs._C was built without the NCCL backend (rebuild: DPSGS_CUDA=1 bash "
+                        "scripts/setup.sh)"),
+])
+def test_cuda_names_the_first_thing_missing_in_order(view, why):
+    with pytest.raises(ValueError) as e:
+        resolve_device("cuda", [view])
+    assert str(e.value) == f"--device cuda: {why}"
+    assert resolve_device("auto", [view]) == DeviceDecision("cpu", why)
+    assert resolve_device("cpu", [view]) == DeviceDecision("cpu", "")
+
+
+def test_one_process_needs_no_nccl_build():
+    # --simulate: every virtual rank on the one GPU; a GPU and a CUDA torch are enough
+    assert resolve_device("auto", [_view(nccl=False)], nccl=False) == DeviceDecision("cuda", "a GPU is visible")
+    assert resolve_device("cuda", [_view(nccl=False)], nccl=False) == DeviceDecision("cuda", "")
+
+
+def test_auto_on_one_gpu_with_several_ranks_runs_on_cpu_and_says_why():
+    # issue 17: one GPU, 4 ranks on one host; auto took cuda and every rank died in SharedGPUError
+    views = [_view(local=r) for r in range(4)]
+    d = resolve_device("auto", views, labels=_LABELS)
+    assert d == DeviceDecision("cpu", "4 ranks on host h share 1 GPU(s): rank 1 (replica 0, stage 1) "
+                                      "would use rank 0 (replica 0, stage 0)'s GPU GPU-0 (NCCL needs "
+                                      "one GPU per rank)")
+    with pytest.raises(ValueError, match=r"^--device cuda: 4 ranks on host h share 1 GPU\(s\)"):
+        resolve_device("cuda", views, labels=_LABELS)
+    # without launcher variables the ranks are counted by host name, as select_device does
+    assert resolve_device("auto", [_view() for _ in range(2)]).device == "cpu"
+
+
+def test_auto_takes_cuda_where_every_rank_has_its_own_gpu():
+    gpus = ("GPU-a", "GPU-b")
+    # 2 hosts x 2 GPUs, local ranks 0, 1 on each
+    views = [_view(host=h, local=r, gpus=gpus) for h in ("n0", "n1") for r in range(2)]
+    assert resolve_device("auto", views) == DeviceDecision("cuda", "every rank has a GPU of its own")
+    assert resolve_device("cuda", views) == DeviceDecision("cuda", "")
+    # one GPU each through CUDA_VISIBLE_DEVICES: ordinal 0 everywhere, four different GPUs
+    views = [_view(local=r, gpus=(f"GPU-{r}",)) for r in range(4)]
+    assert resolve_device("auto", views).device == "cuda"
+    # several ranks on one GPU, each with its own NCCL_HOSTID (docs/gpu.md), as NCCL allows
+    views = [_view(host=f"host-{r}", local=0) for r in range(2)]
+    assert resolve_device("auto", views).device == "cuda"
+    # 3 ranks on a 2-GPU host: two would share
+    views = [_view(local=r, gpus=gpus) for r in range(3)]
+    assert resolve_device("auto", views).why.startswith("3 ranks on host h share 2 GPU(s): rank 2 would use rank 0's GPU GPU-a")
+
+
+def test_a_rank_that_lacks_something_is_named():
+    views = [_view(host="a"), _view(host="b", gpus=()), _view(host="c", gpus=())]
+    assert cuda_missing(views, labels=_LABELS[:3]) == ("rank 1 (replica 0, stage 1) on host b, rank 2 "
+                                                      "(replica 1, stage 0) on host c: no GPU is visible")
+    views = [_view(host=str(r), local=0, torch_cuda=r == 0) for r in range(5)]
+    assert cuda_missing(views) == ("rank 1 on host 1, rank 2 on host 2, rank 3 on host 3 and 1 more: "
+                                   "this torch (2.13.0+cpu) is a CPU build, not a CUDA one")
+
+
+def test_driver_gpu_count(tmp_path):
+    assert driver_gpu_count({}, tmp_path / "absent") == 0
+    for bus in ("0000:01:00.0", "0000:02:00.0", "0000:03:00.0"):
+        (tmp_path / bus).mkdir()
+    assert driver_gpu_count({}, tmp_path) == 3
+    assert driver_gpu_count({"CUDA_VISIBLE_DEVICES": "2,0"}, tmp_path) == 2
+    assert driver_gpu_count({"CUDA_VISIBLE_DEVICES": "0,7,1"}, tmp_path) == 1   # CUDA stops at 7
+    assert driver_gpu_count({"CUDA_VISIBLE_DEVICES": "-1"}, tmp_path) == 0
+    assert driver_gpu_count({"CUDA_VISIBLE_DEVICES": ""}, tmp_path) == 0
+    assert driver_gpu_count({"CUDA_VISIBLE_DEVICES": "GPU-8c1f,GPU-99"}, tmp_path) == 2

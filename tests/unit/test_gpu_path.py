@@ -4,7 +4,6 @@ between stages (runs on CPU too), device-free checkpoint state, CUDA-event timin
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
 from pathlib import Path
 
@@ -33,51 +32,28 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
 
 
-def test_auto_is_cpu_without_a_gpu_and_cuda_names_what_is_missing(monkeypatch):
-    monkeypatch.setattr(device_mod, "_cuda_missing", lambda nccl: "no CUDA device is visible")
-    assert device_mod.resolve_device("auto") == "cpu"
-    assert device_mod.resolve_device("cpu") == "cpu"
-    with pytest.raises(ValueError, match="--device cuda: no CUDA device is visible"):
-        device_mod.resolve_device("cuda")
-    monkeypatch.setattr(device_mod, "_cuda_missing", lambda nccl: None)
-    assert device_mod.resolve_device("auto") == "cuda"
-    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or sim"):
-        device_mod.resolve_device("tpu")
-
-
 def test_what_cuda_needs_here_is_named():
-    """This machine: the trainer names the missing NCCL build or GPU; --simulate (no NCCL)
-    names the CPU torch. Both before anything starts."""
+    """This machine, as probed: the trainer names the first thing missing for CUDA (GPU, CUDA
+    torch, NCCL build, in that order); --simulate (no NCCL) the same without the NCCL build."""
     import torch
 
-    from dpsgs import _C
-
-    with pytest.raises(ValueError) as e:
-        device_mod.resolve_device("cuda")
-    info = _C.build_info()
-    if not info["nccl"]:
-        assert "built without the NCCL backend" in str(e.value)
-    elif info["cuda_simulated"]:
-        assert str(e.value).startswith("--device cuda: dpsgs._C was built with the simulated CUDA/NCCL")
-    else:
-        assert str(e.value) == "--device cuda: no CUDA device is visible"
-    with pytest.raises(ValueError, match=re.escape(f"--device cuda: this torch ({torch.__version__}) is a CPU build")):
-        device_mod.resolve_device("cuda", nccl=False)
-    assert device_mod.resolve_device("auto", nccl=False) == "cpu"
-
-
-def test_the_simulated_device_is_taken_by_name_only():
-    """--device auto never picks the CPU simulator of a DPSGS_CUDA=sim build; --device sim
-    needs that build and says so otherwise."""
-    from dpsgs import _C
-
-    assert device_mod.resolve_device("auto") == "cpu"
-    if _C.build_info()["cuda_simulated"]:
-        assert device_mod.resolve_device("sim") == "sim"
-        assert device_mod.visible_gpu_count() == 0      # the simulated devices are no GPUs
-    else:
-        with pytest.raises(ValueError, match="--device sim: dpsgs._C was built"):
-            device_mod.resolve_device("sim")
+    view = device_mod.probe_cuda()
+    assert view.torch_version == str(torch.__version__)
+    assert view.torch_cuda == (torch.version.cuda is not None)
+    for nccl in (True, False):
+        why = device_mod.cuda_missing([view], nccl=nccl)
+        if not view.gpus:
+            assert why == "no GPU is visible"
+        elif not view.torch_cuda:
+            assert why == f"this torch ({torch.__version__}) is a CPU build, not a CUDA one"
+        elif nccl and not view.nccl:
+            assert why.startswith("dpsgs._C was built without the NCCL backend")
+        else:
+            pytest.skip("this machine can run CUDA")
+        with pytest.raises(ValueError) as e:
+            device_mod.resolve_device("cuda", [view], nccl=nccl)
+        assert str(e.value) == f"--device cuda: {why}"
+        assert device_mod.resolve_device("auto", [view], nccl=nccl) == device_mod.DeviceDecision("cpu", why)
 
 
 def test_device_is_operational_and_amp_is_identity():
@@ -180,3 +156,18 @@ def test_gpu_check_script_parses_and_names_its_steps():
     bad = subprocess.run(["bash", str(GPU_CHECK), "nccl-test"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "unknown step 'nccl-test' (steps: nccl-tests train trainer-tests nccl bench, tests, all)" in bad.stderr
+
+
+def test_the_simulated_device_is_taken_by_name_only():
+    """--device auto never picks the CPU simulator of a DPSGS_CUDA=sim build (its NCCL backend
+    counts as none for CUDA, its devices as no GPUs); --device sim needs that build."""
+    from dpsgs import _C
+
+    view = device_mod.probe_cuda()
+    assert device_mod.resolve_device("auto", [view]).device == "cpu"
+    if _C.build_info()["cuda_simulated"]:
+        assert not view.nccl and device_mod.visible_gpu_count() == 0
+        assert device_mod.resolve_device("sim", [view]) == device_mod.DeviceDecision("sim", "")
+    else:
+        with pytest.raises(ValueError, match="--device sim: dpsgs._C was built"):
+            device_mod.resolve_device("sim", [view])
