@@ -42,7 +42,7 @@ class NcclWork : public Work {
   CudaEvent& done_event() { return *done_; }
   void mark_issued() { issued_.store(true, std::memory_order_release); }
   void set_error(std::exception_ptr e);
-  // Zero-size operations and world size 1: nothing to issue.
+  // Zero-size operations: nothing to issue.
   void mark_trivial() {
     trivial_ = true;
     mark_issued();
