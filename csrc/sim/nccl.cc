@@ -111,8 +111,9 @@ const char* ncclGetErrorString(ncclResult_t result) {
 }
 
 const char* ncclGetLastError(ncclComm_t comm) {
-  // The text must outlive the call: one buffer per thread, as NCCL's own is per process.
-  thread_local std::string text;
+  // The text must outlive the call: one buffer per thread (never destroyed, see sim_group.cc).
+  thread_local std::string* text_ptr = new std::string();
+  std::string& text = *text_ptr;
   std::shared_ptr<Comm> c;
   {
     std::lock_guard<std::mutex> lock(g_mu);

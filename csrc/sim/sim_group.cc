@@ -22,7 +22,13 @@ struct Group {
   std::vector<Pending> ops;
 };
 
-thread_local Group tls_group;
+// Per thread and never destroyed: a thread-local destructor runs in the exiting thread while
+// glibc may hand its TLS block to the next thread, a reuse ThreadSanitizer cannot see.
+thread_local Group* tls_group_ptr = nullptr;
+Group& group() {
+  if (tls_group_ptr == nullptr) tls_group_ptr = new Group();
+  return *tls_group_ptr;
+}
 
 std::mutex counts_mu;
 std::map<std::string, std::map<std::string, long>>& counts() {
@@ -54,13 +60,13 @@ void launch(const std::vector<Pending>& ops) {
 }
 }  // namespace
 
-void group_start() { ++tls_group.depth; }
+void group_start() { ++group().depth; }
 
 ncclResult_t group_end() {
-  if (tls_group.depth == 0) return ncclInvalidUsage;
-  if (--tls_group.depth > 0) return ncclSuccess;
+  if (group().depth == 0) return ncclInvalidUsage;
+  if (--group().depth > 0) return ncclSuccess;
   std::vector<Pending> ops;
-  ops.swap(tls_group.ops);
+  ops.swap(group().ops);
   if (ops.empty()) return ncclSuccess;
   std::set<Comm*> seen;
   std::vector<std::shared_ptr<Comm>> comms;
@@ -92,7 +98,7 @@ ncclResult_t submit(NcclOp op, cudaStream_t stream) {
     ++counts()[op.comm->name()][kind];
   }
   group_start();
-  tls_group.ops.push_back(Pending{std::move(op), std::move(s)});
+  group().ops.push_back(Pending{std::move(op), std::move(s)});
   return group_end();
 }
 
