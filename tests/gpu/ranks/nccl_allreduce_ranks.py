@@ -2,7 +2,9 @@
 dtype, odd and zero sizes, several buckets in flight before the first wait, inputs produced
 on a side stream, over the world and over split groups (stage-like: color = rank % 2).
 
-    mpirun -n P python -m mpi4py tests/gpu/ranks/nccl_allreduce_ranks.py
+    mpirun -n P python -m mpi4py tests/gpu/ranks/nccl_allreduce_ranks.py [LARGEST]
+
+LARGEST (default 1 Mi + 5 elements) is the largest size checked (ThreadSanitizer runs use less).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from mpi4py import MPI
 
 from dpsgs.comm import nccl
 
-SIZES = [0, 1, 3, 1023, (1 << 20) + 5]
+SIZES = [0, 1, 3, 1023, int(sys.argv[1]) if len(sys.argv) > 1 else (1 << 20) + 5]
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int32", "int64"]
 
 
