@@ -166,8 +166,10 @@ pytest_step() {  # pytest_step STEP SECONDS FILE...
   for (( i = 0; i < shards; i++ )); do
     awk -v k="$i" -v m="$shards" 'NR % m == k' "$d/ids.txt" > "$d/shard$i.txt"
     [ -s "$d/shard$i.txt" ] || continue
+    local ids=()
+    mapfile -t ids < "$d/shard$i.txt"     # test ids hold [brackets]: never let the shell glob them
     ( what="pytest $s shard $i" run "$t" python -m pytest -v -rs -p no:cacheprovider --durations=0 \
-        -o faulthandler_timeout="$DPSGS_TEST_TIMEOUT_CAP" --junitxml="$d/junit$i.xml" $(cat "$d/shard$i.txt") 2>&1 \
+        -o faulthandler_timeout="$DPSGS_TEST_TIMEOUT_CAP" --junitxml="$d/junit$i.xml" "${ids[@]}" 2>&1 \
         | sed -u "s/^/[$i] /" >> "$results/$s.txt"
       exit "${PIPESTATUS[0]}" ) &
     pids+=($!)
