@@ -2,7 +2,9 @@
 
     pip install .                                   # a wheel with every sub-package
     python setup.py build_ext --inplace             # development (scripts/setup.sh)
-    DPSGS_CUDA=0|1 ...                              # CPU/MPI only | NCCL backend required
+    DPSGS_CUDA=0|1|sim|auto ...                     # CPU/MPI only | NCCL backend required |
+                                                    # the NCCL backend on the CPU simulator |
+                                                    # real where CUDA, NCCL and a driver are, else sim
 
 MPI flags come from `mpicc` (the one beside the running Python, i.e. the `mpich` wheel, else
 PATH; `MPICC` overrides). The extension needs libmpi.so.12 (the MPICH ABI) at run time and
@@ -13,6 +15,12 @@ build environment (deleted after the build). dpsgs._C checks at import that it a
 use the same MPI library. CUDA comes from CUDA_HOME (or /usr/local/cuda), NCCL from NCCL_HOME
 or the `nvidia-nccl-cu12` wheel. NCCL and CUDA streams are host APIs: g++ plus -lcudart and
 libnccl is enough, no nvcc.
+
+DPSGS_CUDA=sim compiles the same csrc/cuda/ against the CPU stand-ins of csrc/sim/ (a
+simulated CUDA runtime and NCCL, csrc/sim/sim.h), so the GPU code path runs in CI; such a
+build says so in build_info() ("cuda_simulated") and `--device auto` never picks it. The
+default (auto) builds it wherever the real backend cannot run: no CUDA headers, no NCCL, or
+no NVIDIA driver on the build machine.
 
 The module exports only PyInit__C (csrc/bindings/exports.map), whatever the toolchain: some
 compilers (module-built GCCs on clusters) link libstdc++ statically, and an extension that
@@ -112,20 +120,51 @@ def find_nccl() -> tuple[Path, Path] | None:
     return None
 
 
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver on this machine: without one the real backend cannot run here."""
+    if Path("/proc/driver/nvidia/version").exists():
+        return True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def sim_options() -> dict[str, list[str]]:
+    """The NCCL backend compiled against the CPU stand-ins of csrc/sim/."""
+    print("dpsgs build: NCCL backend ON, SIMULATED on the CPU (csrc/sim; DPSGS_CUDA=sim)", file=sys.stderr)
+    return {
+        "sources": sorted(glob.glob("csrc/cuda/*.cc") + glob.glob("csrc/sim/*.cc")),
+        "include_dirs": ["csrc/sim/include"],
+        "library_dirs": [],
+        "libraries": [],
+        "extra_link_args": [],
+        "define_macros": [("DPSGS_WITH_NCCL", "1"), ("DPSGS_CUDA_SIM", "1")],
+    }
+
+
 def cuda_options() -> dict[str, list[str]] | None:
-    """Compile options for the NCCL backend, None to skip it; DPSGS_CUDA=1 makes absence fatal."""
+    """Compile options for the NCCL backend, None to skip it; DPSGS_CUDA=1 makes absence
+    fatal, DPSGS_CUDA=sim asks for the simulator, auto falls back to it."""
     mode = os.environ.get("DPSGS_CUDA", "auto").lower()
     if mode in ("0", "off", "false", "no"):
         return None
+    if mode == "sim":
+        return sim_options()
+    if mode not in ("auto", "1", "on", "true", "yes"):
+        sys.exit(f"dpsgs build: DPSGS_CUDA={mode!r}: expected 0, 1, sim or auto")
     cuda, nccl = find_cuda(), find_nccl()
-    if cuda is None or nccl is None:
+    if cuda is None or nccl is None or (mode == "auto" and not nvidia_driver_present()):
         missing = "CUDA headers (set CUDA_HOME)" if cuda is None else \
-            "NCCL (pip install nvidia-nccl-cu12, or set NCCL_HOME)"
+            "NCCL (pip install nvidia-nccl-cu12, or set NCCL_HOME)" if nccl is None else "an NVIDIA driver"
         if mode in ("1", "on", "true", "yes"):
             sys.exit(f"dpsgs build: DPSGS_CUDA=1 but {missing} not found")
-        print(f"dpsgs build: {missing} not found; building the CPU/MPI backend only",
+        print(f"dpsgs build: {missing} not found; building the NCCL backend on the CPU simulator",
               file=sys.stderr)
-        return None
+        return sim_options()
     nccl_inc, nccl_lib = nccl
     cuda_lib = next(p for p in (cuda / "lib64", cuda / "lib", cuda / "targets/x86_64-linux/lib")
                     if p.exists())

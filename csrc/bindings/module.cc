@@ -7,6 +7,7 @@
 
 #include "bindings/core_bindings.h"
 #include "bindings/nccl_bindings.h"
+#include "bindings/sim_bindings.h"
 #include "common/backoff.h"
 #include "common/buffer.h"
 #include "common/error.h"
@@ -63,6 +64,11 @@ py::dict build_info() {
   int major = 0, minor = 0;
   MPI_Get_version(&major, &minor);
   d["mpi_version"] = std::to_string(major) + "." + std::to_string(minor);
+#ifdef DPSGS_CUDA_SIM
+  d["cuda_simulated"] = true;  // the NCCL backend runs on the CPU stand-ins of csrc/sim/
+#else
+  d["cuda_simulated"] = false;
+#endif
 #ifdef DPSGS_WITH_NCCL
   d["nccl"] = true;
   d["nccl_version"] = nccl_version();
@@ -137,6 +143,9 @@ PYBIND11_MODULE(_C, m) {
   bind_core(m);
 #ifdef DPSGS_WITH_NCCL
   bind_nccl(m);
+#endif
+#ifdef DPSGS_CUDA_SIM
+  bind_sim(m);
 #endif
   // Stop progress threads before mpi4py finalizes MPI (atexit runs last-registered first).
   m.def("_shutdown", &shutdown_all_communicators, "stop every communicator's progress thread (atexit)");

@@ -17,7 +17,11 @@
 namespace dpsgs {
 
 namespace {
-constexpr size_t kScratchBytes = 4096;  // warm-up bytes: 64 for the all-reduce, 8 per channel
+constexpr size_t kScratchBytes = 4096;  // warm-up bytes: 8 per channel
+// The all-reduce warm-up: one all-reduce (float32, ncclAvg) of each size, 4 B .. 4 MiB by 16x,
+// so each protocol/algorithm NCCL picks by size is connected at connect(), not on first use.
+constexpr size_t kWarmCounts[] = {1, 16, 256, 4096, 65536, 1048576};
+constexpr size_t kWarmBytes = 4 * (1 + 16 + 256 + 4096 + 65536 + 1048576);
 
 // Polls a CUDA stream until it is idle, checking NCCL's asynchronous error on every poll.
 void poll_stream(cudaStream_t stream, NcclHandle& handle, const char* what, int peer) {
@@ -100,10 +104,6 @@ void NcclCommunicator::init_mpi(MPI_Comm mpi) {
 NcclCommunicator::NcclCommunicator(MPI_Comm parent, int device, double timeout_s, double warn_after_s)
     : device_(device), timeout_s_(timeout_s), warn_after_s_(warn_after_s) {
   DPSGS_CHECK_ARG(parent != MPI_COMM_NULL, "NcclCommunicator: got MPI_COMM_NULL");
-  // Collective connections made at init, not lazily at the first all-reduce of each
-  // algorithm: a lazy connect inside the issuing thread would stall every other NCCL call of
-  // the device until all peers reach that all-reduce. The user's own setting wins.
-  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
   int prank = 0;
   DPSGS_CHECK_MPI(MPI_Comm_rank(parent, &prank), prank, kNoPeer);
   rank_ = prank;
@@ -243,16 +243,28 @@ void NcclCommunicator::connect() {
     std::lock_guard<std::mutex> lock(mu_);
     pending.swap(pending_);
   }
-  DPSGS_CHECK_ARG(64 + 8 * pending.size() <= kScratchBytes, "NcclCommunicator.connect on rank ", rank_,
-                  ": ", pending.size(), " new channels at once; at most ", (kScratchBytes - 64) / 8);
+  DPSGS_CHECK_ARG(8 * pending.size() <= kScratchBytes, "NcclCommunicator.connect on rank ", rank_, ": ",
+                  pending.size(), " new channels at once; at most ", kScratchBytes / 8);
   // Every rank is inside connect() now, so each channel's 2-rank init can complete.
   for (auto& p : pending) p.handle->settle("ncclCommInitRankConfig (channel)", p.peer);
-  bool warm_collective = !connected_ && size_ > 1;
+  bool warm_collective = allreduce_.load() && !collective_warm_ && size_ > 1;
   if (!warm_collective && pending.empty()) {
     connected_ = true;
     return;
   }
   char* scratch = static_cast<char*>(scratch_);
+  // The all-reduce warm-up's bytes, stream-ordered on our stream (see alloc_scratch).
+  void* warm = nullptr;
+  bool warm_pooled = false;
+  if (warm_collective) {
+    DeviceGuard guard(device_);
+    warm_pooled = cudaMallocAsync(&warm, kWarmBytes, stream_->get()) == cudaSuccess;
+    if (!warm_pooled) {
+      cudaGetLastError();  // no memory pools here: a plain allocation, freed once the warm-up is done
+      DPSGS_CHECK_CUDA(cudaMalloc(&warm, kWarmBytes), rank_, kNoPeer);
+    }
+    DPSGS_CHECK_CUDA(cudaMemsetAsync(warm, 0, kWarmBytes, stream_->get()), rank_, kNoPeer);
+  }
   issuer_->run([&] {
     // Every communicator of the group is used exclusively until the group is launched (only
     // this thread ever holds several of these locks, so no lock order can deadlock).
@@ -268,12 +280,17 @@ void NcclCommunicator::connect() {
         if (open) ncclGroupEnd();
       }
     } closer;
-    if (warm_collective)
-      DPSGS_CHECK_NCCL(ncclAllReduce(scratch, scratch, 1, ncclFloat32, ncclSum, handle_->get(), stream_->get()),
-                       handle_->get(), rank_, kNoPeer);
+    if (warm_collective) {
+      float* at = static_cast<float*>(warm);
+      for (size_t count : kWarmCounts) {
+        DPSGS_CHECK_NCCL(ncclAllReduce(at, at, count, ncclFloat32, ncclAvg, handle_->get(), stream_->get()),
+                         handle_->get(), rank_, kNoPeer);
+        at += count;
+      }
+    }
     for (size_t i = 0; i < pending.size(); ++i) {
       auto& p = pending[i];
-      char* byte = scratch + 64 + 8 * i;
+      char* byte = scratch + 8 * i;
       if (p.is_sender)
         DPSGS_CHECK_NCCL(ncclSend(byte, 1, ncclUint8, 1, p.handle->get(), p.stream->get()), p.handle->get(), rank_, p.peer);
       else
@@ -287,7 +304,12 @@ void NcclCommunicator::connect() {
     for (auto& p : pending) p.handle->settle("ncclGroupEnd (connect: p2p warm-up)", p.peer);
     for (auto& p : pending) p.on_connected();
   });
-  if (warm_collective) poll_stream(stream_->get(), *handle_, "connect (all-reduce warm-up)", kNoPeer);
+  if (warm_collective) {
+    poll_stream(stream_->get(), *handle_, "connect (all-reduce warm-up)", kNoPeer);
+    DeviceGuard guard(device_);
+    DPSGS_CHECK_CUDA(warm_pooled ? cudaFreeAsync(warm, stream_->get()) : cudaFree(warm), rank_, kNoPeer);
+    collective_warm_ = true;
+  }
   for (auto& p : pending) poll_stream(p.stream->get(), *p.handle, "connect (p2p warm-up)", p.peer);
   connected_ = true;
 }

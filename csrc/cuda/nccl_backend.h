@@ -8,6 +8,7 @@
 #include <mpi.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -54,10 +55,14 @@ struct PendingConnect {
 // atexit hook, so communicators die while CUDA is still alive (CUDA's own teardown runs
 // after the interpreter's). A communicator never closed is released when its last user
 // drops it, quietly skipped if CUDA is already unloading.
-// connect() warms up in ONE NCCL group every connection this rank will use: its all-reduce
-// and the p2p connection of every channel created on it so far. NCCL connects p2p lazily
-// on first use and a first send blocks until the peer's first recv; doing all of them at one
-// collective point keeps that rendezvous from deadlocking against other traffic.
+// connect() warms up in ONE NCCL group every connection this rank will use: the p2p
+// connection of every channel created on it so far and, where a reducer was made on it
+// (will_allreduce), its all-reduce at one size of every size class NCCL switches protocol
+// or algorithm at (4 B .. 4 MiB, x16). NCCL connects lazily on first use (we keep its
+// default, NCCL_RUNTIME_CONNECT=1: an eager connect would make every communicator, the
+// 2-rank channel ones too, connect every collective algorithm at init), and a first use is
+// a rendezvous with the peers; doing all of them at one collective point keeps it from
+// deadlocking against other traffic on the device's one issuing thread.
 class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
  public:
   // Collective over `parent`; registered for close_all_nccl().
@@ -94,6 +99,8 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   void close();
 
   void add_pending(PendingConnect p);
+  // A reducer will all-reduce on this communicator: connect() warms its collective up.
+  void will_allreduce() { allreduce_.store(true); }
   // Aborts every NCCL communicator of this object (bounded); for error paths.
   void abort(const std::string& why) noexcept;
 
@@ -121,6 +128,8 @@ class NcclCommunicator : public std::enable_shared_from_this<NcclCommunicator> {
   void* scratch_ = nullptr;  // device bytes for warm-up transfers
   bool scratch_pooled_ = false;  // from the device's memory pool (cudaMallocAsync)
   bool connected_ = false;
+  std::atomic<bool> allreduce_{false};  // a reducer exists (will_allreduce)
+  bool collective_warm_ = false;        // its all-reduce connections are made
   bool closed_ = false;
   std::mutex mu_;
   std::vector<PendingConnect> pending_;

@@ -1,10 +1,12 @@
 // NcclChannel: device-memory channel, MPI header + grouped ncclSend/ncclRecv payloads (see nccl_channel.h).
 #include "cuda/nccl_channel.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -35,6 +37,24 @@ ncclResult_t grouped(const Parts& parts, Call call) {
   }
   ncclResult_t end = ncclGroupEnd();  // always closes the group it opened
   return rc != ncclSuccess && rc != ncclInProgress ? rc : end;
+}
+
+// Sends a destroyed channel left in flight, with the buffers their Works own: ncclSend may
+// still read those, so they are released only once complete (or failed), checked whenever
+// a channel is destroyed.
+void keep_until_complete(std::deque<std::shared_ptr<NcclWork>> works) {
+  static std::mutex mu;
+  static auto* kept = new std::vector<std::shared_ptr<NcclWork>>();  // never destroyed: used at exit
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& w : works) kept->push_back(std::move(w));
+  kept->erase(std::remove_if(kept->begin(), kept->end(), [](const std::shared_ptr<NcclWork>& w) {
+                try {
+                  return w->is_completed();
+                } catch (const std::exception&) {
+                  return true;  // failed: its communicator is aborted and reads nothing more
+                }
+              }),
+              kept->end());
 }
 
 }  // namespace
@@ -96,6 +116,7 @@ NcclChannel::~NcclChannel() {
   if (unfinished > 0)
     std::fprintf(stderr, "[dpsgs] rank %d: %s closed with %zu sends still in flight (their buffers stay alive "
                  "until they complete)\n", rank_, describe_end().c_str(), unfinished);
+  keep_until_complete(std::move(inflight_));
   if (mpi_alive()) {
     // Pre-posted header receives nobody will match, and the sender's finished Isends.
     for (auto& r : hreq_) {

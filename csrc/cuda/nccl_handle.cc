@@ -108,7 +108,9 @@ void NcclHandle::close() noexcept {
     shared_->destroyed = true;  // an abort racing this close finds it so, under the lock
     closed_.store(true);
     comm_ = nullptr;
-    if (rc != ncclSuccess)
+    // A non-blocking communicator's destroy may answer ncclInProgress: NCCL finishes the
+    // teardown on its own thread and frees the communicator, which must not be polled again.
+    if (rc != ncclSuccess && rc != ncclInProgress)
       std::fprintf(stderr, "[dpsgs] rank %d: ncclCommDestroy(%s) failed: %s\n", rank_, name_.c_str(),
                    ncclGetErrorString(rc));
   } catch (const std::exception& e) {
@@ -132,7 +134,9 @@ void NcclHandle::abort(const std::string& why) noexcept {
   if (result.wait_for(std::chrono::duration<double>(bound)) != std::future_status::ready) {
     std::fprintf(stderr, "[dpsgs] rank %d: ncclCommAbort(%s) did not return within %.0f s; abandoned\n",
                  rank_, name_.c_str(), bound);
-  } else if (ncclResult_t rc = result.get(); rc != ncclSuccess) {
+  } else if (ncclResult_t rc = result.get(); rc != ncclSuccess && rc != ncclInProgress) {
+    // ncclInProgress: a non-blocking communicator's abort continues on NCCL's own thread,
+    // which frees the communicator (so nothing may poll it): the abort was accepted.
     std::fprintf(stderr, "[dpsgs] rank %d: ncclCommAbort(%s) failed: %s\n", rank_, name_.c_str(),
                  ncclGetErrorString(rc));
   }

@@ -7,6 +7,7 @@ namespace dpsgs {
 
 NcclReducer::NcclReducer(std::shared_ptr<NcclCommunicator> comm) : comm_(std::move(comm)) {
   DPSGS_CHECK_ARG(comm_ != nullptr, "NcclReducer: communicator is None");
+  comm_->will_allreduce();  // connect() then warms the all-reduce up (made after it: lazily, on first use)
 }
 
 std::shared_ptr<NcclWork> NcclReducer::allreduce(const Buffer& buf, Owner owner, bool average) {
@@ -23,8 +24,16 @@ std::shared_ptr<NcclWork> NcclReducer::allreduce(const Buffer& buf, Owner owner,
   auto work = std::make_shared<NcclWork>(str_cat(comm_->label(rank), ": NcclReducer allreduce #", seq, " (",
                                                  buf.bytes, " bytes over ", comm_->size(), " ranks)"),
                                          comm_->handle(), device, kNoPeer, std::move(owner));
-  if (buf.bytes == 0 || comm_->size() == 1) {
-    work->mark_trivial();  // the mean over one rank is the buffer itself
+  if (buf.bytes == 0) {
+    work->mark_trivial();
+    return work;
+  }
+  if (comm_->size() == 1) {
+    // The mean over one rank is the buffer itself, ready when its producer is: the Work
+    // completes with the producer's stream (a host or another stream reading it waits for that).
+    DeviceGuard guard(device);
+    work->done_event().record(reinterpret_cast<cudaStream_t>(buf.stream), rank, kNoPeer);
+    work->mark_issued();
     return work;
   }
   auto ready = std::make_shared<CudaEvent>(device, rank);

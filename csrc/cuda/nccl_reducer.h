@@ -13,7 +13,8 @@ namespace dpsgs {
 // queues ncclAllReduce on the communicator's stream via the device's issuing thread, and
 // returns a Work. Buckets are therefore issued strictly in call order; the caller (the
 // Python reducer) guarantees every rank calls in the same order. average=true uses ncclAvg
-// (the mean, computed by NCCL in the buffer's dtype); bool is rejected.
+// (the mean, computed by NCCL in the buffer's dtype); bool is rejected. On a communicator of
+// one rank nothing is issued, and the Work completes with the buffer's producer stream.
 class NcclReducer {
  public:
   explicit NcclReducer(std::shared_ptr<NcclCommunicator> comm);

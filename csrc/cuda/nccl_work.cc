@@ -34,7 +34,16 @@ bool NcclWork::issued() {
 bool NcclWork::is_completed() {
   if (!issued()) return false;
   if (trivial_) return true;
-  if (done_->query(handle_->rank(), peer_)) return true;
+  if (done_->query(handle_->rank(), peer_)) {
+    // A completed event proves nothing after an asynchronous error ("nothing can be assumed
+    // about the completion or correctness of enqueued operations"): check NCCL once. A
+    // communicator closed since (finalize flushed it without error) has nothing to say.
+    if (!verified_.load(std::memory_order_acquire)) {
+      if (!handle_->closed()) handle_->check_async(what_.c_str(), peer_);  // throws on an error
+      verified_.store(true, std::memory_order_release);
+    }
+    return true;
+  }
   // Still running: a network failure shows up only here, never as a completed event.
   handle_->check_async(what_.c_str(), peer_);
   return false;

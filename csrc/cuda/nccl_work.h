@@ -21,7 +21,8 @@ namespace dpsgs {
 // the communication stream wait for `ready`, issues the call, records `done` and calls
 // mark_issued(). Completion is `done` having completed on the GPU.
 //
-// is_completed() polls cudaEventQuery(done) and ncclCommGetAsyncError; wait() adds the
+// is_completed() polls cudaEventQuery(done) and ncclCommGetAsyncError (once more when done
+// completes: an operation hit by an asynchronous error may still complete); wait() adds the
 // deadline and, on timeout, aborts the NCCL communicator (bounded) before throwing
 // CommTimeout — a timed-out NCCL kernel never finishes, so the communicator is dead anyway.
 // `owner` keeps the caller's memory alive until the Work is destroyed.
@@ -41,7 +42,7 @@ class NcclWork : public Work {
   CudaEvent& done_event() { return *done_; }
   void mark_issued() { issued_.store(true, std::memory_order_release); }
   void set_error(std::exception_ptr e);
-  // Zero-size operations and world size 1: nothing to issue.
+  // Zero-size operations: nothing to issue.
   void mark_trivial() {
     trivial_ = true;
     mark_issued();
@@ -58,6 +59,7 @@ class NcclWork : public Work {
   bool trivial_ = false;
   std::atomic<bool> issued_{false};
   std::atomic<bool> failed_{false};
+  std::atomic<bool> verified_{false};  // completed, and NCCL reported no error then
   std::mutex mu_;
   std::exception_ptr error_;
 };

@@ -86,7 +86,7 @@ class CudaView:
 
 @dataclass(frozen=True)
 class DeviceDecision:
-    device: str      # "cpu" | "cuda"
+    device: str      # "cpu" | "cuda" | "sim"
     why: str         # --device auto: why it chose `device` (one clause); "" when named
 
 
@@ -100,7 +100,8 @@ def probe_cuda(env: Mapping[str, str] | None = None) -> CudaView:
     try:
         from dpsgs import _C
 
-        nccl = bool(_C.build_info().get("nccl"))
+        info = _C.build_info()
+        nccl = bool(info.get("nccl")) and not info.get("cuda_simulated")   # the simulator is no GPU backend
     except ImportError:
         nccl = False
     try:
@@ -119,11 +120,20 @@ def resolve_device(requested: str, views: Sequence[CudaView], nccl: bool = True,
     ranks). 'auto' is cuda only where every rank can have a GPU of its own and (with `nccl`:
     ranks talk over it) dpsgs._C has the NCCL backend, else cpu with the reason; 'cuda'
     without them is a ValueError naming the first thing missing, in the order GPU, CUDA build
-    of torch, NCCL build. A pure function: every rank, given the same views, decides alike."""
+    of torch, NCCL build. A pure function: every rank, given the same views, decides alike.
+    'sim', the CPU simulator of a DPSGS_CUDA=sim build (a test device), is taken only when
+    named (this process's build decides), never by 'auto'."""
     if requested == "cpu":
         return DeviceDecision("cpu", "")
+    if requested == "sim":
+        from dpsgs.comm.nccl import available    # (nccl imports this module: not at the top)
+
+        ok, why = available("sim")
+        if not ok:
+            raise ValueError(f"--device sim: {why}")
+        return DeviceDecision("sim", "")
     if requested not in ("auto", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+        raise ValueError(f"--device must be auto, cpu, cuda or sim, got {requested!r}")
     why = cuda_missing(views, nccl, labels)
     if why is None:
         return DeviceDecision("cuda", "" if requested == "cuda" else
@@ -265,11 +275,13 @@ def check_unique_gpus(slots: Sequence[GpuSlot], visible: Mapping[str, int] | Non
 def visible_gpu_count(env: Mapping[str, str] | None = None) -> int:
     """CUDA devices this process can see (0 without a GPU or driver); never raises. Asked of
     the CUDA runtime where a library here can (dpsgs._C's NCCL build, a CUDA torch, CuPy),
-    else counted from the driver's list, so a CPU build of torch does not hide a GPU."""
+    else counted from the driver's list, so a CPU build of torch does not hide a GPU. A
+    simulated build's devices (DPSGS_CUDA=sim) are no GPUs and do not count."""
     try:
         from dpsgs import _C
 
-        if _C.build_info()["nccl"]:          # a CUDA build can ask the runtime itself
+        info = _C.build_info()
+        if info["nccl"] and not info.get("cuda_simulated"):   # a CUDA build can ask the runtime
             return int(_C.cuda_device_count())
     except ImportError:
         pass

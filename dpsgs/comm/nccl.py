@@ -2,6 +2,9 @@
 communicator, channel and all-reduce wrappers in the style of `dpsgs.comm.mpi`.
 
 Status: see docs/gpu.md (the fixes after the first GPU run have not been run on a GPU yet).
+The same code runs on the CPU simulator of a DPSGS_CUDA=sim build (`kind="sim"`, the
+build's only kind there; csrc/sim/sim.h): every device-specific step goes through the
+rank's accelerator (dpsgs.comm.accelerator).
 
     from mpi4py import MPI
     from dpsgs.comm import nccl
@@ -21,51 +24,63 @@ make its channel and all-reduce calls in the same order (the schedule does).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from dpsgs.comm.accel_cuda import cuda_descriptor
+from dpsgs.comm.accelerator import Accelerator, accelerator, simulated_build
 from dpsgs.comm.channel_end import ChannelEnd
 from dpsgs.comm.device import select_device
 from dpsgs.comm.dtypes import WIRE_CODES
 from dpsgs.comm.grid import Grid, make_groups
 
-__all__ = ["NcclTransport", "TensorChannel", "TensorReducer", "available", "describe", "init",
-           "split_grid"]
+__all__ = ["NcclTransport", "TensorChannel", "TensorReducer", "accelerator_of", "available",
+           "build_kind", "describe", "init", "split_grid"]
 
 # __cuda_array_interface__ type strings of the wire dtypes (bfloat16 has none)
 _TYPESTR_CODES = {np.dtype(name).str: code for name, code in WIRE_CODES.items() if name != "bfloat16"}
 
 
-def available() -> tuple[bool, str]:
-    """(True, "") when NCCL collectives can run here, else (False, the reason)."""
+def build_kind() -> str | None:
+    """"cuda" or "sim": what dpsgs._C's NCCL backend runs on; None without one."""
     try:
         from dpsgs import _C
+    except ImportError:
+        return None
+    info = _C.build_info()
+    if not info.get("nccl"):
+        return None
+    return "sim" if info.get("cuda_simulated") else "cuda"
+
+
+def available(kind: str = "cuda") -> tuple[bool, str]:
+    """(True, "") when NCCL collectives can run here on `kind` ("cuda": GPUs; "sim": the
+    CPU simulator), else (False, the reason)."""
+    try:
+        from dpsgs import _C  # noqa: F401
     except ImportError as e:
         return False, f"dpsgs._C does not import: {e}"
-    if not _C.build_info().get("nccl"):
-        return False, "dpsgs._C was built without the NCCL backend (rebuild with DPSGS_CUDA=1)"
-    if _C.cuda_device_count() < 1:
+    built = build_kind()
+    if built is None:
+        return False, "dpsgs._C was built without the NCCL backend (rebuild with DPSGS_CUDA=1, or =sim)"
+    if built != kind:
+        return False, ("dpsgs._C was built with the simulated CUDA/NCCL (DPSGS_CUDA=sim), a test device; "
+                       "rebuild with DPSGS_CUDA=1 for GPUs" if built == "sim" else
+                       "dpsgs._C was built with the real CUDA/NCCL; rebuild with DPSGS_CUDA=sim for the simulator")
+    if kind == "cuda" and _C.cuda_device_count() < 1:
         return False, "no CUDA device is visible"
     return True, ""
 
 
-def _torch_descriptor(t: Any, stream: int | None) -> tuple:
-    import torch
+def accelerator_of(comm: Any) -> Accelerator:
+    """The accelerator of an NcclCommunicator's device (the build's kind)."""
+    return accelerator(build_kind() or "cuda", comm.device)
 
-    if not t.is_cuda:
-        raise ValueError(f"expected a CUDA tensor, got one on {t.device} (use dpsgs.comm.mpi for host tensors)")
-    if not t.is_contiguous():
-        raise ValueError(f"non-contiguous CUDA tensor of shape {tuple(t.shape)}; call .contiguous() first")
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in WIRE_CODES:
-        raise ValueError(f"unsupported dtype {t.dtype}; supported: {', '.join(WIRE_CODES)}")
-    if stream is None:
-        stream = torch.cuda.current_stream(t.device).cuda_stream
-    nbytes = t.numel() * t.element_size()
-    return (t.data_ptr(), nbytes, WIRE_CODES[name], tuple(t.shape), t.device.index, int(stream))
+
+def _torch_descriptor(t: Any, stream: int | None) -> tuple:
+    return cuda_descriptor(t, stream)
 
 
 def _cai_descriptor(x: Any, stream: int | None) -> tuple:
@@ -105,13 +120,17 @@ def describe(x: Any, stream: int | None = None) -> tuple:
     raise ValueError(f"expected a torch CUDA tensor or a CUDA array, got {type(x).__name__}")
 
 
-def init(comm: Any = None, device: int | None = None, timeout: float = 300.0) -> Any:
+def init(comm: Any = None, device: int | None = None, timeout: float = 300.0,
+         warn_after: float = 60.0) -> Any:
     """Collective: choose and check this rank's GPU (dpsgs.comm.device.select_device, before NCCL
-    initialises), make it current for torch/CuPy, and create the NcclCommunicator over `comm`
-    (an mpi4py communicator, default COMM_WORLD; a dpsgs._C.Communicator needs `device`)."""
+    initialises; on a simulated build among the simulated devices), make it current, and
+    create the NcclCommunicator over `comm` (an mpi4py communicator, default COMM_WORLD; a
+    dpsgs._C.Communicator needs `device`). Its waits time out after `timeout` s and report a
+    stall after `warn_after` s."""
     from dpsgs import _C
 
-    ok, why = available()
+    kind = build_kind() or "cuda"
+    ok, why = available(kind)
     if not ok:
         raise RuntimeError(f"NCCL backend unavailable: {why}")
     if comm is None:
@@ -123,9 +142,10 @@ def init(comm: Any = None, device: int | None = None, timeout: float = 300.0) ->
 
         if not isinstance(comm, MPI.Comm):
             raise ValueError("nccl.init: pass device= when comm is not an mpi4py communicator")
-        device = select_device(comm).device
-    _make_current(device)
-    return _C.NcclCommunicator(comm, device, timeout)
+        visible = _C.cuda_device_count() if kind == "sim" else None
+        device = select_device(comm, visible=visible).device
+    accelerator(kind, device).make_current()
+    return _C.NcclCommunicator(comm, device, timeout, warn_after)
 
 
 def split_grid(world: Any, stages: int) -> tuple[Any, Any]:
@@ -136,69 +156,58 @@ def split_grid(world: Any, stages: int) -> tuple[Any, Any]:
     return make_groups(Grid(stages, world.size // stages), world.rank, world.split)
 
 
-def _make_current(device: int) -> None:
-    """Make `device` current for the array libraries, so their allocations land on it."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(device)
-    except ImportError:
-        pass
-    # CuPy only where the program uses it (imported it already): importing it here would
-    # make a broken or mismatched CuPy install fail every torch rank
-    cupy = sys.modules.get("cupy")
-    if cupy is not None:
-        cupy.cuda.Device(device).use()
-
-
 def _current_stream(x: Any) -> int:
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        return torch.cuda.current_stream(x.device).cuda_stream
+    """The current stream of a CuPy array's device (torch tensors go through the accelerator)."""
     import cupy  # type: ignore[import-not-found]
 
     return cupy.cuda.get_current_stream().ptr
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
 
 
 class TensorChannel(ChannelEnd):
     """One end of an NcclChannel for messages of torch CUDA tensors or CuPy arrays.
 
     send(message) returns a Work; the arrays stay alive in the channel until their transfer
-    completes. recv(specs) allocates the results with torch on this communicator's device and
-    makes the current stream wait for the transfer (the host does not wait); recv_into(out)
-    fills given arrays (torch or CuPy) the same way. A message is a tuple of 1..16 arrays
-    (dpsgs.comm.protocol), all produced on one stream.
+    completes. recv(specs) allocates the results on this communicator's device and makes the
+    current stream wait for the transfer (accelerator.consume: on CUDA the host does not
+    wait); recv_into(out) fills given arrays (torch or CuPy) the same way. A message is a
+    tuple of 1..16 arrays (dpsgs.comm.protocol), all produced on one stream.
     """
 
     def __init__(self, comm: Any, peer: int, tag: int, is_sender: bool, name: str = "") -> None:
         from dpsgs import _C
 
         self.comm = comm
+        self.accel = accelerator_of(comm)
         self._ch = _C.NcclChannel(comm, peer, tag, is_sender, name)
 
     def _where(self, op: str, seq: int) -> str:
         return f"rank {self.comm.rank}: channel {self.name!r} {op} #{seq}"
 
+    def _describe(self, x: Any) -> tuple:
+        return self.accel.describe(x) if _is_torch(x) else describe(x)
+
     def send(self, message: Sequence[Any]) -> Any:
         msg = _as_arrays(message, self._where("send", self.sent))
-        return self._ch.send([describe(x) for x in msg], msg)
+        return self._ch.send([self._describe(x) for x in msg], msg)
 
     def recv_into(self, out: Sequence[Any]) -> tuple[Any, ...]:
         out = _as_arrays(out, self._where("recv", self.received))
-        work = self._ch.recv_into([describe(x) for x in out], out)
-        work.wait_stream(_current_stream(out[0]))
+        work = self._ch.recv_into([self._describe(x) for x in out], out)
+        if _is_torch(out[0]):
+            self.accel.consume(work)
+        else:
+            work.wait_stream(_current_stream(out[0]))
         return out
 
     def recv(self, specs: Sequence[Any]) -> tuple[Any, ...]:
-        import torch
-
         from dpsgs.comm.message import as_specs
 
         specs = as_specs(specs, self._where("recv", self.received))
-        device = f"cuda:{self.comm.device}"
-        return self.recv_into(tuple(torch.empty(shape, dtype=dt, device=device) for dt, shape in specs))
+        return self.recv_into(tuple(self.accel.empty(tuple(shape), dt) for dt, shape in specs))
 
 
 def _as_arrays(message: Sequence[Any], where: str) -> tuple[Any, ...]:
@@ -217,10 +226,11 @@ class TensorReducer:
     def __init__(self, comm: Any) -> None:
         from dpsgs import _C
 
+        self.accel = accelerator_of(comm)
         self._r = _C.NcclReducer(comm)
 
     def allreduce(self, x: Any, average: bool = True) -> Any:
-        return self._r.allreduce(describe(x), x, average)
+        return self._r.allreduce(self.accel.describe(x) if _is_torch(x) else describe(x), x, average)
 
 
 class NcclTransport:
@@ -230,10 +240,9 @@ class NcclTransport:
 
     def __init__(self, world: Any, stage: Any, *, bucket_cap_mb: float = 25.0,
                  first_bucket_mb: float = 1.0) -> None:
-        import torch
-
         self.world, self.stage = world, stage
-        self.device = torch.device("cuda", world.device)
+        self.accel = accelerator_of(world)
+        self.device = self.accel.device
         self.bucket_cap_mb, self.first_bucket_mb = bucket_cap_mb, first_bucket_mb
         self._reducer = TensorReducer(stage)
 

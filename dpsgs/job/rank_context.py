@@ -83,7 +83,7 @@ def _nccl_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int, 
     stage group, the GPU made current for torch; messages name ranks as the MPI path's do."""
     from dpsgs.comm import nccl
 
-    world = nccl.init(pycomm, timeout=config.timeout)
+    world = nccl.init(pycomm, timeout=config.timeout, warn_after=config.warn_after)
     world.set_labels([grid.label(r) for r in range(grid.size)])
     stage_comm = world.split(stage, replica)
     stage_comm.set_labels([grid.label(grid.rank(q, stage)) for q in range(grid.replicas)])

@@ -55,3 +55,25 @@ def test_host_arrays_are_refused_with_a_pointer_to_the_mpi_path():
 def test_dtype_codes_match_the_contract():
     # docs/api.md: float16=0 bfloat16=1 float32=2 float64=3 int32=4 int64=5 uint8=6 int8=7 bool=8
     assert list(WIRE_CODES.values()) == list(range(9))
+
+
+# On a device (conftest.py: "cuda" marked gpu, so `-m gpu` runs it on a GPU machine; "sim"
+# on the simulator in CI): the descriptor of a real tensor of the rank's accelerator.
+def test_tensor_descriptor_names_its_memory_dtype_device_and_current_stream(device):
+    torch = pytest.importorskip("torch")
+    from dpsgs.comm.accelerator import accelerator
+
+    accel = accelerator(device, 0)
+    accel.make_current()
+    x = accel.empty((3, 5), torch.bfloat16)
+    ptr, nbytes, code, shape, dev, stream = accel.describe(x)
+    assert (ptr, nbytes, code, shape, dev) == (x.data_ptr(), 30, WIRE_CODES["bfloat16"], (3, 5), 0)
+    assert stream == accel.current_stream()
+    side = accel.new_stream()
+    with accel.use_stream(side):
+        assert accel.describe(x)[5] == side != stream
+    assert accel.describe(x)[5] == stream
+    with pytest.raises(ValueError, match="non-contiguous"):
+        accel.describe(accel.empty((4, 4), torch.float32).t())
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        accel.describe(accel.empty((2,), torch.complex64))

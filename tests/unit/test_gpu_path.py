@@ -156,3 +156,18 @@ def test_gpu_check_script_parses_and_names_its_steps():
     bad = subprocess.run(["bash", str(GPU_CHECK), "nccl-test"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "unknown step 'nccl-test' (steps: nccl-tests train trainer-tests nccl bench, tests, all)" in bad.stderr
+
+
+def test_the_simulated_device_is_taken_by_name_only():
+    """--device auto never picks the CPU simulator of a DPSGS_CUDA=sim build (its NCCL backend
+    counts as none for CUDA, its devices as no GPUs); --device sim needs that build."""
+    from dpsgs import _C
+
+    view = device_mod.probe_cuda()
+    assert device_mod.resolve_device("auto", [view]).device == "cpu"
+    if _C.build_info()["cuda_simulated"]:
+        assert not view.nccl and device_mod.visible_gpu_count() == 0
+        assert device_mod.resolve_device("sim", [view]) == device_mod.DeviceDecision("sim", "")
+    else:
+        with pytest.raises(ValueError, match="--device sim: dpsgs._C was built"):
+            device_mod.resolve_device("sim", [view])

@@ -2,7 +2,9 @@
 dtype, odd and zero sizes, several buckets in flight before the first wait, inputs produced
 on a side stream, over the world and over split groups (stage-like: color = rank % 2).
 
-    mpirun -n P python -m mpi4py tests/gpu/ranks/nccl_allreduce_ranks.py
+    mpirun -n P python -m mpi4py tests/gpu/ranks/nccl_allreduce_ranks.py [LARGEST]
+
+LARGEST (default 1 Mi + 5 elements) is the largest size checked (ThreadSanitizer runs use less).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from mpi4py import MPI
 
 from dpsgs.comm import nccl
 
-SIZES = [0, 1, 3, 1023, (1 << 20) + 5]
+SIZES = [0, 1, 3, 1023, int(sys.argv[1]) if len(sys.argv) > 1 else (1 << 20) + 5]
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int32", "int64"]
 
 
@@ -38,17 +40,37 @@ def check_group(arr, ncomm, mpi_group, label: str) -> int:
     return len(problems)
 
 
+def check_alone(arr, ncomm) -> int:
+    """A group of one rank: the mean is the buffer itself, but only once its producer stream
+    has made it. Regression: wait() returned at once, and a read on another stream raced the
+    producer (ThreadSanitizer caught it on the simulator)."""
+    reducer, bad = nccl.TensorReducer(ncomm), 0
+    for i in range(20):
+        with arr.side_stream():
+            x = arr.pattern((1 << 16,), "float32", salt=i)
+            work = reducer.allreduce(x)
+        work.wait()
+        if not arr.equal(x, arr.pattern((1 << 16,), "float32", salt=i)):
+            bad += 1
+            print(f"rank {ncomm.rank}: group of one, buffer {i} read before its producer wrote it", flush=True)
+    return bad
+
+
 def main() -> int:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     arr = pick()
     world = nccl.init(comm)
     stage = world.split(rank % 2, rank)
+    alone = world.split(rank, 0)
     world.connect()
     stage.connect()
+    alone.connect()
     bad = check_group(arr, world, comm, "world")
     bad += check_group(arr, stage, comm.Split(rank % 2, rank), f"group {rank % 2}")
+    bad += check_alone(arr, alone)
     ok = all_agree(comm, bad == 0)
+    alone.close()
     stage.close()
     world.close()
     print(f"rank {rank}/{size}: all-reduce means ({arr.name}) {bad} wrong: {'OK' if ok else 'FAIL'}",

@@ -2,7 +2,7 @@
 all-reduce) ends within the deadline with a CommTimeout naming rank 1 / the operation, and
 rank 0 then aborts the whole job (no rank is left waiting).
 
-    mpirun -n 2 python -m mpi4py tests/gpu/ranks/nccl_dead_peer_ranks.py recv|allreduce TIMEOUT
+    mpirun -n 2 python -m mpi4py tests/gpu/ranks/nccl_dead_peer_ranks.py recv|allreduce TIMEOUT [WARN_AFTER]
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from dpsgs.comm import nccl
 from dpsgs.comm.abort import abort_job
 
 OP, TIMEOUT = sys.argv[1], float(sys.argv[2])
+WARN_AFTER = float(sys.argv[3]) if len(sys.argv) > 3 else 60.0
 
 
 def main() -> None:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     arr = pick()
-    world = nccl.init(comm, timeout=TIMEOUT)
+    world = nccl.init(comm, timeout=TIMEOUT, warn_after=WARN_AFTER)
     ch = nccl.TensorChannel(world, 1 - rank, 5, rank == 1, "act s1->s0")
     world.connect()
     if rank == 1:
