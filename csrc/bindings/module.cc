@@ -7,6 +7,7 @@
 
 #include "bindings/core_bindings.h"
 #include "bindings/nccl_bindings.h"
+#include "bindings/torch_backend_bindings.h"
 #include "common/backoff.h"
 #include "common/buffer.h"
 #include "common/error.h"
@@ -130,6 +131,7 @@ PYBIND11_MODULE(_C, m) {
         }, py::arg("drain_s") = 2.0,
         "flush stdio, then wait (bounded) until mpirun's proxy has read this rank's stdout/stderr pipes");
   bind_core(m);
+  bind_torch_backend(m);
 #ifdef DPSGS_WITH_NCCL
   bind_nccl(m);
 #endif

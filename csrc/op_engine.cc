@@ -1,0 +1,563 @@
+// OpEngine: the ordered issue of operations, the thread that tests and completes them, the
+// peer probe that names the missing rank on a timeout, and the completion thread for callbacks.
+#include "op_engine.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+
+#include "common/backoff.h"
+#include "common/error.h"
+#include "common/mpi_lifecycle.h"
+
+namespace dpsgs {
+
+namespace {
+constexpr int kPingTag = 1;
+constexpr int kPongTagBase = 100;  // + round % kPongRounds: a late answer cannot match a later round
+constexpr int kPongRounds = 10000;
+constexpr auto kIdleProbeCheck = std::chrono::milliseconds(50);  // an idle engine still answers probes
+std::mutex g_engines_mu;
+std::set<OpEngine*> g_engines;
+Clock::time_point after(double s) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+}
+}  // namespace
+
+// ---- OpWork / CompletionThread
+
+void OpWork::on_complete(Callback cb) {
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(cb_mu_);
+    if (!ended_) {
+      callback_ = std::move(cb);
+      return;
+    }
+    error = error_;
+  }
+  cb(error);  // already over: run here (the caller may hold the GIL; the callback takes it again)
+}
+
+void OpWork::finish(std::exception_ptr error) {
+  if (error) set_error(error);
+  else set_done();
+  Callback cb;
+  {
+    std::lock_guard<std::mutex> lock(cb_mu_);
+    ended_ = true;
+    error_ = error;
+    cb = std::move(callback_);
+    callback_ = nullptr;
+  }
+  if (cb) completions_->post([cb = std::move(cb), error]() mutable {
+    cb(error);
+    cb = nullptr;  // drop what it holds here, on the thread that may take the GIL
+  });
+}
+
+void CompletionThread::post(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;  // shut down: nobody waits for callbacks any more
+    queue_.push_back(std::move(fn));
+    if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
+  }
+  cv_.notify_one();
+}
+
+void CompletionThread::loop() {
+  for (;;) {
+    std::function<void()> fn;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      fn = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "[dpsgs] completion callback failed: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "[dpsgs] completion callback failed (unknown error)\n");
+    }
+  }
+}
+
+void CompletionThread::stop() noexcept {
+  std::deque<std::function<void()>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    dropped.swap(queue_);  // destroyed below, outside the lock
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) {
+    if (thread_.get_id() == std::this_thread::get_id()) thread_.detach();
+    else thread_.join();
+  }
+}
+
+// ---- OpEngine
+
+OpEngine::OpEngine(std::shared_ptr<Communicator> comm, EngineOptions opt)
+    : comm_(std::move(comm)), opt_(opt), completions_(std::make_shared<CompletionThread>()) {
+  DPSGS_CHECK_ARG(comm_ != nullptr, "OpEngine: communicator is None");
+  const int r = comm_->rank();
+  // Arrival has a deadline (MPI_Comm_dup has none): the Communicator's barrier.
+  comm_->barrier();
+  for (MPI_Comm* c : {&coll_, &p2p_, &probe_}) {
+    DPSGS_CHECK_MPI(MPI_Comm_dup(comm_->p2p(), c), r, kNoPeer);
+    DPSGS_CHECK_MPI(MPI_Comm_set_errhandler(*c, MPI_ERRORS_RETURN), r, kNoPeer);
+  }
+  int* ub = nullptr;
+  int flag = 0;
+  DPSGS_CHECK_MPI(MPI_Comm_get_attr(p2p_, MPI_TAG_UB, &ub, &flag), r, kNoPeer);
+  if (flag && ub) tag_ub_ = *ub;
+  DPSGS_CHECK_MPI(MPI_Irecv(probe_in_, 2, MPI_INT64_T, MPI_ANY_SOURCE, kPingTag, probe_, &probe_recv_), r, kNoPeer);
+  thread_ = std::thread([this] { loop(); });
+  std::lock_guard<std::mutex> lock(g_engines_mu);
+  g_engines.insert(this);
+}
+
+OpEngine::~OpEngine() {
+  {
+    std::lock_guard<std::mutex> lock(g_engines_mu);
+    g_engines.erase(this);
+  }
+  shutdown();
+  if (!mpi_alive()) return;
+  for (MPI_Comm* c : {&coll_, &p2p_, &probe_})
+    if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
+}
+
+uint64_t OpEngine::issued() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return next_seq_ + p2p_count_;
+}
+
+std::string OpEngine::describe(const OpSpec& s, uint64_t seq) const {
+  using K = OpSpec::Kind;
+  const int me = comm_->rank();
+  std::string head = str_cat(comm_->label(me), ": dpsgs ", kind_name(s.kind));
+  if (s.is_p2p()) {
+    const Buffer& b = s.kind == K::Send ? s.send : s.recv;
+    return str_cat(head, s.kind == K::Send ? " to " : " from ", comm_->label(s.peer), " (tag ", s.tag, ", ",
+                   b.bytes, " bytes)");
+  }
+  head = str_cat(head, " #", seq);
+  switch (s.kind) {
+    case K::Allreduce:
+      head = str_cat(head, " (", red_op_name(s.red), ", ", s.recv.bytes, " bytes ", dtype_name(s.recv.dtype),
+                     s.ring ? ", ring" : "", ")");
+      break;
+    case K::ReduceScatter:
+      head = str_cat(head, " (", red_op_name(s.red), ", ", s.send.bytes, " bytes ", dtype_name(s.send.dtype), ")");
+      break;
+    case K::Broadcast: head = str_cat(head, " (", s.recv.bytes, " bytes from ", comm_->label(s.peer), ")"); break;
+    case K::Allgather:
+    case K::Alltoall: head = str_cat(head, " (", s.send.bytes, " bytes in, ", s.recv.bytes, " out)"); break;
+    default: break;
+  }
+  return str_cat(head, " over ", comm_->size(), " ranks");
+}
+
+std::string OpEngine::waited_for(const OpSpec& s) const {
+  if (s.is_p2p()) return comm_->label(s.peer);
+  std::string out;
+  for (int r = 0; r < comm_->size(); ++r)
+    if (r != comm_->rank()) out += (out.empty() ? "" : ", ") + comm_->label(r);
+  return out;
+}
+
+void OpEngine::retire(Owner owner) {
+  if (!owner) return;
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  retired_.push_back(std::move(owner));
+}
+
+std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner) {
+  const bool p2p = spec.is_p2p();
+  std::vector<Owner> ended;  // released when this call returns, on the caller's thread
+  {
+    std::lock_guard<std::mutex> lock(retired_mu_);
+    ended.swap(retired_);
+  }
+  if (!p2p && spec.kind == OpSpec::Kind::Allreduce && spec.red == RedOp::Sum && spec.recv.dtype != DType::Bool &&
+      spec.recv.bytes >= opt_.ring_from_bytes)
+    spec.ring = true;
+  std::unique_lock<std::mutex> lock(mu_);
+  uint64_t seq = p2p ? p2p_count_ : next_seq_;
+  const std::string what = describe(spec, seq);
+  check_op(spec, comm_->rank(), comm_->size(), what);  // before numbering: a refused call is no operation
+  DPSGS_CHECK_ARG(!p2p || spec.tag <= tag_ub_, what, ": tag above MPI_TAG_UB (", tag_ub_, ")");
+  ++(p2p ? p2p_count_ : next_seq_);
+  auto work = std::make_shared<OpWork>(what, comm_->timeout(), comm_->warn_after(), completions_);
+  Pending p;
+  p.work = work;
+  p.spec = std::move(spec);
+  p.owner = std::move(owner);
+  p.seq = seq;
+  if (stop_) {
+    lock.unlock();
+    work->finish(std::make_exception_ptr(CommError(what + ": cancelled (the backend was shut down)")));
+    return work;
+  }
+  if (!p2p && !broken_.empty()) {
+    ++completed_seq_;
+    lock.unlock();
+    work->finish(std::make_exception_ptr(
+        CommError(what + ": not run because an earlier collective of this group failed: " + broken_)));
+    return work;
+  }
+  // Size 1: nothing moves (a collective's result is its input; a send to oneself is matched
+  // by MPI like any other, so p2p still goes through MPI).
+  if (!p2p && comm_->size() == 1 && p.spec.kind != OpSpec::Kind::Allgather &&
+      p.spec.kind != OpSpec::Kind::ReduceScatter && p.spec.kind != OpSpec::Kind::Alltoall) {
+    ++completed_seq_;
+    lock.unlock();
+    work->finish(nullptr);
+    return work;
+  }
+  if (p2p || (!collective_active_ && queued_.empty() && !p.spec.ring)) {
+    // Started here, at once, in call order: the engine thread only tests it.
+    if (!p2p) {
+      collective_active_ = true;
+      active_seq_ = int64_t(seq);
+    }
+    try {
+      start(p);
+    } catch (...) {
+      if (!p2p) {
+        collective_active_ = false;
+        ++completed_seq_;
+        broken_ = "it failed to start";
+      }
+      lock.unlock();
+      work->finish(std::current_exception());
+      return work;
+    }
+    incoming_.push_back(std::move(p));
+  } else {
+    queued_.push_back(std::move(p));
+  }
+  lock.unlock();
+  cv_.notify_one();
+  return work;
+}
+
+void OpEngine::start(Pending& p) {
+  p.deadline = comm_->timeout() > 0 ? after(comm_->timeout()) : Clock::time_point::max();
+  p.started = true;
+  if (!p.spec.ring) {
+    MPI_Comm c = p.spec.is_p2p() ? p2p_ : coll_;
+    p.req = start_op(p.spec, c, comm_->rank());
+  }
+}
+
+void OpEngine::fail(Pending& p, std::exception_ptr e, bool stream_broken) {
+  if (stream_broken) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (broken_.empty()) {
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
+        broken_ = ex.what();
+      }
+    }
+  }
+  if (p.req != MPI_REQUEST_NULL && p.spec.kind == OpSpec::Kind::Recv) {
+    MPI_Cancel(&p.req);  // a receive can be withdrawn; its buffer is free again
+    MPI_Wait(&p.req, MPI_STATUS_IGNORE);
+  } else if (p.req != MPI_REQUEST_NULL || p.spec.ring) {
+    // MPI may still read or write the buffer (a ring leaves its sends running): keep it for good
+    if (p.req != MPI_REQUEST_NULL) MPI_Request_free(&p.req);
+    new Owner(std::move(p.owner));  // deliberate leak: the memory must outlive the request
+  }
+  retire(std::move(p.owner));
+  p.work->finish(e);
+}
+
+bool OpEngine::test(Pending& p) {
+  const int me = comm_->rank();
+  const int peer = p.spec.is_p2p() ? p.spec.peer : kNoPeer;
+  try {
+    int flag = 0;
+    MPI_Status status;
+    DPSGS_CHECK_MPI(MPI_Test(&p.req, &flag, &status), me, peer);
+    if (flag) {
+      if (p.spec.kind == OpSpec::Kind::Recv) {
+        int got = 0;
+        MPI_Get_count(&status, MPI_BYTE, &got);
+        if (size_t(got) != p.spec.recv.bytes)
+          throw ValueError(str_cat(p.work->describe(), ": the message holds ", got, " bytes, the tensor ",
+                                   p.spec.recv.bytes, " (a send and a recv of different sizes)"));
+      }
+      retire(std::move(p.owner));
+      p.work->finish(nullptr);
+      return true;
+    }
+    if (Clock::now() < p.deadline) return false;
+    std::string who = probe_peers(p);
+    throw CommTimeout(timeout_message(p.work->describe() + " waiting for " + who, comm_->timeout()));
+  } catch (...) {
+    fail(p, std::current_exception(), !p.spec.is_p2p());
+    return true;
+  }
+}
+
+// Asks each peer the operation waits for whether it is alive and where it is; a peer's engine
+// answers from its loop (busy or idle) with [round, collectives completed, collective in
+// flight or -1]. Returns the waited-for ranks with what each said, culprits first.
+std::string OpEngine::probe_peers(const Pending& p) {
+  const int me = comm_->rank(), n = comm_->size();
+  std::vector<int> peers;
+  if (p.spec.is_p2p()) peers.push_back(p.spec.peer);
+  else
+    for (int r = 0; r < n; ++r)
+      if (r != me) peers.push_back(r);
+  const int64_t round = ++probe_round_;
+  const int pong_tag = kPongTagBase + int(round % kPongRounds);
+  int64_t ping[2] = {round, int64_t(me)};
+  std::vector<std::vector<int64_t>> answers(peers.size(), std::vector<int64_t>(3, -2));
+  std::vector<MPI_Request> recvs(peers.size(), MPI_REQUEST_NULL), sends(peers.size(), MPI_REQUEST_NULL);
+  for (size_t i = 0; i < peers.size(); ++i) {
+    MPI_Irecv(answers[i].data(), 3, MPI_INT64_T, peers[i], pong_tag, probe_, &recvs[i]);
+    MPI_Isend(ping, 2, MPI_INT64_T, peers[i], kPingTag, probe_, &sends[i]);
+  }
+  auto until = after(opt_.probe_s);
+  Backoff backoff;
+  for (;;) {
+    bool all = true;
+    for (auto& r : recvs) {
+      if (r == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
+      all = all && flag;
+    }
+    answer_probes();  // the peers probe us at the same time
+    if (all || Clock::now() >= until) break;
+    backoff.pause();
+  }
+  for (auto& r : recvs)
+    if (r != MPI_REQUEST_NULL) {
+      MPI_Cancel(&r);
+      MPI_Wait(&r, MPI_STATUS_IGNORE);
+    }
+  for (auto& s : sends)
+    if (s != MPI_REQUEST_NULL) MPI_Request_free(&s);  // a ping to a stopped peer stays queued for it
+  std::string missing, behind, with_us;
+  for (size_t i = 0; i < peers.size(); ++i) {
+    const auto& a = answers[i];
+    std::string who = comm_->label(peers[i]);
+    if (a[0] != round) {
+      missing += (missing.empty() ? "" : ", ") + who;
+    } else if (!p.spec.is_p2p() && a[2] == int64_t(p.seq)) {
+      with_us += (with_us.empty() ? "" : ", ") + who;
+    } else {
+      behind += str_cat(behind.empty() ? "" : "; ", who, " is alive but ",
+                        a[2] >= 0 ? str_cat("in collective #", a[2]) : std::string("in no collective"),
+                        " (", a[1], " completed)");
+    }
+  }
+  std::string out;
+  if (!missing.empty())
+    out = str_cat(missing, " (no answer to a probe within ", opt_.probe_s, " s: stopped, hung or dead)");
+  if (!behind.empty()) out += (out.empty() ? "" : "; ") + behind;
+  if (!with_us.empty()) out += str_cat(out.empty() ? "" : "; ", "waiting in it too: ", with_us);
+  return out.empty() ? waited_for(p.spec) : out;
+}
+
+void OpEngine::answer_probes() {
+  for (size_t i = 0; i < probe_sends_.size();) {  // finished answers
+    int flag = 0;
+    MPI_Test(&probe_sends_[i].first, &flag, MPI_STATUS_IGNORE);
+    if (flag) {
+      probe_sends_[i] = std::move(probe_sends_.back());
+      probe_sends_.pop_back();
+    } else {
+      ++i;
+    }
+  }
+  for (;;) {
+    int flag = 0;
+    MPI_Status st;
+    if (probe_recv_ == MPI_REQUEST_NULL || MPI_Test(&probe_recv_, &flag, &st) != MPI_SUCCESS || !flag) return;
+    int64_t in_flight = -1, completed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      completed = int64_t(completed_seq_);
+      if (collective_active_) in_flight = active_seq_;
+    }
+    probe_sends_.emplace_back(MPI_REQUEST_NULL, std::vector<int64_t>{probe_in_[0], completed, in_flight});
+    auto& ans = probe_sends_.back();
+    MPI_Isend(ans.second.data(), 3, MPI_INT64_T, st.MPI_SOURCE, kPongTagBase + int(probe_in_[0] % kPongRounds),
+              probe_, &ans.first);
+    MPI_Irecv(probe_in_, 2, MPI_INT64_T, MPI_ANY_SOURCE, kPingTag, probe_, &probe_recv_);
+  }
+}
+
+void OpEngine::loop() {
+  sched_param batch{};  // as the Communicator's progress thread: never preempt the Python thread
+  pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch);
+  std::vector<Pending> active;  // this thread's: started operations
+  Backoff backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
+  for (;;) {
+    Pending ring;
+    bool run_ring = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      auto ready = [&] {
+        return stop_ || !incoming_.empty() || (!collective_active_ && !queued_.empty());
+      };
+      while (active.empty() && !ready()) {
+        if (cv_.wait_for(lock, kIdleProbeCheck, ready)) break;
+        lock.unlock();
+        answer_probes();
+        lock.lock();
+      }
+      if (stop_) {
+        for (auto& p : active) incoming_.push_back(std::move(p));  // shutdown() fails them
+        return;
+      }
+      for (auto& p : incoming_) active.push_back(std::move(p));
+      incoming_.clear();
+      if (!collective_active_ && !queued_.empty()) {
+        Pending next = std::move(queued_.front());
+        queued_.pop_front();
+        if (!broken_.empty()) {  // queued before the stream broke: not run either
+          ++completed_seq_;
+          auto e = std::make_exception_ptr(CommError(
+              next.work->describe() + ": not run because an earlier collective of this group failed: " + broken_));
+          lock.unlock();
+          retire(std::move(next.owner));
+          next.work->finish(e);
+          continue;
+        }
+        collective_active_ = true;
+        active_seq_ = int64_t(next.seq);
+        if (next.spec.ring) {
+          ring = std::move(next);
+          run_ring = true;
+        } else {
+          try {
+            start(next);
+            active.push_back(std::move(next));
+          } catch (...) {
+            collective_active_ = false;
+            ++completed_seq_;
+            if (broken_.empty()) broken_ = "a collective failed to start";
+            lock.unlock();
+            next.work->finish(std::current_exception());
+            continue;
+          }
+        }
+      }
+    }
+    bool progressed = false;
+    if (run_ring) {
+      start(ring);
+      std::exception_ptr error;
+      try {
+        ring_allreduce(*comm_, coll_, ring.spec.recv, 1, opt_.ring, [&] { return ring.work->describe(); });
+      } catch (const CommTimeout&) {
+        std::string who = probe_peers(ring);
+        error = std::make_exception_ptr(
+            CommTimeout(timeout_message(ring.work->describe() + " waiting for " + who, comm_->timeout())));
+      } catch (...) {
+        error = std::current_exception();
+      }
+      if (error) {
+        fail(ring, error, true);
+      } else {
+        retire(std::move(ring.owner));
+        ring.work->finish(nullptr);
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      collective_active_ = false;
+      ++completed_seq_;
+      progressed = true;
+    }
+    for (size_t i = 0; i < active.size();) {
+      if (!test(active[i])) {
+        ++i;
+        continue;
+      }
+      if (!active[i].spec.is_p2p()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        collective_active_ = false;
+        ++completed_seq_;
+      }
+      active.erase(active.begin() + long(i));
+      progressed = true;
+    }
+    answer_probes();
+    if (progressed) backoff = Backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
+    else if (!active.empty()) backoff.pause();
+  }
+}
+
+void OpEngine::release_probe_requests() noexcept {
+  if (probe_recv_ != MPI_REQUEST_NULL) {
+    MPI_Cancel(&probe_recv_);
+    MPI_Wait(&probe_recv_, MPI_STATUS_IGNORE);
+  }
+  for (auto& s : probe_sends_) MPI_Request_free(&s.first);
+  probe_sends_.clear();
+}
+
+void OpEngine::shutdown() noexcept {
+  std::deque<Pending> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ && !thread_.joinable()) return;
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) {
+    if (thread_.get_id() == std::this_thread::get_id()) thread_.detach();
+    else thread_.join();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& p : incoming_) dropped.push_back(std::move(p));
+    for (auto& p : queued_) dropped.push_back(std::move(p));
+    incoming_.clear();
+    queued_.clear();
+  }
+  const bool alive = mpi_alive();
+  if (!dropped.empty()) {
+    std::fprintf(stderr, "[dpsgs] %s: ERROR: the torch backend shut down with %zu operation(s) pending; "
+                 "they fail\n", comm_->label(comm_->rank()).c_str(), dropped.size());
+    std::fflush(stderr);
+  }
+  for (auto& p : dropped) {
+    auto e = std::make_exception_ptr(CommError(p.work->describe() + ": cancelled (the backend was shut down)"));
+    if (alive) {
+      fail(p, e, true);
+    } else {
+      new Owner(std::move(p.owner));  // MPI is gone with its requests; the memory may stay mapped
+      p.work->finish(e);
+    }
+  }
+  if (alive) release_probe_requests();
+  completions_->stop();
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  retired_.clear();  // the caller's thread (atexit, or the engine's owner)
+}
+
+void shutdown_all_engines() noexcept {
+  std::set<OpEngine*> live;
+  {
+    std::lock_guard<std::mutex> lock(g_engines_mu);
+    live = g_engines;
+  }
+  for (auto* e : live) e->shutdown();
+}
+
+}  // namespace dpsgs

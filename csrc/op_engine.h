@@ -1,0 +1,151 @@
+// OpEngine: issues the torch backend's operations in order and completes them on one thread.
+#pragma once
+
+#include <mpi.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "collectives.h"
+#include "common/work.h"
+#include "communicator.h"
+#include "ring_allreduce.h"
+
+namespace dpsgs {
+
+class CompletionThread;
+
+// The Work of one engine operation. Besides wait()/is_completed() (StateWork), a caller may
+// register one callback, run once when the operation ends (nullptr: success, else its error)
+// on the engine's completion thread, never on the thread that moves data: a callback may
+// block (the Python bindings' takes the GIL to complete a torch Future) without delaying
+// any transfer. Registered after the end, it runs at once on the registering thread.
+class OpWork : public StateWork {
+ public:
+  using Callback = std::function<void(std::exception_ptr)>;
+  OpWork(std::string what, double timeout_s, double warn_after_s, std::shared_ptr<CompletionThread> completions)
+      : StateWork(std::move(what), timeout_s, warn_after_s), completions_(std::move(completions)) {}
+  void on_complete(Callback cb);
+  // The engine ends the operation exactly once (error: nullptr for success).
+  void finish(std::exception_ptr error);
+
+ private:
+  std::mutex cb_mu_;
+  bool ended_ = false;
+  std::exception_ptr error_;
+  Callback callback_;
+  std::shared_ptr<CompletionThread> completions_;
+};
+
+// One thread per engine that runs OpWork callbacks in completion order; started on first use.
+class CompletionThread {
+ public:
+  ~CompletionThread() { stop(); }
+  void post(std::function<void()> fn);
+  void stop() noexcept;  // runs nothing more; joins the thread
+
+ private:
+  void loop();
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+struct EngineOptions {
+  RingOptions ring;
+  // All-reduces (sum) of at least this many bytes go through the core's ring; MPI's own below
+  // (the Reducer's "auto" threshold: MPICH is as fast or faster below, 2 ranks on 2 cores).
+  size_t ring_from_bytes = 4 * 1024 * 1024;
+  // How long a timed-out operation spends asking its peers whether they are alive and in the
+  // same operation, so that the error names the rank that is missing.
+  double probe_s = 1.0;
+};
+
+// Contract. Collectives are issued in call order, one at a time (the next starts when the
+// previous has completed), so every rank must call them in the same order, as MPI requires;
+// the buffers of one collective may be those of the next. Sends and receives start at once
+// (in call order per peer and tag) and run beside the collectives, so a receive posted before
+// a collective never holds it up. Every operation has the communicator's deadline from the
+// moment it starts; on expiry it fails with CommTimeout naming the operation and the rank(s)
+// it waited for (a short probe of the peers tells which did not reach it). After a timed-out
+// or failed collective the engine's collective stream is out of step with its peers: later
+// collectives fail at once. The caller keeps each buffer alive through `owner`, which the
+// engine holds until the operation ends and then drops on a caller's thread (in the next
+// submit() or shutdown(): Python owners need the GIL). One engine thread tests every pending request with
+// polite backoff (common/backoff.h) and runs ring all-reduces; it never takes the GIL.
+class OpEngine {
+ public:
+  OpEngine(std::shared_ptr<Communicator> comm, EngineOptions opt);  // collective: dups the communicator
+  ~OpEngine();  // never throws; fails operations still pending
+  OpEngine(const OpEngine&) = delete;
+  OpEngine& operator=(const OpEngine&) = delete;
+
+  std::shared_ptr<OpWork> submit(OpSpec spec, Owner owner);
+  const std::shared_ptr<Communicator>& comm() const { return comm_; }
+  int rank() const { return comm_->rank(); }
+  int size() const { return comm_->size(); }
+  int tag_upper_bound() const { return tag_ub_; }
+  uint64_t issued() const;
+  // Fails every pending operation (cancelled) and stops both threads. Idempotent.
+  void shutdown() noexcept;
+
+ private:
+  struct Pending {
+    std::shared_ptr<OpWork> work;
+    OpSpec spec;
+    Owner owner;
+    uint64_t seq = 0;                  // collectives: their number in the collective stream
+    MPI_Request req = MPI_REQUEST_NULL;
+    Clock::time_point deadline;
+    bool started = false;
+  };
+  void loop();
+  void start(Pending& p);               // issues p's MPI call (or runs its ring); mu_ held by the caller
+  bool test(Pending& p);                // true when p has ended (completed or failed)
+  void fail(Pending& p, std::exception_ptr e, bool collective_stream_broken);
+  std::string describe(const OpSpec& s, uint64_t seq) const;
+  std::string waited_for(const OpSpec& s) const;
+  std::string probe_peers(const Pending& p);
+  void answer_probes();
+  void release_probe_requests() noexcept;
+  void retire(Owner owner);             // the engine thread: dropped later by a caller (GIL)
+
+  std::shared_ptr<Communicator> comm_;
+  EngineOptions opt_;
+  MPI_Comm coll_ = MPI_COMM_NULL, p2p_ = MPI_COMM_NULL, probe_ = MPI_COMM_NULL;
+  int tag_ub_ = 32767;
+  std::shared_ptr<CompletionThread> completions_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Pending> queued_;          // collectives waiting for the one in flight (or a ring)
+  std::deque<Pending> incoming_;        // started by the caller; the engine thread takes them
+  bool collective_active_ = false;      // a collective is started and not yet ended
+  int64_t active_seq_ = -1;             // its number (for probes)
+  std::string broken_;                  // why the collective stream is out of step ("" = fine)
+  uint64_t next_seq_ = 0, p2p_count_ = 0, completed_seq_ = 0;  // completed: collectives ended
+  bool stop_ = false;
+  std::thread thread_;
+  // the probe: a posted receive for peers' questions, answered while operations are pending
+  MPI_Request probe_recv_ = MPI_REQUEST_NULL;
+  int64_t probe_in_[2] = {0, 0};
+  std::vector<std::pair<MPI_Request, std::vector<int64_t>>> probe_sends_;
+  int64_t probe_round_ = 0;
+  std::mutex retired_mu_;
+  std::vector<Owner> retired_;          // owners of ended operations, released by submit()
+};
+
+// Shuts every live engine down (the bindings' atexit hook, before mpi4py finalizes MPI).
+void shutdown_all_engines() noexcept;
+
+}  // namespace dpsgs
