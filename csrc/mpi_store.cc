@@ -134,7 +134,6 @@ MpiStore::Reply MpiStore::call(Op op, const std::vector<std::string>& strings, i
   DPSGS_CHECK_MPI(MPI_Isend(request->data(), int(request->size()), MPI_BYTE, 0, kRequestTag, comm_, &sreq),
                   rank_, 0);
   Reply reply;
-  bool got = false;
   try {
     poll_until([&] {
       if (stop_) throw CommError(what + ": the store was shut down");
@@ -153,8 +152,7 @@ MpiStore::Reply MpiStore::call(Op op, const std::vector<std::string>& strings, i
       reply.status = r.i64();
       reply.number = r.i64();
       reply.value = r.str();
-      got = true;
-      return sreq == MPI_REQUEST_NULL;
+      return true;
     }, timeout_s, 0, [&] { return what; });
     while (sreq != MPI_REQUEST_NULL) {  // answered, so rank 0 has the request: completes at once
       int done = 0;
@@ -167,7 +165,6 @@ MpiStore::Reply MpiStore::call(Op op, const std::vector<std::string>& strings, i
     }
     throw;
   }
-  (void)got;
   if (reply.status == 2) throw CommError(what + ": " + reply.value);
   return reply;
 }

@@ -120,6 +120,11 @@ OpEngine::OpEngine(std::shared_ptr<Communicator> comm, EngineOptions opt)
   DPSGS_CHECK_MPI(MPI_Comm_get_attr(p2p_, MPI_TAG_UB, &ub, &flag), r, kNoPeer);
   if (flag && ub) tag_ub_ = *ub;
   DPSGS_CHECK_MPI(MPI_Irecv(probe_in_, 2, MPI_INT64_T, MPI_ANY_SOURCE, kPingTag, probe_, &probe_recv_), r, kNoPeer);
+  timeout_s_ = comm_->timeout();
+  probe_window_s_ = std::min(opt_.probe_s, timeout_s_ / 4);
+  // The ring reads its deadline from the Communicator (this engine's own): it gives up a probe
+  // window early, so that its error, probe included, comes at the group's deadline.
+  if (timeout_s_ > 0) comm_->set_timeout(timeout_s_ - probe_window_s_);
   thread_ = std::thread([this] { loop(); });
   std::lock_guard<std::mutex> lock(g_engines_mu);
   g_engines.insert(this);
@@ -197,7 +202,7 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner) {
   check_op(spec, comm_->rank(), comm_->size(), what);  // before numbering: a refused call is no operation
   DPSGS_CHECK_ARG(!p2p || spec.tag <= tag_ub_, what, ": tag above MPI_TAG_UB (", tag_ub_, ")");
   ++(p2p ? p2p_count_ : next_seq_);
-  auto work = std::make_shared<OpWork>(what, comm_->timeout(), comm_->warn_after(), completions_);
+  auto work = std::make_shared<OpWork>(what, timeout_s_, comm_->warn_after(), completions_);
   Pending p;
   p.work = work;
   p.spec = std::move(spec);
@@ -252,7 +257,8 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner) {
 }
 
 void OpEngine::start(Pending& p) {
-  p.deadline = comm_->timeout() > 0 ? after(comm_->timeout()) : Clock::time_point::max();
+  p.deadline = timeout_s_ > 0 ? after(timeout_s_) : Clock::time_point::max();
+  p.probe_at = timeout_s_ > 0 ? after(timeout_s_ - probe_window_s_) : Clock::time_point::max();
   p.started = true;
   if (!p.spec.ring) {
     MPI_Comm c = p.spec.is_p2p() ? p2p_ : coll_;
@@ -302,9 +308,13 @@ bool OpEngine::test(Pending& p) {
       p.work->finish(nullptr);
       return true;
     }
-    if (Clock::now() < p.deadline) return false;
-    std::string who = probe_peers(p);
-    throw CommTimeout(timeout_message(p.work->describe() + " waiting for " + who, comm_->timeout()));
+    auto now = Clock::now();
+    if (now >= p.probe_at && p.probed.empty()) {
+      p.probed = probe_peers(p);  // then tested again: it may still complete before the deadline
+      return false;
+    }
+    if (now < p.deadline) return false;
+    throw CommTimeout(timed_out(p.work->describe(), p.probed));
   } catch (...) {
     fail(p, std::current_exception(), !p.spec.is_p2p());
     return true;
@@ -330,7 +340,7 @@ std::string OpEngine::probe_peers(const Pending& p) {
     MPI_Irecv(answers[i].data(), 3, MPI_INT64_T, peers[i], pong_tag, probe_, &recvs[i]);
     MPI_Isend(ping, 2, MPI_INT64_T, peers[i], kPingTag, probe_, &sends[i]);
   }
-  auto until = after(opt_.probe_s);
+  auto until = after(probe_window_s_);
   Backoff backoff;
   for (;;) {
     bool all = true;
@@ -362,15 +372,20 @@ std::string OpEngine::probe_peers(const Pending& p) {
     } else {
       behind += str_cat(behind.empty() ? "" : "; ", who, " is alive but ",
                         a[2] >= 0 ? str_cat("in collective #", a[2]) : std::string("in no collective"),
-                        " (", a[1], " completed)");
+                        " (", a[1], " collectives completed)");
     }
   }
   std::string out;
   if (!missing.empty())
-    out = str_cat(missing, " (no answer to a probe within ", opt_.probe_s, " s: stopped, hung or dead)");
+    out = str_cat(missing, " did not answer a probe within ", probe_window_s_, " s (stopped, hung or dead)");
   if (!behind.empty()) out += (out.empty() ? "" : "; ") + behind;
-  if (!with_us.empty()) out += str_cat(out.empty() ? "" : "; ", "waiting in it too: ", with_us);
-  return out.empty() ? waited_for(p.spec) : out;
+  if (!with_us.empty()) out += str_cat(out.empty() ? "" : "; ", with_us, " waiting in it too");
+  return out.empty() ? "waiting for " + waited_for(p.spec) : out;
+}
+
+// Timeouts read "<operation> did not complete within T s: <what the probe found>".
+std::string OpEngine::timed_out(const std::string& what, const std::string& probed) const {
+  return str_cat(what, " did not complete within ", timeout_s_, " s: ", probed);
 }
 
 void OpEngine::answer_probes() {
@@ -468,7 +483,7 @@ void OpEngine::loop() {
       } catch (const CommTimeout&) {
         std::string who = probe_peers(ring);
         error = std::make_exception_ptr(
-            CommTimeout(timeout_message(ring.work->describe() + " waiting for " + who, comm_->timeout())));
+            CommTimeout(timed_out(ring.work->describe(), who)));
       } catch (...) {
         error = std::current_exception();
       }

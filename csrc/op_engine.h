@@ -66,8 +66,10 @@ struct EngineOptions {
   // All-reduces (sum) of at least this many bytes go through the core's ring; MPI's own below
   // (the Reducer's "auto" threshold: MPICH is as fast or faster below, 2 ranks on 2 cores).
   size_t ring_from_bytes = 4 * 1024 * 1024;
-  // How long a timed-out operation spends asking its peers whether they are alive and in the
-  // same operation, so that the error names the rank that is missing.
+  // How long an operation about to time out spends asking its peers whether they are alive
+  // and in the same operation, so that the error names the rank that is missing. The probe
+  // runs in the last probe_s of the deadline (at most a quarter of it), so the error comes
+  // at the deadline, not after it.
   double probe_s = 1.0;
 };
 
@@ -106,8 +108,9 @@ class OpEngine {
     Owner owner;
     uint64_t seq = 0;                  // collectives: their number in the collective stream
     MPI_Request req = MPI_REQUEST_NULL;
-    Clock::time_point deadline;
+    Clock::time_point deadline, probe_at;
     bool started = false;
+    std::string probed;                // what the probe found ("" = not probed yet)
   };
   void loop();
   void start(Pending& p);               // issues p's MPI call (or runs its ring); mu_ held by the caller
@@ -116,12 +119,14 @@ class OpEngine {
   std::string describe(const OpSpec& s, uint64_t seq) const;
   std::string waited_for(const OpSpec& s) const;
   std::string probe_peers(const Pending& p);
+  std::string timed_out(const std::string& what, const std::string& probed) const;
   void answer_probes();
   void release_probe_requests() noexcept;
   void retire(Owner owner);             // the engine thread: dropped later by a caller (GIL)
 
   std::shared_ptr<Communicator> comm_;
   EngineOptions opt_;
+  double timeout_s_ = 0, probe_window_s_ = 0;  // the group's deadline; the probe's share of it
   MPI_Comm coll_ = MPI_COMM_NULL, p2p_ = MPI_COMM_NULL, probe_ = MPI_COMM_NULL;
   int tag_ub_ = 32767;
   std::shared_ptr<CompletionThread> completions_;
