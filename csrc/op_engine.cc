@@ -42,9 +42,15 @@ void OpWork::on_complete(Callback cb) {
   cb(error);  // already over: run here (the caller may hold the GIL; the callback takes it again)
 }
 
+void OpWork::wait(double timeout_s) {
+  if (auto engine = engine_.lock()) engine->drive(*this, timeout_s);
+  else StateWork::wait(timeout_s);
+}
+
 void OpWork::finish(std::exception_ptr error) {
   if (error) set_error(error);
   else set_done();
+  ended_flag_.store(true, std::memory_order_release);
   Callback cb;
   {
     std::lock_guard<std::mutex> lock(cb_mu_);
@@ -186,7 +192,7 @@ void OpEngine::retire(Owner owner) {
   retired_.push_back(std::move(owner));
 }
 
-std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner) {
+std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner, bool wake) {
   const bool p2p = spec.is_p2p();
   std::vector<Owner> ended;  // released when this call returns, on the caller's thread
   {
@@ -202,7 +208,7 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner) {
   check_op(spec, comm_->rank(), comm_->size(), what);  // before numbering: a refused call is no operation
   DPSGS_CHECK_ARG(!p2p || spec.tag <= tag_ub_, what, ": tag above MPI_TAG_UB (", tag_ub_, ")");
   ++(p2p ? p2p_count_ : next_seq_);
-  auto work = std::make_shared<OpWork>(what, timeout_s_, comm_->warn_after(), completions_);
+  auto work = std::make_shared<OpWork>(what, timeout_s_, comm_->warn_after(), completions_, weak_from_this());
   Pending p;
   p.work = work;
   p.spec = std::move(spec);
@@ -252,7 +258,7 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner) {
     queued_.push_back(std::move(p));
   }
   lock.unlock();
-  cv_.notify_one();
+  if (wake) cv_.notify_one();
   return work;
 }
 
@@ -417,104 +423,159 @@ void OpEngine::answer_probes() {
   }
 }
 
-void OpEngine::loop() {
-  sched_param batch{};  // as the Communicator's progress thread: never preempt the Python thread
-  pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch);
-  std::vector<Pending> active;  // this thread's: started operations
-  Backoff backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
-  for (;;) {
-    Pending ring;
-    bool run_ring = false;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      auto ready = [&] {
-        return stop_ || !incoming_.empty() || (!collective_active_ && !queued_.empty());
-      };
-      while (active.empty() && !ready()) {
-        if (cv_.wait_for(lock, kIdleProbeCheck, ready)) break;
+// One pass of the progress engine; the caller holds drive_mu_ (the engine thread or a waiter).
+bool OpEngine::iterate() {
+  bool progressed = false;
+  Pending ring;
+  bool run_ring = false;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (auto& p : incoming_) active_.push_back(std::move(p));
+    incoming_.clear();
+    while (!collective_active_ && !queued_.empty()) {
+      Pending next = std::move(queued_.front());
+      queued_.pop_front();
+      progressed = true;
+      if (!broken_.empty()) {  // queued before the stream broke: not run either
+        ++completed_seq_;
+        auto e = std::make_exception_ptr(CommError(
+            next.work->describe() + ": not run because an earlier collective of this group failed: " + broken_));
+        retire(std::move(next.owner));
         lock.unlock();
-        answer_probes();
+        next.work->finish(e);
+        lock.lock();
+        continue;
+      }
+      collective_active_ = true;
+      active_seq_ = int64_t(next.seq);
+      if (next.spec.ring) {
+        ring = std::move(next);
+        run_ring = true;
+        break;
+      }
+      try {
+        start(next);
+        active_.push_back(std::move(next));
+      } catch (...) {
+        collective_active_ = false;
+        ++completed_seq_;
+        if (broken_.empty()) broken_ = "a collective failed to start";
+        lock.unlock();
+        next.work->finish(std::current_exception());
         lock.lock();
       }
-      if (stop_) {
-        for (auto& p : active) incoming_.push_back(std::move(p));  // shutdown() fails them
-        return;
-      }
-      for (auto& p : incoming_) active.push_back(std::move(p));
-      incoming_.clear();
-      if (!collective_active_ && !queued_.empty()) {
-        Pending next = std::move(queued_.front());
-        queued_.pop_front();
-        if (!broken_.empty()) {  // queued before the stream broke: not run either
-          ++completed_seq_;
-          auto e = std::make_exception_ptr(CommError(
-              next.work->describe() + ": not run because an earlier collective of this group failed: " + broken_));
-          lock.unlock();
-          retire(std::move(next.owner));
-          next.work->finish(e);
-          continue;
-        }
-        collective_active_ = true;
-        active_seq_ = int64_t(next.seq);
-        if (next.spec.ring) {
-          ring = std::move(next);
-          run_ring = true;
-        } else {
-          try {
-            start(next);
-            active.push_back(std::move(next));
-          } catch (...) {
-            collective_active_ = false;
-            ++completed_seq_;
-            if (broken_.empty()) broken_ = "a collective failed to start";
-            lock.unlock();
-            next.work->finish(std::current_exception());
-            continue;
-          }
-        }
-      }
     }
-    bool progressed = false;
-    if (run_ring) {
-      start(ring);
-      std::exception_ptr error;
-      try {
-        ring_allreduce(*comm_, coll_, ring.spec.recv, 1, opt_.ring, [&] { return ring.work->describe(); });
-      } catch (const CommTimeout&) {
-        std::string who = probe_peers(ring);
-        error = std::make_exception_ptr(
-            CommTimeout(timed_out(ring.work->describe(), who)));
-      } catch (...) {
-        error = std::current_exception();
-      }
-      if (error) {
-        fail(ring, error, true);
-      } else {
-        retire(std::move(ring.owner));
-        ring.work->finish(nullptr);
-      }
+  }
+  if (run_ring) {
+    start(ring);
+    std::exception_ptr error;
+    try {
+      ring_allreduce(*comm_, coll_, ring.spec.recv, 1, opt_.ring, [&] { return ring.work->describe(); });
+    } catch (const CommTimeout&) {
+      std::string who = probe_peers(ring);
+      error = std::make_exception_ptr(CommTimeout(timed_out(ring.work->describe(), who)));
+    } catch (...) {
+      error = std::current_exception();
+    }
+    if (error) {
+      fail(ring, error, true);
+    } else {
+      retire(std::move(ring.owner));
+      ring.work->finish(nullptr);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    collective_active_ = false;
+    ++completed_seq_;
+  }
+  for (size_t i = 0; i < active_.size();) {
+    if (!test(active_[i])) {
+      ++i;
+      continue;
+    }
+    if (!active_[i].spec.is_p2p()) {
       std::lock_guard<std::mutex> lock(mu_);
       collective_active_ = false;
       ++completed_seq_;
-      progressed = true;
     }
-    for (size_t i = 0; i < active.size();) {
-      if (!test(active[i])) {
-        ++i;
-        continue;
-      }
-      if (!active[i].spec.is_p2p()) {
-        std::lock_guard<std::mutex> lock(mu_);
-        collective_active_ = false;
-        ++completed_seq_;
-      }
-      active.erase(active.begin() + long(i));
-      progressed = true;
-    }
-    answer_probes();
-    if (progressed) backoff = Backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
-    else if (!active.empty()) backoff.pause();
+    active_.erase(active_.begin() + long(i));
+    progressed = true;
   }
+  answer_probes();
+  active_count_.store(active_.size(), std::memory_order_release);
+  return progressed;
+}
+
+void OpEngine::loop() {
+  sched_param batch{};  // as the Communicator's progress thread: never preempt the Python thread
+  pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch);
+  Backoff backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      auto work_to_do = [&] {
+        return drivers_ == 0 && (active_count_.load(std::memory_order_acquire) > 0 || !incoming_.empty() ||
+                                 (!collective_active_ && !queued_.empty()));
+      };
+      while (!stop_ && !work_to_do()) {
+        if (cv_.wait_for(lock, kIdleProbeCheck, [&] { return stop_ || work_to_do(); })) break;
+        if (drivers_ > 0) continue;  // a waiter drives, and answers probes meanwhile
+        lock.unlock();
+        {
+          std::lock_guard<std::mutex> drive(drive_mu_);
+          answer_probes();
+        }
+        lock.lock();
+      }
+      if (stop_) return;
+    }
+    bool progressed;
+    {
+      std::lock_guard<std::mutex> drive(drive_mu_);
+      progressed = iterate();
+    }
+    if (progressed) backoff = Backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
+    else backoff.pause();
+  }
+}
+
+void OpEngine::drive(OpWork& work, double timeout_s) {
+  // Default deadline: a little after the operation's own (the engine fails it at the group's
+  // timeout, naming the peer); an explicit one is the caller's.
+  const double t = timeout_s < 0 ? (timeout_s_ > 0 ? timeout_s_ * 1.05 + 0.5 : 0.0) : timeout_s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++drivers_;
+  }
+  struct Leave {  // the engine thread takes over again when the last waiter leaves
+    OpEngine& e;
+    ~Leave() {
+      {
+        std::lock_guard<std::mutex> lock(e.mu_);
+        --e.drivers_;
+      }
+      e.cv_.notify_all();
+    }
+  } leave{*this};
+  const auto start = Clock::now();
+  Backoff backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
+  double next_check = kInterruptCheckSeconds;
+  while (!work.ended()) {
+    bool progressed;
+    {
+      std::lock_guard<std::mutex> drive(drive_mu_);
+      progressed = iterate();
+    }
+    if (work.ended()) break;
+    const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+    if (t > 0 && waited >= t) throw CommTimeout(timeout_message(work.describe(), t));
+    if (waited >= next_check) {
+      check_interrupt();  // Ctrl-C on Python's main thread
+      next_check = waited + kInterruptCheckSeconds;
+    }
+    if (progressed) backoff = Backoff(Backoff::kTransferYieldSeconds, Backoff::kTransferSpinSeconds);
+    else backoff.pause();
+  }
+  work.is_completed();  // rethrows the operation's error
 }
 
 void OpEngine::release_probe_requests() noexcept {
@@ -538,10 +599,13 @@ void OpEngine::shutdown() noexcept {
     if (thread_.get_id() == std::this_thread::get_id()) thread_.detach();
     else thread_.join();
   }
+  std::lock_guard<std::mutex> drive(drive_mu_);  // a waiter may be in an iteration
   {
     std::lock_guard<std::mutex> lock(mu_);
+    for (auto& p : active_) dropped.push_back(std::move(p));
     for (auto& p : incoming_) dropped.push_back(std::move(p));
     for (auto& p : queued_) dropped.push_back(std::move(p));
+    active_.clear();
     incoming_.clear();
     queued_.clear();
   }

@@ -3,6 +3,7 @@
 
 #include <mpi.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -22,6 +23,7 @@
 namespace dpsgs {
 
 class CompletionThread;
+class OpEngine;
 
 // The Work of one engine operation. Besides wait()/is_completed() (StateWork), a caller may
 // register one callback, run once when the operation ends (nullptr: success, else its error)
@@ -31,11 +33,17 @@ class CompletionThread;
 class OpWork : public StateWork {
  public:
   using Callback = std::function<void(std::exception_ptr)>;
-  OpWork(std::string what, double timeout_s, double warn_after_s, std::shared_ptr<CompletionThread> completions)
-      : StateWork(std::move(what), timeout_s, warn_after_s), completions_(std::move(completions)) {}
+  OpWork(std::string what, double timeout_s, double warn_after_s, std::shared_ptr<CompletionThread> completions,
+         std::weak_ptr<OpEngine> engine)
+      : StateWork(std::move(what), timeout_s, warn_after_s), completions_(std::move(completions)),
+        engine_(std::move(engine)) {}
   void on_complete(Callback cb);
+  // The waiting thread drives the engine itself (OpEngine::drive) until the operation ends:
+  // no hand-off to the engine thread, which costs a wake-up and a time slice on a full machine.
+  void wait(double timeout_s = -1.0) override;
   // The engine ends the operation exactly once (error: nullptr for success).
   void finish(std::exception_ptr error);
+  bool ended() const { return ended_flag_.load(std::memory_order_acquire); }
 
  private:
   std::mutex cb_mu_;
@@ -43,6 +51,8 @@ class OpWork : public StateWork {
   std::exception_ptr error_;
   Callback callback_;
   std::shared_ptr<CompletionThread> completions_;
+  std::weak_ptr<OpEngine> engine_;
+  std::atomic<bool> ended_flag_{false};
 };
 
 // One thread per engine that runs OpWork callbacks in completion order; started on first use.
@@ -83,16 +93,25 @@ struct EngineOptions {
 // or failed collective the engine's collective stream is out of step with its peers: later
 // collectives fail at once. The caller keeps each buffer alive through `owner`, which the
 // engine holds until the operation ends and then drops on a caller's thread (in the next
-// submit() or shutdown(): Python owners need the GIL). One engine thread tests every pending request with
-// polite backoff (common/backoff.h) and runs ring all-reduces; it never takes the GIL.
-class OpEngine {
+// submit() or shutdown(): Python owners need the GIL). Progress is made by whoever holds
+// drive_mu_: the engine thread, or a thread waiting on an operation (OpWork::wait drives the
+// engine itself, so a blocking call pays no thread hand-off); either tests every pending
+// request with polite backoff (common/backoff.h), runs ring all-reduces and answers probes.
+// Neither ever takes the GIL.
+class OpEngine : public std::enable_shared_from_this<OpEngine> {
  public:
   OpEngine(std::shared_ptr<Communicator> comm, EngineOptions opt);  // collective: dups the communicator
   ~OpEngine();  // never throws; fails operations still pending
   OpEngine(const OpEngine&) = delete;
   OpEngine& operator=(const OpEngine&) = delete;
 
-  std::shared_ptr<OpWork> submit(OpSpec spec, Owner owner);
+  // wake: hand the operation to the engine thread now (an asynchronous call); false for a call
+  // that waits at once, whose waiter drives it (the engine thread still finds it within 50 ms).
+  std::shared_ptr<OpWork> submit(OpSpec spec, Owner owner, bool wake = true);
+  // Progresses every pending operation on the calling thread (the GIL released) until `work`
+  // ends; the engine thread stands aside meanwhile. CommTimeout after timeout_s (< 0: a little
+  // after the operation's own deadline, which fails it first, naming the peer).
+  void drive(OpWork& work, double timeout_s);
   const std::shared_ptr<Communicator>& comm() const { return comm_; }
   int rank() const { return comm_->rank(); }
   int size() const { return comm_->size(); }
@@ -113,6 +132,7 @@ class OpEngine {
     std::string probed;                // what the probe found ("" = not probed yet)
   };
   void loop();
+  bool iterate();                       // one pass: start, test, complete; drive_mu_ held
   void start(Pending& p);               // issues p's MPI call (or runs its ring); mu_ held by the caller
   bool test(Pending& p);                // true when p has ended (completed or failed)
   void fail(Pending& p, std::exception_ptr e, bool collective_stream_broken);
@@ -134,7 +154,11 @@ class OpEngine {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Pending> queued_;          // collectives waiting for the one in flight (or a ring)
-  std::deque<Pending> incoming_;        // started by the caller; the engine thread takes them
+  std::deque<Pending> incoming_;        // started by the caller; the next iteration takes them
+  int drivers_ = 0;                     // waiters driving (the engine thread stands aside)
+  std::mutex drive_mu_;                 // held by whoever iterates: guards active_ and the probe
+  std::vector<Pending> active_;         // started operations
+  std::atomic<size_t> active_count_{0};
   bool collective_active_ = false;      // a collective is started and not yet ended
   int64_t active_seq_ = -1;             // its number (for probes)
   std::string broken_;                  // why the collective stream is out of step ("" = fine)

@@ -71,8 +71,8 @@ OpWork::Callback python_callback(py::function fn) {
 }
 
 // Keeps the GIL: submit() never blocks, and it drops the owners of ended operations here.
-std::shared_ptr<OpWork> submit(OpEngine& eng, OpSpec spec, Owner owner) {
-  return eng.submit(std::move(spec), std::move(owner));
+std::shared_ptr<OpWork> submit(OpEngine& eng, OpSpec spec, Owner owner, bool wake) {
+  return eng.submit(std::move(spec), std::move(owner), wake);
 }
 
 std::shared_ptr<MpiStore> make_store(py::object comm, double timeout) {
@@ -108,24 +108,24 @@ void bind_torch_backend(py::module_& m) {
            }),
            py::arg("comm"), py::arg("ring_from_bytes") = EngineOptions().ring_from_bytes,
            py::arg("chunk_bytes") = RingOptions().chunk_bytes, py::arg("probe_s") = EngineOptions().probe_s)
-      .def("allreduce", [](OpEngine& e, py::object a, const std::string& op, std::optional<int> code) {
+      .def("allreduce", [](OpEngine& e, py::object a, const std::string& op, std::optional<int> code, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Allreduce;
              s.red = parse_red_op(op);
              auto [buf, owner] = buffer_of(a, true, code, "OpEngine.allreduce");
              s.recv = buf;
-             return submit(e, std::move(s), std::move(owner));
-           }, py::arg("array"), py::arg("op") = "sum", py::arg("dtype_code") = py::none())
-      .def("broadcast", [](OpEngine& e, py::object a, int root) {
+             return submit(e, std::move(s), std::move(owner), wake);
+           }, py::arg("array"), py::arg("op") = "sum", py::arg("dtype_code") = py::none(), py::arg("wake") = true)
+      .def("broadcast", [](OpEngine& e, py::object a, int root, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Broadcast;
              s.peer = root;
              auto [buf, owner] = buffer_of(a, true, std::nullopt, "OpEngine.broadcast");
              s.recv = buf;
-             return submit(e, std::move(s), std::move(owner));
-           }, py::arg("array"), py::arg("root"))
+             return submit(e, std::move(s), std::move(owner), wake);
+           }, py::arg("array"), py::arg("root"), py::arg("wake") = true)
       .def("allgather", [](OpEngine& e, py::object in, py::object out, std::vector<int> counts,
-                           std::vector<int> displs) {
+                           std::vector<int> displs, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Allgather;
              auto [sb, so] = buffer_of(in, false, std::nullopt, "OpEngine.allgather");
@@ -134,11 +134,11 @@ void bind_torch_backend(py::module_& m) {
              s.recv = rb;
              s.recv_counts = std::move(counts);
              s.recv_displs = std::move(displs);
-             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)));
-           }, py::arg("input"), py::arg("output"), py::arg("counts"), py::arg("displs"),
+             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)), wake);
+           }, py::arg("input"), py::arg("output"), py::arg("counts"), py::arg("displs"), py::arg("wake") = true,
            "Gather every rank's input bytes into output at displs (bytes, one per rank).")
       .def("reduce_scatter", [](OpEngine& e, py::object in, py::object out, const std::string& op,
-                                std::vector<int> counts, std::optional<int> code) {
+                                std::vector<int> counts, std::optional<int> code, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::ReduceScatter;
              s.red = parse_red_op(op);
@@ -147,11 +147,12 @@ void bind_torch_backend(py::module_& m) {
              s.send = sb;
              s.recv = rb;
              s.recv_counts = std::move(counts);
-             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)));
+             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)), wake);
            }, py::arg("input"), py::arg("output"), py::arg("op"), py::arg("counts"), py::arg("dtype_code") = py::none(),
+           py::arg("wake") = true,
            "Reduce input over the ranks; rank r keeps counts[r] elements (in rank order) in output.")
       .def("alltoall", [](OpEngine& e, py::object in, py::object out, std::vector<int> send_counts,
-                          std::vector<int> send_displs, std::vector<int> recv_counts, std::vector<int> recv_displs) {
+                          std::vector<int> send_displs, std::vector<int> recv_counts, std::vector<int> recv_displs, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Alltoall;
              auto [sb, so] = buffer_of(in, false, std::nullopt, "OpEngine.alltoall");
@@ -162,32 +163,32 @@ void bind_torch_backend(py::module_& m) {
              s.send_displs = std::move(send_displs);
              s.recv_counts = std::move(recv_counts);
              s.recv_displs = std::move(recv_displs);
-             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)));
+             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)), wake);
            }, py::arg("input"), py::arg("output"), py::arg("send_counts"), py::arg("send_displs"),
-           py::arg("recv_counts"), py::arg("recv_displs"), "All-to-all of byte blocks (counts, displacements in bytes).")
-      .def("barrier", [](OpEngine& e) {
+           py::arg("recv_counts"), py::arg("recv_displs"), py::arg("wake") = true, "All-to-all of byte blocks (counts, displacements in bytes).")
+      .def("barrier", [](OpEngine& e, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Barrier;
-             return submit(e, std::move(s), nullptr);
-           })
-      .def("send", [](OpEngine& e, py::object a, int peer, int tag) {
+             return submit(e, std::move(s), nullptr, wake);
+           }, py::arg("wake") = true)
+      .def("send", [](OpEngine& e, py::object a, int peer, int tag, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Send;
              s.peer = peer;
              s.tag = tag;
              auto [buf, owner] = buffer_of(a, false, std::nullopt, "OpEngine.send");
              s.send = buf;
-             return submit(e, std::move(s), std::move(owner));
-           }, py::arg("array"), py::arg("peer"), py::arg("tag"))
-      .def("recv", [](OpEngine& e, py::object a, int peer, int tag) {
+             return submit(e, std::move(s), std::move(owner), wake);
+           }, py::arg("array"), py::arg("peer"), py::arg("tag"), py::arg("wake") = true)
+      .def("recv", [](OpEngine& e, py::object a, int peer, int tag, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Recv;
              s.peer = peer;
              s.tag = tag;
              auto [buf, owner] = buffer_of(a, true, std::nullopt, "OpEngine.recv");
              s.recv = buf;
-             return submit(e, std::move(s), std::move(owner));
-           }, py::arg("array"), py::arg("peer"), py::arg("tag"))
+             return submit(e, std::move(s), std::move(owner), wake);
+           }, py::arg("array"), py::arg("peer"), py::arg("tag"), py::arg("wake") = true)
       .def_property_readonly("rank", &OpEngine::rank)
       .def_property_readonly("size", &OpEngine::size)
       .def_property_readonly("comm", &OpEngine::comm)

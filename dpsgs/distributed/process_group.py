@@ -83,7 +83,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             return self._cuda().allreduce(tensors, opts)
         red, avg = self._reduction(opts.reduceOp, "all_reduce", tensors)
         staged = [stage_for_reduction(t, red, "all_reduce") for t in tensors]
-        works = [self._allreduce_core(s.buf, red) for s in staged]
+        works = [self._allreduce_core(s.buf, red, opts.asyncOp) for s in staged]
         return DpsgsWork(works, tensors, self._after(staged, avg))
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist._Work:
@@ -98,7 +98,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         for group in by_dtype.values():   # one operation per dtype, each over a packed copy
             flat = pack(group)
             s = stage_for_reduction(flat, red, "all_reduce_coalesced")
-            works.append(self._allreduce_core(s.buf, red))
+            works.append(self._allreduce_core(s.buf, red, opts.asyncOp))
             groups.append((group, flat, s))
 
         def finish() -> None:
@@ -118,7 +118,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             return self._cuda().broadcast(tensors, opts)
         check_cpu("broadcast", tensors)
         staged = [stage(t) for t in tensors]
-        works = [self._engine.broadcast(byte_view(s.buf), opts.rootRank) for s in staged]
+        works = [self._engine.broadcast(byte_view(s.buf), opts.rootRank, wake=opts.asyncOp) for s in staged]
         return DpsgsWork(works, tensors, self._after(staged, False))
 
     def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
@@ -135,7 +135,8 @@ class DpsgsProcessGroup(dist.ProcessGroup):
                                  f"{outs[self.rank()].numel()} elements, its input {inp.numel()}")
             counts, displs = _layout([o.numel() * o.element_size() for o in outs])
             flat = torch.empty(sum(counts), dtype=torch.uint8)
-            works.append(self._engine.allgather(byte_view(_flat_bytes(inp)), flat.numpy(), counts, displs))
+            works.append(self._engine.allgather(byte_view(_flat_bytes(inp)), flat.numpy(), counts, displs,
+                                                wake=opts.asyncOp))
             unpacks.append((flat, outs, displs))
 
         def finish() -> None:
@@ -169,7 +170,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         for out, ins in zip(output_tensors, input_tensors, strict=True):
             self._check_list("reduce_scatter", ins, out)
             jobs.append((out, pack(ins), [t.numel() for t in ins]))
-        return self._reduce_scatter(jobs, red, avg, "reduce_scatter", output_tensors)
+        return self._reduce_scatter(jobs, red, avg, "reduce_scatter", output_tensors, opts.asyncOp)
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,  # noqa: A002
                               opts: Any = None) -> dist._Work:
@@ -190,7 +191,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
                 raise ValueError(f"dpsgs backend reduce_scatter_tensor: input {tuple(inp.shape)} "
                                  f"{inp.dtype} must be {self.size()} x output {tuple(out.shape)} {out.dtype}")
             jobs.append((out, inp.contiguous().reshape(-1), [out.numel()] * self.size()))
-        return self._reduce_scatter(jobs, red, avg, "reduce_scatter_tensor", outputs)
+        return self._reduce_scatter(jobs, red, avg, "reduce_scatter_tensor", outputs, opts.asyncOp)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
@@ -208,7 +209,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         recv_counts, recv_displs = self._split_bytes(output, output_split_sizes, "output")
         s = stage(output)
         work = self._engine.alltoall(byte_view(_flat_bytes(input)), byte_view(s.buf), send_counts,
-                                     send_displs, recv_counts, recv_displs)
+                                     send_displs, recv_counts, recv_displs, wake=opts.asyncOp)
         return DpsgsWork([work], [output], s.back)
 
     alltoall_base = all_to_all_single
@@ -228,11 +229,12 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         packed = torch.cat([_flat_bytes(t) for t in input_tensors])
         flat = torch.empty(sum(recv_counts), dtype=torch.uint8)
         work = self._engine.alltoall(packed.numpy(), flat.numpy(), send_counts, send_displs,
-                                     recv_counts, recv_displs)
+                                     recv_counts, recv_displs, wake=opts.asyncOp)
         return DpsgsWork([work], output_tensors, lambda: _unpack_bytes(flat, output_tensors, recv_displs))
 
     def barrier(self, opts: Any = None) -> dist._Work:
-        return DpsgsWork([self._engine.barrier()], [])
+        opts = opts or dist.BarrierOptions()
+        return DpsgsWork([self._engine.barrier(wake=opts.asyncOp)], [])
 
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> dist._Work:  # noqa: N803
         if _any_cuda(tensors):
@@ -283,9 +285,9 @@ class DpsgsProcessGroup(dist.ProcessGroup):
 
     # ---- helpers
 
-    def _allreduce_core(self, buf: torch.Tensor, red: str) -> Any:
+    def _allreduce_core(self, buf: torch.Tensor, red: str, wake: bool) -> Any:
         array, code = typed(buf)
-        return self._engine.allreduce(array, red, code)
+        return self._engine.allreduce(array, red, code, wake)
 
     def _reduction(self, op: dist.ReduceOp, where: str, tensors: Sequence[torch.Tensor]) -> tuple[str, bool]:
         red, avg = reduction_of(op, where)
@@ -334,12 +336,12 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             b = inp.numel() * inp.element_size()
             s = stage(out)
             works.append(self._engine.allgather(byte_view(_flat_bytes(inp)), byte_view(s.buf), [b] * n,
-                                                [r * b for r in range(n)]))
+                                                [r * b for r in range(n)], wake=opts.asyncOp))
             staged.append(s)
         return DpsgsWork(works, outputs, self._after(staged, False))
 
     def _reduce_scatter(self, jobs: list[tuple[torch.Tensor, torch.Tensor, list[int]]], red: str, avg: bool,
-                        where: str, result: Any) -> dist._Work:
+                        where: str, result: Any, wake: bool) -> dist._Work:
         works, staged = [], []
         for out, flat, counts in jobs:
             sin = stage_for_reduction(flat, red, where)
@@ -347,7 +349,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             per = sout.buf.numel() // max(1, out.numel()) if out.numel() else 1   # complex: 2 reals each
             arr_in, code = typed(sin.buf)
             arr_out, _ = typed(sout.buf)
-            works.append(self._engine.reduce_scatter(arr_in, arr_out, red, [c * per for c in counts], code))
+            works.append(self._engine.reduce_scatter(arr_in, arr_out, red, [c * per for c in counts], code, wake))
             staged.append(sout)
         return DpsgsWork(works, result, self._after(staged, avg))
 

@@ -39,11 +39,12 @@ def check_cpu(where: str, tensors: Sequence[torch.Tensor]) -> None:
 
 def reduction_of(op: dist.ReduceOp, where: str) -> tuple[str, bool]:
     """(the core's reduction, whether to divide by the group size afterwards)."""
-    for known, name in _OPS.items():
-        if op == known:
-            return name, op == dist.ReduceOp.AVG
-    raise NotImplementedError(f"dpsgs backend {where}: reduce op {op} is not implemented "
-                              "(supported: SUM, AVG, MIN, MAX, PRODUCT)")
+    kind = getattr(op, "op", op)   # a ReduceOp wraps its RedOpType (hashable)
+    name = _OPS.get(kind)
+    if name is None:
+        raise NotImplementedError(f"dpsgs backend {where}: reduce op {kind} is not implemented "
+                                  "(supported: SUM, AVG, MIN, MAX, PRODUCT)")
+    return name, kind == dist.ReduceOp.AVG
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:
@@ -52,10 +53,14 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
 
 
+_BF16 = WIRE_CODES["bfloat16"]
+
+
 def typed(t: torch.Tensor) -> tuple[np.ndarray, int | None]:
     """(NumPy view, dtype code override) of a contiguous tensor of a reducible dtype."""
-    flat = t.reshape(-1)
-    return as_buffer(flat), (WIRE_CODES["bfloat16"] if t.dtype == torch.bfloat16 else None)
+    if t.dtype == torch.bfloat16:   # NumPy has no bfloat16: its bits as uint16, named by code
+        return as_buffer(t.reshape(-1)), _BF16
+    return t.detach().reshape(-1).numpy(), None
 
 
 @dataclass
