@@ -66,9 +66,24 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         self._store = store
         self._timeout = timeout
         self._nccl: Any = None
+        self._name, self._desc = "", ""
 
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return BACKEND_NAME
+
+    # torch names a group through its backends, and a Python group has none: it keeps them
+    # (DeviceMesh and functional collectives look groups up by name).
+    def _set_group_name(self, name: str) -> None:
+        self._name = name
+
+    def getGroupName(self) -> str:  # noqa: N802 (torch's name)
+        return self._name
+
+    def _set_group_desc(self, desc: str) -> None:
+        self._desc = desc
+
+    def getGroupDesc(self) -> str:  # noqa: N802 (torch's name)
+        return self._desc
 
     @property
     def engine(self) -> Any:

@@ -6,7 +6,8 @@ float SUM/AVG/PRODUCT bit-identical on 2 ranks (a + b and a * b do not depend on
 and beyond within the sum of both orders' worst-case rounding error: |dpsgs - gloo| <=
 2(n-1)·u·Σ|x_i| for sums (+ 2u|result| for AVG's division), 2.5(n-1)·u·|result| for
 products, u the unit roundoff of the dtype. Also: async Works (wait, get_future), the
-backend's refusals, a new_group of a subset against gloo's subset, non-members untouched.
+backend's refusals, a new_group of a subset against gloo's subset, non-members untouched,
+DeviceMesh dimensions, a functional collective and torch's store-based barrier.
 Prints `OK <count> cases` on rank 0 when every rank passed."""
 
 from __future__ import annotations
@@ -341,6 +342,26 @@ if r in members:
     close(f"new_group {members}", got, ref, tol)
 else:
     assert sub_dp == dist.GroupMember.NON_GROUP_MEMBER
+
+# ---- DeviceMesh (its dimensions are new_groups over the store), a functional collective by
+# group name, and torch's store-based barrier over the MPI store
+if n % 2 == 0:
+    from torch.distributed import _functional_collectives as funcol
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, n // 2), mesh_dim_names=("dp", "tp"))
+    for dim in ("dp", "tp"):
+        ranks = dist.get_process_group_ranks(mesh.get_group(dim))
+        t = torch.tensor([float(r)])
+        dist.all_reduce(t, group=mesh.get_group(dim))
+        close(f"DeviceMesh {dim} {ranks}", t, torch.tensor([float(sum(ranks))]))
+    got = funcol.all_reduce(torch.full((3,), float(r)), "sum", mesh.get_group("tp"))
+    close("functional all_reduce on the tp dimension", funcol.wait_tensor(got),
+          torch.full((3,), float(sum(dist.get_process_group_ranks(mesh.get_group("tp"))))))
+from torch.distributed.distributed_c10d import _get_default_store, _store_based_barrier
+
+_store_based_barrier(r, _get_default_store(), "dpsgs-test", n, timedelta(seconds=30))
+cases += 1
 
 # ---- every rank agrees on the verdict
 flag = torch.tensor([len(failures)], dtype=torch.int64)
