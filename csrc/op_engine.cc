@@ -1,5 +1,5 @@
-// OpEngine: the ordered issue of operations, the thread that tests and completes them, the
-// peer probe that names the missing rank on a timeout, and the completion thread for callbacks.
+// OpEngine: the ordered issue of operations; their progress by the engine thread or a waiter;
+// timeouts that name the missing rank (peer_probe.*).
 #include "op_engine.h"
 
 #include <pthread.h>
@@ -16,9 +16,6 @@
 namespace dpsgs {
 
 namespace {
-constexpr int kPingTag = 1;
-constexpr int kPongTagBase = 100;  // + round % kPongRounds: a late answer cannot match a later round
-constexpr int kPongRounds = 10000;
 constexpr auto kIdleProbeCheck = std::chrono::milliseconds(50);  // an idle engine still answers probes
 std::mutex g_engines_mu;
 std::set<OpEngine*> g_engines;
@@ -27,86 +24,10 @@ Clock::time_point after(double s) {
 }
 }  // namespace
 
-// ---- OpWork / CompletionThread
-
-void OpWork::on_complete(Callback cb) {
-  std::exception_ptr error;
-  {
-    std::lock_guard<std::mutex> lock(cb_mu_);
-    if (!ended_) {
-      callback_ = std::move(cb);
-      return;
-    }
-    error = error_;
-  }
-  cb(error);  // already over: run here (the caller may hold the GIL; the callback takes it again)
-}
-
+// OpWork::wait lives here: it drives the engine.
 void OpWork::wait(double timeout_s) {
   if (auto engine = engine_.lock()) engine->drive(*this, timeout_s);
   else StateWork::wait(timeout_s);
-}
-
-void OpWork::finish(std::exception_ptr error) {
-  if (error) set_error(error);
-  else set_done();
-  ended_flag_.store(true, std::memory_order_release);
-  Callback cb;
-  {
-    std::lock_guard<std::mutex> lock(cb_mu_);
-    ended_ = true;
-    error_ = error;
-    cb = std::move(callback_);
-    callback_ = nullptr;
-  }
-  if (cb) completions_->post([cb = std::move(cb), error]() mutable {
-    cb(error);
-    cb = nullptr;  // drop what it holds here, on the thread that may take the GIL
-  });
-}
-
-void CompletionThread::post(std::function<void()> fn) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return;  // shut down: nobody waits for callbacks any more
-    queue_.push_back(std::move(fn));
-    if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
-  }
-  cv_.notify_one();
-}
-
-void CompletionThread::loop() {
-  for (;;) {
-    std::function<void()> fn;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-      if (stop_) return;
-      fn = std::move(queue_.front());
-      queue_.pop_front();
-    }
-    try {
-      fn();
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "[dpsgs] completion callback failed: %s\n", e.what());
-    } catch (...) {
-      std::fprintf(stderr, "[dpsgs] completion callback failed (unknown error)\n");
-    }
-  }
-}
-
-void CompletionThread::stop() noexcept {
-  std::deque<std::function<void()>> dropped;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-    dropped.swap(queue_);  // destroyed below, outside the lock
-  }
-  cv_.notify_all();
-  if (thread_.joinable()) {
-    if (thread_.get_id() == std::this_thread::get_id()) thread_.detach();
-    else thread_.join();
-  }
 }
 
 // ---- OpEngine
@@ -117,15 +38,18 @@ OpEngine::OpEngine(std::shared_ptr<Communicator> comm, EngineOptions opt)
   const int r = comm_->rank();
   // Arrival has a deadline (MPI_Comm_dup has none): the Communicator's barrier.
   comm_->barrier();
-  for (MPI_Comm* c : {&coll_, &p2p_, &probe_}) {
+  for (MPI_Comm* c : {&coll_, &p2p_}) {
     DPSGS_CHECK_MPI(MPI_Comm_dup(comm_->p2p(), c), r, kNoPeer);
     DPSGS_CHECK_MPI(MPI_Comm_set_errhandler(*c, MPI_ERRORS_RETURN), r, kNoPeer);
   }
+  probe_ = std::make_unique<PeerProbe>(comm_->p2p(), r, [this] {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::make_pair(int64_t(completed_seq_), collective_active_ ? active_seq_ : int64_t(-1));
+  });
   int* ub = nullptr;
   int flag = 0;
   DPSGS_CHECK_MPI(MPI_Comm_get_attr(p2p_, MPI_TAG_UB, &ub, &flag), r, kNoPeer);
   if (flag && ub) tag_ub_ = *ub;
-  DPSGS_CHECK_MPI(MPI_Irecv(probe_in_, 2, MPI_INT64_T, MPI_ANY_SOURCE, kPingTag, probe_, &probe_recv_), r, kNoPeer);
   timeout_s_ = comm_->timeout();
   probe_window_s_ = std::min(opt_.probe_s, timeout_s_ / 4);
   // The ring reads its deadline from the Communicator (this engine's own): it gives up a probe
@@ -143,7 +67,8 @@ OpEngine::~OpEngine() {
   }
   shutdown();
   if (!mpi_alive()) return;
-  for (MPI_Comm* c : {&coll_, &p2p_, &probe_})
+  probe_.reset();
+  for (MPI_Comm* c : {&coll_, &p2p_})
     if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
 }
 
@@ -236,7 +161,7 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner, bool wake) {
     return work;
   }
   if (p2p || (!collective_active_ && queued_.empty() && !p.spec.ring)) {
-    // Started here, at once, in call order: the engine thread only tests it.
+    // Started here, at once, in call order; whoever drives the engine tests it from now on.
     if (!p2p) {
       collective_active_ = true;
       active_seq_ = int64_t(seq);
@@ -265,7 +190,6 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner, bool wake) {
 void OpEngine::start(Pending& p) {
   p.deadline = timeout_s_ > 0 ? after(timeout_s_) : Clock::time_point::max();
   p.probe_at = timeout_s_ > 0 ? after(timeout_s_ - probe_window_s_) : Clock::time_point::max();
-  p.started = true;
   if (!p.spec.ring) {
     MPI_Comm c = p.spec.is_p2p() ? p2p_ : coll_;
     p.req = start_op(p.spec, c, comm_->rank());
@@ -327,100 +251,21 @@ bool OpEngine::test(Pending& p) {
   }
 }
 
-// Asks each peer the operation waits for whether it is alive and where it is; a peer's engine
-// answers from its loop (busy or idle) with [round, collectives completed, collective in
-// flight or -1]. Returns the waited-for ranks with what each said, culprits first.
+// What the probe found about the ranks `p` waits for (named in full if it found nothing).
 std::string OpEngine::probe_peers(const Pending& p) {
-  const int me = comm_->rank(), n = comm_->size();
   std::vector<int> peers;
   if (p.spec.is_p2p()) peers.push_back(p.spec.peer);
   else
-    for (int r = 0; r < n; ++r)
-      if (r != me) peers.push_back(r);
-  const int64_t round = ++probe_round_;
-  const int pong_tag = kPongTagBase + int(round % kPongRounds);
-  int64_t ping[2] = {round, int64_t(me)};
-  std::vector<std::vector<int64_t>> answers(peers.size(), std::vector<int64_t>(3, -2));
-  std::vector<MPI_Request> recvs(peers.size(), MPI_REQUEST_NULL), sends(peers.size(), MPI_REQUEST_NULL);
-  for (size_t i = 0; i < peers.size(); ++i) {
-    MPI_Irecv(answers[i].data(), 3, MPI_INT64_T, peers[i], pong_tag, probe_, &recvs[i]);
-    MPI_Isend(ping, 2, MPI_INT64_T, peers[i], kPingTag, probe_, &sends[i]);
-  }
-  auto until = after(probe_window_s_);
-  Backoff backoff;
-  for (;;) {
-    bool all = true;
-    for (auto& r : recvs) {
-      if (r == MPI_REQUEST_NULL) continue;
-      int flag = 0;
-      MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
-      all = all && flag;
-    }
-    answer_probes();  // the peers probe us at the same time
-    if (all || Clock::now() >= until) break;
-    backoff.pause();
-  }
-  for (auto& r : recvs)
-    if (r != MPI_REQUEST_NULL) {
-      MPI_Cancel(&r);
-      MPI_Wait(&r, MPI_STATUS_IGNORE);
-    }
-  for (auto& s : sends)
-    if (s != MPI_REQUEST_NULL) MPI_Request_free(&s);  // a ping to a stopped peer stays queued for it
-  std::string missing, behind, with_us;
-  for (size_t i = 0; i < peers.size(); ++i) {
-    const auto& a = answers[i];
-    std::string who = comm_->label(peers[i]);
-    if (a[0] != round) {
-      missing += (missing.empty() ? "" : ", ") + who;
-    } else if (!p.spec.is_p2p() && a[2] == int64_t(p.seq)) {
-      with_us += (with_us.empty() ? "" : ", ") + who;
-    } else {
-      behind += str_cat(behind.empty() ? "" : "; ", who, " is alive but ",
-                        a[2] >= 0 ? str_cat("in collective #", a[2]) : std::string("in no collective"),
-                        " (", a[1], " collectives completed)");
-    }
-  }
-  std::string out;
-  if (!missing.empty())
-    out = str_cat(missing, " did not answer a probe within ", probe_window_s_, " s (stopped, hung or dead)");
-  if (!behind.empty()) out += (out.empty() ? "" : "; ") + behind;
-  if (!with_us.empty()) out += str_cat(out.empty() ? "" : "; ", with_us, " waiting in it too");
-  return out.empty() ? "waiting for " + waited_for(p.spec) : out;
+    for (int r = 0; r < comm_->size(); ++r)
+      if (r != comm_->rank()) peers.push_back(r);
+  std::string found = probe_->ask(peers, p.spec.is_p2p() ? -1 : int64_t(p.seq), probe_window_s_,
+                                  [this](int r) { return comm_->label(r); });
+  return found.empty() ? "waiting for " + waited_for(p.spec) : found;
 }
 
 // Timeouts read "<operation> did not complete within T s: <what the probe found>".
 std::string OpEngine::timed_out(const std::string& what, const std::string& probed) const {
   return str_cat(what, " did not complete within ", timeout_s_, " s: ", probed);
-}
-
-void OpEngine::answer_probes() {
-  for (size_t i = 0; i < probe_sends_.size();) {  // finished answers
-    int flag = 0;
-    MPI_Test(&probe_sends_[i].first, &flag, MPI_STATUS_IGNORE);
-    if (flag) {
-      probe_sends_[i] = std::move(probe_sends_.back());
-      probe_sends_.pop_back();
-    } else {
-      ++i;
-    }
-  }
-  for (;;) {
-    int flag = 0;
-    MPI_Status st;
-    if (probe_recv_ == MPI_REQUEST_NULL || MPI_Test(&probe_recv_, &flag, &st) != MPI_SUCCESS || !flag) return;
-    int64_t in_flight = -1, completed;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      completed = int64_t(completed_seq_);
-      if (collective_active_) in_flight = active_seq_;
-    }
-    probe_sends_.emplace_back(MPI_REQUEST_NULL, std::vector<int64_t>{probe_in_[0], completed, in_flight});
-    auto& ans = probe_sends_.back();
-    MPI_Isend(ans.second.data(), 3, MPI_INT64_T, st.MPI_SOURCE, kPongTagBase + int(probe_in_[0] % kPongRounds),
-              probe_, &ans.first);
-    MPI_Irecv(probe_in_, 2, MPI_INT64_T, MPI_ANY_SOURCE, kPingTag, probe_, &probe_recv_);
-  }
 }
 
 // One pass of the progress engine; the caller holds drive_mu_ (the engine thread or a waiter).
@@ -500,7 +345,7 @@ bool OpEngine::iterate() {
     active_.erase(active_.begin() + long(i));
     progressed = true;
   }
-  answer_probes();
+  probe_->answer();
   active_count_.store(active_.size(), std::memory_order_release);
   return progressed;
 }
@@ -522,7 +367,7 @@ void OpEngine::loop() {
         lock.unlock();
         {
           std::lock_guard<std::mutex> drive(drive_mu_);
-          answer_probes();
+          probe_->answer();
         }
         lock.lock();
       }
@@ -578,15 +423,6 @@ void OpEngine::drive(OpWork& work, double timeout_s) {
   work.is_completed();  // rethrows the operation's error
 }
 
-void OpEngine::release_probe_requests() noexcept {
-  if (probe_recv_ != MPI_REQUEST_NULL) {
-    MPI_Cancel(&probe_recv_);
-    MPI_Wait(&probe_recv_, MPI_STATUS_IGNORE);
-  }
-  for (auto& s : probe_sends_) MPI_Request_free(&s.first);
-  probe_sends_.clear();
-}
-
 void OpEngine::shutdown() noexcept {
   std::deque<Pending> dropped;
   {
@@ -624,7 +460,7 @@ void OpEngine::shutdown() noexcept {
       p.work->finish(e);
     }
   }
-  if (alive) release_probe_requests();
+  if (alive) probe_->release();
   completions_->stop();
   std::lock_guard<std::mutex> lock(retired_mu_);
   retired_.clear();  // the caller's thread (atexit, or the engine's owner)

@@ -1,4 +1,4 @@
-// OpEngine: issues the torch backend's operations in order and completes them on one thread.
+// OpEngine: issues the torch backend's operations in order; the engine thread or a waiter completes them.
 #pragma once
 
 #include <mpi.h>
@@ -16,60 +16,12 @@
 #include <vector>
 
 #include "collectives.h"
-#include "common/work.h"
 #include "communicator.h"
+#include "op_work.h"
+#include "peer_probe.h"
 #include "ring_allreduce.h"
 
 namespace dpsgs {
-
-class CompletionThread;
-class OpEngine;
-
-// The Work of one engine operation. Besides wait()/is_completed() (StateWork), a caller may
-// register one callback, run once when the operation ends (nullptr: success, else its error)
-// on the engine's completion thread, never on the thread that moves data: a callback may
-// block (the Python bindings' takes the GIL to complete a torch Future) without delaying
-// any transfer. Registered after the end, it runs at once on the registering thread.
-class OpWork : public StateWork {
- public:
-  using Callback = std::function<void(std::exception_ptr)>;
-  OpWork(std::string what, double timeout_s, double warn_after_s, std::shared_ptr<CompletionThread> completions,
-         std::weak_ptr<OpEngine> engine)
-      : StateWork(std::move(what), timeout_s, warn_after_s), completions_(std::move(completions)),
-        engine_(std::move(engine)) {}
-  void on_complete(Callback cb);
-  // The waiting thread drives the engine itself (OpEngine::drive) until the operation ends:
-  // no hand-off to the engine thread, which costs a wake-up and a time slice on a full machine.
-  void wait(double timeout_s = -1.0) override;
-  // The engine ends the operation exactly once (error: nullptr for success).
-  void finish(std::exception_ptr error);
-  bool ended() const { return ended_flag_.load(std::memory_order_acquire); }
-
- private:
-  std::mutex cb_mu_;
-  bool ended_ = false;
-  std::exception_ptr error_;
-  Callback callback_;
-  std::shared_ptr<CompletionThread> completions_;
-  std::weak_ptr<OpEngine> engine_;
-  std::atomic<bool> ended_flag_{false};
-};
-
-// One thread per engine that runs OpWork callbacks in completion order; started on first use.
-class CompletionThread {
- public:
-  ~CompletionThread() { stop(); }
-  void post(std::function<void()> fn);
-  void stop() noexcept;  // runs nothing more; joins the thread
-
- private:
-  void loop();
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;
-  bool stop_ = false;
-  std::thread thread_;
-};
 
 struct EngineOptions {
   RingOptions ring;
@@ -128,7 +80,6 @@ class OpEngine : public std::enable_shared_from_this<OpEngine> {
     uint64_t seq = 0;                  // collectives: their number in the collective stream
     MPI_Request req = MPI_REQUEST_NULL;
     Clock::time_point deadline, probe_at;
-    bool started = false;
     std::string probed;                // what the probe found ("" = not probed yet)
   };
   void loop();
@@ -140,14 +91,13 @@ class OpEngine : public std::enable_shared_from_this<OpEngine> {
   std::string waited_for(const OpSpec& s) const;
   std::string probe_peers(const Pending& p);
   std::string timed_out(const std::string& what, const std::string& probed) const;
-  void answer_probes();
-  void release_probe_requests() noexcept;
   void retire(Owner owner);             // the engine thread: dropped later by a caller (GIL)
 
   std::shared_ptr<Communicator> comm_;
   EngineOptions opt_;
   double timeout_s_ = 0, probe_window_s_ = 0;  // the group's deadline; the probe's share of it
-  MPI_Comm coll_ = MPI_COMM_NULL, p2p_ = MPI_COMM_NULL, probe_ = MPI_COMM_NULL;
+  MPI_Comm coll_ = MPI_COMM_NULL, p2p_ = MPI_COMM_NULL;
+  std::unique_ptr<PeerProbe> probe_;    // answered and asked by whoever holds drive_mu_
   int tag_ub_ = 32767;
   std::shared_ptr<CompletionThread> completions_;
 
@@ -165,11 +115,6 @@ class OpEngine : public std::enable_shared_from_this<OpEngine> {
   uint64_t next_seq_ = 0, p2p_count_ = 0, completed_seq_ = 0;  // completed: collectives ended
   bool stop_ = false;
   std::thread thread_;
-  // the probe: a posted receive for peers' questions, answered while operations are pending
-  MPI_Request probe_recv_ = MPI_REQUEST_NULL;
-  int64_t probe_in_[2] = {0, 0};
-  std::vector<std::pair<MPI_Request, std::vector<int64_t>>> probe_sends_;
-  int64_t probe_round_ = 0;
   std::mutex retired_mu_;
   std::vector<Owner> retired_;          // owners of ended operations, released by submit()
 };
