@@ -1,6 +1,6 @@
 """A plain PyTorch DDP script trained over dpsgs's MPI core: only the init line is dpsgs's.
 
-    mpirun -n 2 python examples/ddp_over_dpsgs.py              # from the repository root
+    mpirun -n 2 python examples/ddp_over_dpsgs.py              # after scripts/setup.sh
     mpirun -n 4 python examples/ddp_over_dpsgs.py --epochs 10
 
 No MASTER_ADDR/MASTER_PORT, RANK or WORLD_SIZE: `init_method="mpi://"` takes rank and world
@@ -11,8 +11,6 @@ name for "gloo" and the script is the usual DDP example (gloo can use mpi:// too
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,11 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-try:
-    import dpsgs.distributed  # noqa: F401  registers the "dpsgs" backend and mpi://
-except ModuleNotFoundError:   # a checkout built in place (scripts/setup.sh) rather than installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import dpsgs.distributed  # noqa: F401
+import dpsgs.distributed  # noqa: F401  registers the "dpsgs" backend and mpi://
 
 __all__ = ["main"]
 

@@ -79,15 +79,17 @@ def test_no_listening_socket_with_mpi_rendezvous(tmp_path: Path) -> None:
     assert all(inodes != "" for inodes in new["gloo"]), new
 
 
-def test_ddp_example_trains_without_environment() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in (*TORCH_ENV, "PYTHONPATH")}
+def test_ddp_example_trains_without_environment(tmp_path: Path) -> None:
+    """From a folder outside the checkout, with none of torch's rendezvous variables and no
+    PYTHONPATH (dpsgs comes from the venv's editable install): plain `mpirun -n 2 python`."""
     import subprocess
 
     from launcher import mpirun
 
-    proc = subprocess.run([mpirun(), "-n", "2", sys.executable, "examples/ddp_over_dpsgs.py", "--epochs", "4"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k not in (*TORCH_ENV, "PYTHONPATH")}
+    proc = subprocess.run([mpirun(), "-n", "2", sys.executable, str(REPO / "examples" / "ddp_over_dpsgs.py"),
+                           "--epochs", "4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     accs = [float(a) for a in re.findall(r"test accuracy ([\d.]+) \(2 ranks, backend dpsgs\)", proc.stdout)]
     assert len(accs) == 4 and accs[-1] > 0.85, proc.stdout
