@@ -33,7 +33,7 @@ SUPPORTED = ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "allg
 
 
 def _any_cuda(*groups: Sequence[torch.Tensor]) -> bool:
-    return any(t.device.type == "cuda" for g in groups for t in g)
+    return any(t.is_cuda for g in groups for t in g)
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,9 @@ class DpsgsProcessGroup(dist.ProcessGroup):
 
     def __init__(self, engine: Any, store: dist.Store, timeout: timedelta) -> None:
         super().__init__(engine.rank, engine.size)
+        # ours, not torch's rank()/size(): a call into a Python-subclassed group looks for an
+        # override first (tens of us per call on a loaded machine)
+        self._rank, self._size = engine.rank, engine.size
         self._engine = engine
         self._store = store
         self._timeout = timeout
@@ -119,7 +122,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         def finish() -> None:
             for group, flat, s in groups:
                 if avg:
-                    s.buf.div_(self.size())
+                    s.buf.div_(self._size)
                 s.back()
                 at = 0
                 for t in group:
@@ -145,9 +148,9 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         works, unpacks = [], []
         for outs, inp in zip(output_tensors, input_tensors, strict=True):
             self._check_list("all_gather", outs, inp)
-            if outs[self.rank()].numel() != inp.numel():
-                raise ValueError(f"dpsgs backend all_gather: this rank's output {self.rank()} has "
-                                 f"{outs[self.rank()].numel()} elements, its input {inp.numel()}")
+            if outs[self._rank].numel() != inp.numel():
+                raise ValueError(f"dpsgs backend all_gather: this rank's output {self._rank} has "
+                                 f"{outs[self._rank].numel()} elements, its input {inp.numel()}")
             counts, displs = _layout([o.numel() * o.element_size() for o in outs])
             flat = torch.empty(sum(counts), dtype=torch.uint8)
             works.append(self._engine.allgather(byte_view(_flat_bytes(inp)), flat.numpy(), counts, displs,
@@ -202,10 +205,10 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         red, avg = self._reduction(opts.reduceOp, "reduce_scatter_tensor", outputs)
         jobs = []
         for out, inp in zip(outputs, inputs, strict=True):
-            if inp.numel() != out.numel() * self.size() or inp.dtype != out.dtype:
+            if inp.numel() != out.numel() * self._size or inp.dtype != out.dtype:
                 raise ValueError(f"dpsgs backend reduce_scatter_tensor: input {tuple(inp.shape)} "
-                                 f"{inp.dtype} must be {self.size()} x output {tuple(out.shape)} {out.dtype}")
-            jobs.append((out, inp.contiguous().reshape(-1), [out.numel()] * self.size()))
+                                 f"{inp.dtype} must be {self._size} x output {tuple(out.shape)} {out.dtype}")
+            jobs.append((out, inp.contiguous().reshape(-1), [out.numel()] * self._size))
         return self._reduce_scatter(jobs, red, avg, "reduce_scatter_tensor", outputs, opts.asyncOp)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
@@ -236,9 +239,9 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             return self._cuda().alltoall(output_tensors, input_tensors, opts)
         check_cpu("all_to_all", [*output_tensors, *input_tensors])
         for what, ts in (("output", output_tensors), ("input", input_tensors)):
-            if len(ts) != self.size():
+            if len(ts) != self._size:
                 raise ValueError(f"dpsgs backend all_to_all: {len(ts)} {what} tensors for a group of "
-                                 f"{self.size()} ranks")
+                                 f"{self._size} ranks")
         send_counts, send_displs = _layout([t.numel() * t.element_size() for t in input_tensors])
         recv_counts, recv_displs = _layout([t.numel() * t.element_size() for t in output_tensors])
         packed = torch.cat([_flat_bytes(t) for t in input_tensors])
@@ -314,9 +317,12 @@ class DpsgsProcessGroup(dist.ProcessGroup):
                                      "(floating-point and complex only; use SUM and divide)")
         return red, avg
 
-    def _after(self, staged: Sequence[Staged], avg: bool) -> Callable[[], None]:
-        """Divide for AVG, then write staged results back into the caller's tensors."""
-        n = self.size()
+    def _after(self, staged: Sequence[Staged], avg: bool) -> Callable[[], None] | None:
+        """Divide for AVG, then write staged results back into the caller's tensors (None:
+        nothing to do after the data has arrived)."""
+        if not avg and not any(s.copy for s in staged):
+            return None
+        n = self._size
 
         def finish() -> None:
             for s in staged:
@@ -326,9 +332,9 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         return finish
 
     def _check_list(self, where: str, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> None:
-        if len(tensors) != self.size():
+        if len(tensors) != self._size:
             raise ValueError(f"dpsgs backend {where}: {len(tensors)} tensors in the list for a group of "
-                             f"{self.size()} ranks")
+                             f"{self._size} ranks")
         for i, t in enumerate(tensors):
             if t.dtype != like.dtype:
                 raise ValueError(f"dpsgs backend {where}: list tensor {i} is {t.dtype}, expected {like.dtype}")
@@ -343,7 +349,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             return self._cuda().allgather_into_tensor_coalesced(outputs, inputs, opts)
         check_cpu(where, [*outputs, *inputs])
         works, staged = [], []
-        n = self.size()
+        n = self._size
         for out, inp in zip(outputs, inputs, strict=True):
             if out.numel() != n * inp.numel() or out.dtype != inp.dtype:
                 raise ValueError(f"dpsgs backend {where}: output {tuple(out.shape)} {out.dtype} must hold "
@@ -369,7 +375,7 @@ class DpsgsProcessGroup(dist.ProcessGroup):
         return DpsgsWork(works, result, self._after(staged, avg))
 
     def _split_bytes(self, t: torch.Tensor, splits: Sequence[int], what: str) -> tuple[list[int], list[int]]:
-        n = self.size()
+        n = self._size
         rows = t.size(0) if t.dim() else 1
         per_row = (t.numel() // rows if rows else 0) * t.element_size()
         if not splits:
@@ -391,6 +397,6 @@ class DpsgsProcessGroup(dist.ProcessGroup):
                                    "has no NCCL; move the tensors to the CPU")
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = self._timeout
-            self._nccl = dist.ProcessGroupNCCL(dist.PrefixStore("dpsgs-nccl/", self._store), self.rank(),
-                                               self.size(), opts)
+            self._nccl = dist.ProcessGroupNCCL(dist.PrefixStore("dpsgs-nccl/", self._store), self._rank,
+                                               self._size, opts)
         return self._nccl

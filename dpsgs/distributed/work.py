@@ -109,6 +109,9 @@ class DpsgsWork(dist._Work):
             self._future.set_result(self._result)
 
     def _run_finish(self) -> None:
+        if self._finish is None:   # none, or it has run (it is dropped only after running)
+            self._finished = True
+            return
         # Held while `finish` runs, so nobody returns from wait() before the copy-back ends.
         with self._finish_lock:
             if self._finished:
