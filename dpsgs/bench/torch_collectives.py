@@ -7,7 +7,8 @@ core's own all-reduce: what the Python process-group layer costs on top of the c
 
 One job: the default group is "dpsgs" (init_method="mpi://"), gloo a second group over the
 same ranks and store. Per operation and size (nccl-tests columns and -b -e -f -n -w -c):
-gloo (`dist.<op>(..., group=gloo)`), dpsgs (the same call on the dpsgs group) and, for
+gloo (`dist.<op>(..., group=gloo)`: all_reduce, broadcast, all_gather_single,
+reduce_scatter_single, all_to_all_single), dpsgs (the same call on the dpsgs group) and, for
 all-reduce, core (`dpsgs._C.Reducer(comm, "auto").allreduce(buf, False).wait()`, the
 figure `dpsgs.bench.comm` reports as dpsgs.auto). Each iteration: refill (untimed), barrier,
 the timed call; the slowest rank's time. Sum in float32; inputs as bench.comm's, so the
@@ -93,9 +94,9 @@ class Case:
         if op == "broadcast":
             return lambda: dist.broadcast(inp, src=0, group=group)
         if op == "allgather":
-            return lambda: dist.all_gather_into_tensor(out, inp, group=group)
+            return lambda: dist.all_gather_single(out, inp, group=group)
         if op == "reduce_scatter":
-            return lambda: dist.reduce_scatter_tensor(out, inp, group=group)
+            return lambda: dist.reduce_scatter_single(out, inp, group=group)
         return lambda: dist.all_to_all_single(out, inp, group=group)
 
     def result(self) -> np.ndarray:

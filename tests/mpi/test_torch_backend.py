@@ -93,3 +93,39 @@ def test_ddp_example_trains_without_environment(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     accs = [float(a) for a in re.findall(r"test accuracy ([\d.]+) \(2 ranks, backend dpsgs\)", proc.stdout)]
     assert len(accs) == 4 and accs[-1] > 0.85, proc.stdout
+
+
+def test_training_bench_runs_ddp_over_both_backends(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-m", "dpsgs.bench.train", "--out", str(tmp_path), "--workload", "mlp", "--model", "mlp",
+           "--batch", "16", "--steps", "3", "--warmup", "1", "--only", "torch-ddp,torch-ddp-dpsgs", "--no-plot",
+           "--timeout", "150"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "train-mlp.json").read_text())
+    by = {r["name"]: r for r in doc["results"]}
+    for name, backend in (("torch-ddp", "gloo"), ("torch-ddp-dpsgs", "dpsgs")):
+        r = by[name]
+        assert r["status"] == "ok" and r["backend"] == backend, r.get("stderr_tail") or r.get("reason")
+        assert len(r["step_times"]) == 3 and r["exposed_comm_s"] is not None and r[f"{backend}_allreduce"]
+    ratio = doc["summary"]["ddp_dpsgs_over_ddp_gloo"]
+    assert ratio["ratio"] == pytest.approx(ratio["dpsgs_samples_per_s"] / ratio["gloo_samples_per_s"])
+    assert doc["summary"]["best_peer"] == "torch-ddp"      # the dpsgs backend is no peer
+    assert "# DDP over dpsgs:" in proc.stdout
+
+
+def test_collectives_bench_checks_its_data(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "coll.json"
+    run = run_ranks(2, "dpsgs.bench.torch_collectives", "-b", "8", "-e", "64K", "-f", "16", "-n", "2", "-w", "1",
+                    "--check", "--out", str(out), module=True, timeout=300)
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is True and doc["wrong"] == 0 and "Out of bounds values : 0 OK" in run.stdout
+    for op in ("allreduce", "broadcast", "allgather", "reduce_scatter", "alltoall"):
+        rows = doc[op]
+        assert rows and all(set(r["variants"]) >= {"gloo", "dpsgs"} for r in rows), op
+        assert all(v["wrong"] == 0 for r in rows for v in r["variants"].values()), op
+    assert all("core" in r["variants"] and r["layer_us"] is not None for r in doc["allreduce"])

@@ -13,6 +13,7 @@ Prints `OK <count> cases` on rank 0 when every rank passed."""
 from __future__ import annotations
 
 import sys
+import warnings
 from datetime import timedelta
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 import dpsgs.distributed  # noqa: F401  (registers "dpsgs" and mpi://)
 
+warnings.filterwarnings("ignore", category=FutureWarning)   # the *_tensor names, tested as users call them
 dist.init_process_group("dpsgs", init_method="mpi://", timeout=timedelta(seconds=60))
 r, n = dist.get_rank(), dist.get_world_size()
 DP, GLOO = dist.group.WORLD, dist.new_group(backend="gloo")
