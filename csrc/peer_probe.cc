@@ -1,4 +1,6 @@
-// PeerProbe: the posted question, the answers, and one round of asking.
+// PeerProbe: the posted question, the answers, and one round of asking. Past construction its
+// MPI calls are best effort, deliberately unchecked: a probe explains a timeout and must not
+// replace it with another error (a failed call reads as "did not answer").
 #include "peer_probe.h"
 
 #include "common/backoff.h"
