@@ -293,6 +293,8 @@ BENCHMARKS = {
     "train": "training throughput of fdg, sync, DDP, torch pipelining, one process (spawns its runs)",
     "tta": "time to a target test accuracy of the same configurations (spawns its runs)",
     "nccl": "dpsgs NCCL all-reduce and channel vs torch.distributed NCCL, on GPUs (mpirun -n 2 ...)",
+    "torch_collectives": "torch.distributed collectives over gloo vs the dpsgs backend, beside the "
+                         "core's own all-reduce (mpirun -n 2 ...)",
 }
 
 

@@ -8,6 +8,7 @@
 #include "bindings/core_bindings.h"
 #include "bindings/nccl_bindings.h"
 #include "bindings/sim_bindings.h"
+#include "bindings/torch_backend_bindings.h"
 #include "common/backoff.h"
 #include "common/buffer.h"
 #include "common/error.h"
@@ -141,6 +142,7 @@ PYBIND11_MODULE(_C, m) {
         },
         "MPI_Finalize (unless MPI is down) with the GIL released, so a Python watchdog still runs");
   bind_core(m);
+  bind_torch_backend(m);
 #ifdef DPSGS_WITH_NCCL
   bind_nccl(m);
 #endif

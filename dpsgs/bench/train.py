@@ -277,11 +277,16 @@ def _sharing_lines(configs: list[BenchConfig]) -> list[str]:
 
 def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's closing numbers: each fdg K=2 mode's throughput over the best peer (the
-    fastest of single-2threads, torch DDP and torch pipelining) and over 1-rank backprop."""
-    def sps(r: dict[str, Any]) -> float | None:
-        return (r.get("samples_per_s") or {}).get("median") if r["status"] == "ok" else None
+    fastest of single-2threads, torch DDP over gloo and torch pipelining) and over 1-rank
+    backprop; and DDP over the dpsgs backend against DDP over gloo (samples/s ratio and
+    each one's exposed communication)."""
+    def sps(r: dict[str, Any] | None) -> float | None:
+        return (r.get("samples_per_s") or {}).get("median") if r and r["status"] == "ok" else None
 
-    peers = [r for r in results if not r["name"].startswith(("dpsgs", "backprop")) and sps(r)]
+    def on_dpsgs(r: dict[str, Any]) -> bool:   # dpsgs's own trainer or its torch backend
+        return r["name"].startswith("dpsgs") or r.get("backend") == "dpsgs"
+
+    peers = [r for r in results if not on_dpsgs(r) and not r["name"].startswith("backprop") and sps(r)]
     best = max(peers, key=sps, default=None)
     base = next((r for r in results if r["name"] == "backprop-1rank" and sps(r)), None)
     out: dict[str, Any] = {"best_peer": best["name"] if best else None,
@@ -292,6 +297,14 @@ def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
                 "samples_per_s": sps(r),
                 "over_best_peer": sps(r) / sps(best) if best else None,
                 "over_backprop_1rank": sps(r) / sps(base) if base else None}
+    gloo = next((r for r in results if r["name"] == "torch-ddp" and sps(r)), None)
+    ours = next((r for r in results if r["name"] == "torch-ddp-dpsgs" and sps(r)), None)
+    if gloo and ours:
+        out["ddp_dpsgs_over_ddp_gloo"] = {
+            "ratio": sps(ours) / sps(gloo), "dpsgs_samples_per_s": sps(ours), "gloo_samples_per_s": sps(gloo),
+            "dpsgs_exposed_comm_s": ours.get("exposed_comm_s"), "gloo_exposed_comm_s": gloo.get("exposed_comm_s"),
+            "dpsgs_step_s": ours["step_time_s"]["median"], "gloo_step_s": gloo["step_time_s"]["median"],
+            "compute_only_step_s": {"dpsgs": ours.get("compute_only_step"), "gloo": gloo.get("compute_only_step")}}
     return out
 
 
@@ -335,6 +348,12 @@ def _table(doc: dict[str, Any]) -> str:
     if doc.get("dpsgs_split"):
         lines.append(f"# {_split_line(doc['dpsgs_split'])}; torch pipelining: block "
                      f"{doc.get('split')}")
+    ddp = head.get("ddp_dpsgs_over_ddp_gloo")
+    if ddp:
+        ms = lambda v: "N/A" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731
+        lines.append(f"# DDP over dpsgs: {ddp['ratio']:.2f}x DDP over gloo (step {ms(ddp['dpsgs_step_s'])} vs "
+                     f"{ms(ddp['gloo_step_s'])}; exposed communication {ms(ddp['dpsgs_exposed_comm_s'])} vs "
+                     f"{ms(ddp['gloo_exposed_comm_s'])})")
     for r in doc["results"]:
         if r["status"] != "ok":
             lines.append(f"# {r['name']}: {r['status']}: {r.get('reason', '')}")

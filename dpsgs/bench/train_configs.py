@@ -71,6 +71,9 @@ def _cpu_configs(micro_batches: int) -> list[BenchConfig]:
                                                                  schedule="ddp")),
         BenchConfig("single-2threads", "single", 1, 2),
         BenchConfig("torch-ddp", "ddp", 2, 1, plan=dict(stages=1, replicas=2, schedule="ddp")),
+        # the same DDP script over dpsgs's core as a torch.distributed backend (no planner
+        # prediction: the planner's DDP link is gloo's)
+        BenchConfig("torch-ddp-dpsgs", "ddp", 2, 1, ("--backend", "dpsgs"), mpi4py=True),
         BenchConfig("torch-pipe-gpipe", "pipe", 2, 1, ("--schedule", "gpipe",
                                                        "--micro-batches", m),
                     plan=dict(stages=2, replicas=1, schedule="gpipe",
@@ -111,10 +114,12 @@ def _missing(mod: str) -> bool:
 
 def unavailable_reason(cfg: BenchConfig) -> str | None:
     """Why `cfg` cannot run in this environment (checked before launching), else None."""
-    if cfg.runner == "dpsgs_run":
-        for mod in ("dpsgs._C", "dpsgs.job.trainer"):
-            if _missing(mod):
-                return f"{mod} is not built/importable in this tree"
+    needs = {"dpsgs_run": ("dpsgs._C", "dpsgs.job.trainer")}.get(cfg.runner, ())
+    if "dpsgs" in cfg.args:   # a torch peer over the dpsgs backend
+        needs = ("dpsgs._C", "dpsgs.distributed")
+    for mod in needs:
+        if _missing(mod):
+            return f"{mod} is not built/importable in this tree"
     if cfg.device == "cuda":
         return _cuda_reason(cfg)
     if cfg.runner == "pipe" and _missing("torch.distributed.pipelining"):
@@ -132,6 +137,9 @@ def _cuda_reason(cfg: BenchConfig) -> str | None:
     if cfg.runner == "pipe":
         return ("not run on GPU: this bench's torch pipelining peer runs over gloo on CPU "
                 "only (no NCCL/CUDA variant)")
+    if "dpsgs" in cfg.args:
+        return ("not run on GPU: the dpsgs backend hands CUDA tensors to NCCL, which torch-ddp "
+                "measures on GPUs")
     if cfg.runner == "single" and cfg.threads > 1:
         return ("not run on GPU: intra-op CPU threads do not apply to a GPU run "
                 "(backprop-1rank is the one-GPU baseline)")

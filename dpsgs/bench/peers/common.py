@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["Workload", "add_workload_args", "workload_from_args", "config_args", "make_model",
            "make_batches", "make_optimizer", "StepTimer", "write_result", "mpi_rank_size",
-           "init_gloo", "init_group", "close_gloo", "slowest_per_step", "set_threads",
+           "init_gloo", "init_group", "init_dpsgs", "close_gloo", "slowest_per_step", "set_threads",
            "gpu_index", "cuda_device", "device_sync"]
 
 
@@ -184,6 +184,20 @@ def init_group(backend: str, rank: int, size: int, port: int,
     bound = {"device_id": device} if backend == "nccl" and device is not None else {}
     dist.init_process_group(backend, rank=rank, world_size=size,
                             timeout=timedelta(seconds=120), **bound)
+
+
+def init_dpsgs(rank: int, size: int) -> None:
+    """The "dpsgs" process group (dpsgs.distributed) over init_method="mpi://": rank, size and
+    store from MPI; checks that MPI agrees with the launcher's rank and size."""
+    import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401  (before the group exists: see init_group)
+
+    import dpsgs.distributed  # noqa: F401  (registers the backend and mpi://)
+
+    dist.init_process_group("dpsgs", init_method="mpi://", timeout=timedelta(seconds=120))
+    if (dist.get_rank(), dist.get_world_size()) != (rank, size):
+        raise RuntimeError(f"mpi:// says rank {dist.get_rank()} of {dist.get_world_size()}, the launcher "
+                           f"rank {rank} of {size}")
 
 
 def close_gloo() -> None:

@@ -1,12 +1,16 @@
-"""Peer: PyTorch DistributedDataParallel over gloo (one rank per core) or NCCL (one GPU per rank).
+"""Peer: PyTorch DistributedDataParallel over gloo or dpsgs (one rank per core) or NCCL (one GPU per rank).
 
     MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 mpirun -n 2 python -m dpsgs.bench.peers.ddp \
+        --model resnet20 --batch 64 --out r.json
+    mpirun -n 2 python -m mpi4py -m dpsgs.bench.peers.ddp --backend dpsgs \
         --model resnet20 --batch 64 --out r.json
     MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 mpirun -n 2 python -m dpsgs.bench.peers.ddp \
         --model resnet20 --batch 64 --device cuda --out r.json
 
 The rank comes from the MPI launcher's environment (PMI_RANK etc.); the group rendezvouses
-over MASTER_ADDR/PORT. With --device cuda: the NCCL backend, the model and batches on the GPU
+over MASTER_ADDR/PORT. With --backend dpsgs: the same script over the "dpsgs" backend
+(dpsgs.distributed: the C++ core under torch.distributed), rendezvousing with mpi:// (rank,
+size and store from MPI, no port). With --device cuda: the NCCL backend, the model and batches on the GPU
 of the local rank (MPI_LOCALRANKID / OMPI_COMM_WORLD_LOCAL_RANK mod visible GPUs), steps timed
 between torch.cuda.synchronize() calls; more ranks than GPUs need a NCCL_HOSTID per rank,
 which the launcher sets, not this runner. After the timed steps, a few steps under
@@ -26,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .common import (StepTimer, Workload, add_workload_args, close_gloo, cuda_device,
-                     device_sync, init_group, make_batches, make_model, make_optimizer,
+                     device_sync, init_dpsgs, init_group, make_batches, make_model, make_optimizer,
                      mpi_rank_size, set_threads, slowest_per_step, workload_from_args,
                      write_result)
 
@@ -96,11 +100,11 @@ def _train(a: argparse.Namespace, w: Workload, rank: int, size: int,
     steps = slowest_per_step(timer.times, size)
     # the planner calibrates its gloo link from "gloo_allreduce": a GPU run's curve is NCCL's
     gpu = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev)} if dev else {}
-    return {"runner": "ddp", "ranks": size, "threads": a.threads,
-            "backend": "gloo" if dev is None else "nccl",
+    backend = "nccl" if dev is not None else a.backend
+    return {"runner": "ddp", "ranks": size, "threads": a.threads, "backend": backend,
             "bucket_cap_mb": a.bucket_cap_mb, "batch": w.batch, "warmup": w.warmup,
             "step_times": steps, "compute_only_step": statistics.median(nosync.times[1:]),
-            "losses": losses, ("gloo_allreduce" if dev is None else "nccl_allreduce"): calib,
+            "losses": losses, f"{backend}_allreduce": calib,
             "torch": torch.__version__, **gpu}
 
 
@@ -109,12 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     add_workload_args(p)
     p.add_argument("--nosync-steps", type=int, default=5)
     p.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    p.add_argument("--backend", choices=("gloo", "dpsgs"), default="gloo",
+                   help="the CPU backend: gloo (TCP, MASTER_ADDR/PORT) or dpsgs (the C++ core, mpi://)")
     a = p.parse_args(argv)
+    if a.backend == "dpsgs" and a.device != "cpu":
+        p.error("--backend dpsgs runs CPU tensors on the core (CUDA ones go to NCCL: use --device cuda)")
     set_threads(a.threads)
     w = workload_from_args(a)
     rank, size = mpi_rank_size()
     dev = cuda_device(rank) if a.device == "cuda" else None
-    init_group("gloo" if dev is None else "nccl", rank, size, 29512, dev)
+    if a.backend == "dpsgs":
+        init_dpsgs(rank, size)
+    else:
+        init_group("gloo" if dev is None else "nccl", rank, size, 29512, dev)
     if w.batch % size:
         raise ValueError(f"global batch {w.batch} does not split over {size} ranks")
     record = _train(a, w, rank, size, dev)

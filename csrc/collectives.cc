@@ -1,0 +1,162 @@
+// The torch backend's operations: reduction ops, argument checks, and each as one MPI_I* call.
+#include "collectives.h"
+
+#include <climits>
+#include <numeric>
+
+#include "common/error.h"
+#include "mpi_backend.h"
+
+namespace dpsgs {
+
+RedOp parse_red_op(const std::string& name) {
+  if (name == "sum") return RedOp::Sum;
+  if (name == "min") return RedOp::Min;
+  if (name == "max") return RedOp::Max;
+  if (name == "product") return RedOp::Product;
+  throw ValueError("unknown reduction '" + name + "' (choose sum, min, max or product)");
+}
+
+const char* red_op_name(RedOp op) {
+  switch (op) {
+    case RedOp::Sum: return "sum";
+    case RedOp::Min: return "min";
+    case RedOp::Max: return "max";
+    case RedOp::Product: return "product";
+  }
+  return "?";
+}
+
+const char* kind_name(OpSpec::Kind kind) {
+  switch (kind) {
+    case OpSpec::Kind::Allreduce: return "all-reduce";
+    case OpSpec::Kind::Broadcast: return "broadcast";
+    case OpSpec::Kind::Allgather: return "all-gather";
+    case OpSpec::Kind::ReduceScatter: return "reduce-scatter";
+    case OpSpec::Kind::Alltoall: return "all-to-all";
+    case OpSpec::Kind::Barrier: return "barrier";
+    case OpSpec::Kind::Send: return "send";
+    case OpSpec::Kind::Recv: return "recv";
+  }
+  return "?";
+}
+
+MPI_Op mpi_red_op(RedOp op, DType dtype, const std::string& where) {
+  if (op == RedOp::Sum && dtype != DType::Bool) return mpi_sum_op(dtype);  // float16/bfloat16 via float32
+  if (dtype == DType::Bool) return (op == RedOp::Sum || op == RedOp::Max) ? MPI_LOR : MPI_LAND;
+  DPSGS_CHECK_ARG(dtype != DType::Float16 && dtype != DType::BFloat16, where, ": ", red_op_name(op), " of ",
+                  dtype_name(dtype), " is done in float32 by the caller");
+  switch (op) {
+    case RedOp::Min: return MPI_MIN;
+    case RedOp::Max: return MPI_MAX;
+    case RedOp::Product: return MPI_PROD;
+    case RedOp::Sum: break;
+  }
+  return MPI_SUM;
+}
+
+namespace {
+
+int as_int(size_t n, const std::string& where, const char* what) {
+  DPSGS_CHECK_ARG(n <= size_t(INT_MAX), where, ": ", what, " of ", n, " exceeds MPI's int count");
+  return int(n);
+}
+
+size_t sum_of(const std::vector<int>& v) { return std::accumulate(v.begin(), v.end(), size_t(0)); }
+
+void check_layout(const std::vector<int>& counts, const std::vector<int>& displs, size_t bytes, int size,
+                  const std::string& where, const char* side) {
+  DPSGS_CHECK_ARG(counts.size() == size_t(size) && displs.size() == size_t(size), where, ": ", side,
+                  " needs one count and displacement per rank (", size, "), got ", counts.size(), " and ",
+                  displs.size());
+  for (int r = 0; r < size; ++r)
+    DPSGS_CHECK_ARG(counts[r] >= 0 && displs[r] >= 0 && size_t(displs[r]) + size_t(counts[r]) <= bytes, where,
+                    ": ", side, " block for rank ", r, " (", counts[r], " bytes at ", displs[r],
+                    ") lies outside its ", bytes, "-byte buffer");
+}
+
+}  // namespace
+
+void check_op(const OpSpec& s, int rank, int size, const std::string& where) {
+  using K = OpSpec::Kind;
+  for (const Buffer* b : {&s.send, &s.recv})
+    DPSGS_CHECK_ARG(b->device == Device::CPU, where, ": CUDA buffer given to the MPI backend");
+  switch (s.kind) {
+    case K::Allreduce:
+      as_int(s.recv.numel(), where, "element count");
+      mpi_red_op(s.red, s.recv.dtype, where);
+      break;
+    case K::Broadcast:
+      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      as_int(s.recv.bytes, where, "byte count");
+      break;
+    case K::Allgather:
+      check_layout(s.recv_counts, s.recv_displs, s.recv.bytes, size, where, "output");
+      DPSGS_CHECK_ARG(size_t(s.recv_counts[rank]) == s.send.bytes, where, ": this rank sends ", s.send.bytes,
+                      " bytes but its block of the output holds ", s.recv_counts[rank]);
+      break;
+    case K::ReduceScatter: {
+      DPSGS_CHECK_ARG(s.recv_counts.size() == size_t(size), where, ": one output count per rank (", size,
+                      ") needed, got ", s.recv_counts.size());
+      DPSGS_CHECK_ARG(s.send.dtype == s.recv.dtype, where, ": input ", dtype_name(s.send.dtype), " and output ",
+                      dtype_name(s.recv.dtype), " differ");
+      DPSGS_CHECK_ARG(sum_of(s.recv_counts) == s.send.numel() && size_t(s.recv_counts[rank]) == s.recv.numel(),
+                      where, ": input of ", s.send.numel(), " elements does not split into the outputs (",
+                      sum_of(s.recv_counts), " elements, this rank's ", s.recv_counts[rank], " vs ",
+                      s.recv.numel(), ")");
+      mpi_red_op(s.red, s.recv.dtype, where);
+      break;
+    }
+    case K::Alltoall:
+      check_layout(s.send_counts, s.send_displs, s.send.bytes, size, where, "input");
+      check_layout(s.recv_counts, s.recv_displs, s.recv.bytes, size, where, "output");
+      break;
+    case K::Send:
+    case K::Recv:
+      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": peer ", s.peer, " is not a rank of ", size);
+      DPSGS_CHECK_ARG(s.tag >= 0, where, ": tag ", s.tag, " < 0");
+      as_int((s.kind == K::Send ? s.send : s.recv).bytes, where, "byte count");
+      break;
+    case K::Barrier:
+      break;
+  }
+}
+
+MPI_Request start_op(const OpSpec& s, MPI_Comm comm, int rank) {
+  using K = OpSpec::Kind;
+  MPI_Request req = MPI_REQUEST_NULL;
+  switch (s.kind) {
+    case K::Allreduce:
+      DPSGS_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, s.recv.ptr, int(s.recv.numel()), mpi_datatype(s.recv.dtype),
+                                     mpi_red_op(s.red, s.recv.dtype, ""), comm, &req), rank, kNoPeer);
+      break;
+    case K::Broadcast:
+      DPSGS_CHECK_MPI(MPI_Ibcast(s.recv.ptr, int(s.recv.bytes), MPI_BYTE, s.peer, comm, &req), rank, s.peer);
+      break;
+    case K::Allgather:
+      DPSGS_CHECK_MPI(MPI_Iallgatherv(s.send.ptr, int(s.send.bytes), MPI_BYTE, s.recv.ptr, s.recv_counts.data(),
+                                      s.recv_displs.data(), MPI_BYTE, comm, &req), rank, kNoPeer);
+      break;
+    case K::ReduceScatter:
+      DPSGS_CHECK_MPI(MPI_Ireduce_scatter(s.send.ptr, s.recv.ptr, s.recv_counts.data(), mpi_datatype(s.recv.dtype),
+                                          mpi_red_op(s.red, s.recv.dtype, ""), comm, &req), rank, kNoPeer);
+      break;
+    case K::Alltoall:
+      DPSGS_CHECK_MPI(MPI_Ialltoallv(s.send.ptr, s.send_counts.data(), s.send_displs.data(), MPI_BYTE, s.recv.ptr,
+                                     s.recv_counts.data(), s.recv_displs.data(), MPI_BYTE, comm, &req),
+                      rank, kNoPeer);
+      break;
+    case K::Barrier:
+      DPSGS_CHECK_MPI(MPI_Ibarrier(comm, &req), rank, kNoPeer);
+      break;
+    case K::Send:
+      DPSGS_CHECK_MPI(MPI_Isend(s.send.ptr, int(s.send.bytes), MPI_BYTE, s.peer, s.tag, comm, &req), rank, s.peer);
+      break;
+    case K::Recv:
+      DPSGS_CHECK_MPI(MPI_Irecv(s.recv.ptr, int(s.recv.bytes), MPI_BYTE, s.peer, s.tag, comm, &req), rank, s.peer);
+      break;
+  }
+  return req;
+}
+
+}  // namespace dpsgs

@@ -1,0 +1,48 @@
+// The torch backend's operations as non-blocking MPI calls over host buffers (no torch types).
+#pragma once
+
+#include <mpi.h>
+
+#include <string>
+#include <vector>
+
+#include "common/buffer.h"
+
+namespace dpsgs {
+
+// Reductions of torch.distributed's ReduceOp that MPI does itself (AVG is SUM then a division,
+// done by the caller; float16/bfloat16 MIN/MAX/PRODUCT are upcast by the caller).
+enum class RedOp { Sum, Min, Max, Product };
+RedOp parse_red_op(const std::string& name);
+const char* red_op_name(RedOp op);
+// MPI_Op for `op` on `dtype` (bool: SUM/MAX are MPI_LOR, MIN/PRODUCT MPI_LAND); ValueError
+// for a pair MPI cannot reduce (float16/bfloat16 with anything but SUM).
+MPI_Op mpi_red_op(RedOp op, DType dtype, const std::string& where);
+
+// One operation, described so that start_op() can issue it and describe() name it.
+// Byte counts and displacements (alltoall, allgather) are ints: MPI's counts are.
+struct OpSpec {
+  enum class Kind { Allreduce, Broadcast, Allgather, ReduceScatter, Alltoall, Barrier, Send, Recv };
+  Kind kind = Kind::Barrier;
+  Buffer send;             // allgather/reduce-scatter/alltoall/send input
+  Buffer recv;             // allreduce/broadcast (in place), outputs, recv target
+  RedOp red = RedOp::Sum;  // allreduce, reduce-scatter
+  int peer = -1;           // broadcast root, send/recv peer
+  int tag = 0;             // send/recv
+  bool ring = false;       // allreduce by the core's ring (run on the engine thread)
+  std::vector<int> send_counts, send_displs;  // alltoall, bytes
+  std::vector<int> recv_counts, recv_displs;  // alltoall/allgather: bytes; reduce-scatter: elements
+
+  bool is_p2p() const { return kind == Kind::Send || kind == Kind::Recv; }
+};
+
+const char* kind_name(OpSpec::Kind kind);
+
+// Checks the spec against a communicator of `size` ranks (ValueError naming `where`).
+void check_op(const OpSpec& spec, int rank, int size, const std::string& where);
+
+// Issues the non-blocking MPI call of `spec` (not a ring all-reduce) on `comm`; returns its
+// request. MPI errors raise CommError naming the call, `rank` and the peer.
+MPI_Request start_op(const OpSpec& spec, MPI_Comm comm, int rank);
+
+}  // namespace dpsgs
