@@ -1,4 +1,4 @@
-"""Command line: `python -m dpsgs train|plot|bench|plan ...`.
+"""Command line: `python -m dpsgs train|checkpoint|plot|bench|plan ...`.
 
     # train on the bundled digits data: K=2 stages x N=2 replicas = 4 ranks
     mpirun -n 4 python -m dpsgs train --stages 2 --replicas 2 --epochs 10
@@ -8,6 +8,12 @@
     mpirun -n 4 python -m dpsgs train -K 2 -N 2 --model resnet56 --dataset cifar10 \\
         --data-dir ~/data/cifar-10-batches-py --batch-size 64 --epochs 300 --lr-schedule step \\
         --lr-milestones 0.5 0.75 0.9167 --run-dir runs/r56 --resume auto
+    # continue it on 2 ranks as K=1 x N=2 (resharded; the global batch is kept)
+    mpirun -n 2 python -m dpsgs train -K 1 -N 2 --model resnet56 ... --run-dir runs/r56 \\
+        --resume auto --override stages
+    # the trained model as one plain PyTorch state_dict; what a checkpoint holds
+    python -m dpsgs checkpoint export runs/r56 model.pt
+    python -m dpsgs checkpoint inspect runs/r56
     # curves of a finished run, into RUN_DIR/plots/*.png
     python -m dpsgs plot runs/r56
     # communication benchmarks (point-to-point, all-reduce, overlap)
@@ -108,7 +114,11 @@ HELP: dict[str, str] = {
     "resume_fallback": "when the newest checkpoint is damaged, resume from the newest good one "
                        "(each one skipped is named) instead of stopping with the error",
     "override": "identity settings (e.g. epochs lr) a resume may change on purpose; the change "
-                "is recorded in RUN_DIR/run.json",
+                "is recorded in RUN_DIR/run.json. 'stages', 'replicas' or 'split' reshard the "
+                "checkpoint onto the new grid (the global batch is kept: docs/reliability.md)",
+    "elastic": "with --resume auto: continue on whatever ranks the launcher gave: K is kept and "
+               "N = world size / K (the checkpoint is resharded; the change is recorded in "
+               "RUN_DIR/run.json); a world that is not a multiple of K is one error",
     "trace": "write a Chrome trace (Perfetto) per rank R: --trace t.json writes t.rankR.json "
              "(a name without a suffix gets .json; a {rank} in the name is replaced by R instead)",
     "progress": "progress bar on rank 0",
@@ -183,6 +193,41 @@ def _add_train(sub: Any, defaults: TrainConfig) -> None:
                        help=HELP.get(f.name, f.name.replace("_", " ")), **kw)
 
 
+def _add_checkpoint(sub: Any) -> None:
+    p = sub.add_parser("checkpoint", help="inspect a run's checkpoint, or export its model as "
+                       "one plain PyTorch state_dict")
+    what = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    q = what.add_parser("inspect", help="print what a checkpoint holds (grid, position, run id, "
+                        "per-stage tensors and bytes, integrity)")
+    q.add_argument("path", metavar="RUN_DIR", help="a run folder (its newest checkpoint) or a "
+                   "checkpoint folder")
+    q.add_argument("--json", action="store_true", help="print the record as JSON")
+    q = what.add_parser("export", help="write the whole model's state_dict (keyed by module "
+                        "path, loadable with load_state_dict into the model dpsgs built)")
+    q.add_argument("path", metavar="RUN_DIR", help="a run folder (its newest checkpoint) or a "
+                   "checkpoint folder")
+    q.add_argument("out", metavar="OUT.pt")
+    q.add_argument("--bn", choices=["replica0", "average"], default="replica0",
+                   help="BatchNorm running statistics: replica 0's, or the mean over replicas")
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from dpsgs.job.checkpoint import CheckpointError
+    from dpsgs.job.export import export, format_inspect, inspect
+
+    try:
+        if args.action == "inspect":
+            info = inspect(args.path)
+            print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+            return 0 if info["integrity"] == "ok" else 1
+        out = export(args.path, args.out, args.bn)
+        print(f"wrote {out}")
+        return 0
+    except (CheckpointError, OSError) as e:
+        print(f"dpsgs checkpoint {args.action}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser:
     """The parser; `defaults` (e.g. from --config) replaces TrainConfig()'s defaults."""
     parser = _Parser(
@@ -195,6 +240,7 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
                        description="Read RUN_DIR/metrics*.jsonl, write RUN_DIR/plots/*.png.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
+    _add_checkpoint(sub)
     p = sub.add_parser("bench", help="benchmarks: 'bench comm|train ...' (arguments go to "
                        "dpsgs.bench.NAME; see 'bench comm --help')", add_help=False)
     p.add_argument("what", metavar="NAME")
@@ -373,6 +419,8 @@ def _main(argv: list[str]) -> int:
     args = build_parser(defaults).parse_args(argv)
     if args.command == "train":
         return _train(args)
+    if args.command == "checkpoint":
+        return _checkpoint(args)
     if args.command == "plot":
         from dpsgs.job.plots import plot_run
 
