@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 OPERATIONAL = frozenset({
     "data_dir", "balance", "bucket_cap_mb", "first_bucket_mb", "allreduce", "timeout", "warn_after",
     "stop_grace", "run_dir", "metrics_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "resume", "resume_fallback", "override", "trace", "progress", "on_nonfinite", "device",
+    "resume", "resume_fallback", "override", "elastic", "trace", "progress", "on_nonfinite", "device",
 })
 
 
@@ -90,6 +90,7 @@ class TrainConfig:
     resume: str | None = None          # path | auto
     resume_fallback: bool = False      # a damaged newest checkpoint: resume from the one before
     override: list[str] | None = None  # identity settings a resume may change (recorded)
+    elastic: bool = False              # with --resume: keep K, take N = world / K (resharding)
     trace: str | None = None           # Chrome-trace JSON file (per-rank suffix added)
     progress: bool = True              # tqdm bar on rank 0
     on_nonfinite: str = "stop"         # stop | skip

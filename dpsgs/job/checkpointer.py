@@ -24,6 +24,8 @@ from typing import Any
 from dpsgs.comm.grid import Grid
 from dpsgs.config import TrainConfig
 from dpsgs.job.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from dpsgs.job.reshard import check_reshard, data_position, saved_batch
+from dpsgs.job.whole_state import EMPTY_PIPELINE, read_whole, stage_state, trainable_names
 from dpsgs.pipeline.executor import StageExecutor
 
 __all__ = ["Checkpointer", "Position", "next_position", "skip_done", "checkpoint_plan",
@@ -48,20 +50,23 @@ def skip_done(segs: list[Segment], start_batch: int) -> list[Segment]:
     return ([first] if first else []) + segs[1:]
 
 
-def checkpoint_plan(path: Path, grid: Grid) -> dict[str, Any]:
+def checkpoint_plan(path: Path, grid: Grid, config: TrainConfig | None = None,
+                    batches_per_epoch: int = 0) -> dict[str, Any]:
     """What a resume from checkpoint `path` needs to know before the job is built (rank 0
-    reads it once): its split (module paths), whether an older dpsgs wrote it (`legacy`: the
-    caller refuses it for a model that is not an nn.Sequential) and the global step after it.
-    CheckpointError naming both grids when it was written by another K x N."""
+    reads it once): its split (module paths; None when the resume reshards onto a new K or
+    split: the job chooses its own), whether an older dpsgs wrote it (`legacy`: the caller
+    refuses it for a model that is not an nn.Sequential), whether it is resharded
+    (`reshard`, dpsgs.job.reshard's rules, each refusal a CheckpointError) and the global
+    step after it."""
     m = read_manifest(path)
-    here, saved = (grid.stages, grid.replicas), (m["stages"], m["replicas"])
-    if saved != here:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was written by a {saved[0]}x{saved[1]} grid "
-            f"(K={saved[0]} stages x N={saved[1]} replicas); this run is {here[0]}x{here[1]} "
-            f"(K={here[0]} x N={here[1]}): resume with the same --stages/--replicas")
+    reshard = check_reshard(path, grid, config or TrainConfig(stages=grid.stages,
+                                                              replicas=grid.replicas),
+                            batches_per_epoch)
     split, legacy = m["meta"].get("split"), not m["meta"].get("param_names")
-    return {"split": legacy_split(split, path) if legacy else split, "legacy": legacy,
+    split = legacy_split(split, path) if legacy else split
+    new_split = reshard and (int(m["stages"]) != grid.stages or "split" in (config.override or ()))
+    return {"split": None if new_split else split, "saved_split": split, "legacy": legacy,
+            "reshard": reshard, "saved_grid": (int(m["stages"]), int(m["replicas"])),
             "global_step": m["meta"].get("global_step")}
 
 
@@ -103,8 +108,9 @@ class Checkpointer:
     """One rank's side of the job's checkpoints (every call is collective over the grid)."""
 
     def __init__(self, config: TrainConfig, grid: Grid, rank: int, resume_from: str | None,
-                 run_id: str | None) -> None:
+                 run_id: str | None, batches_per_epoch: int = 0) -> None:
         self.config, self.grid, self.rank = config, grid, rank
+        self.batches_per_epoch = batches_per_epoch
         self.resume_from = Path(resume_from) if resume_from else None
         self.run_id = run_id
 
@@ -113,25 +119,48 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             return Position()
-        stage = self.grid.coords(self.rank)[1]
-        meta = read_manifest(path)["meta"]
-        if meta.get("param_names"):
-            state = load_checkpoint(path, self.grid, stage, {"model": self.config.model,
-                                                             "split": split})
-        else:                  # an older dpsgs's: split checked as module paths, keys renamed
-            old = legacy_split(meta.get("split"), path)
-            if old != split:
-                raise CheckpointError(f"checkpoint {str(path)!r} was saved with split {old}, "
-                                      f"this run has {split}")
-            state = load_checkpoint(path, self.grid, stage, {"model": self.config.model})
-            state = _rename_legacy(state, ([0] + [int(s) for s in old])[stage])
-        replica = self.grid.coords(self.rank)[0]
-        executor.load_state(state, state.get("replica_buffers", {}).get(replica))
-        pos = Position(int(state["epoch"]), int(state.get("batch", 0)), int(state.get("iterations", 0)),
-                       int(state.get("global_step", 0)))
+        replica, stage = self.grid.coords(self.rank)
+        m = read_manifest(path)
+        meta = m["meta"]
+        same_grid = (int(m["stages"]), int(m["replicas"])) == (self.grid.stages, self.grid.replicas)
+        if not same_grid or (meta.get("param_names") and meta.get("split") != split):
+            pos = self._reshard(path, m, executor)
+        else:
+            if meta.get("param_names"):
+                state = load_checkpoint(path, self.grid, stage, {"model": self.config.model,
+                                                                 "split": split})
+            else:              # an older dpsgs's: split checked as module paths, keys renamed
+                old = legacy_split(meta.get("split"), path)
+                if old != split:
+                    raise CheckpointError(f"checkpoint {str(path)!r} was saved with split {old}, "
+                                          f"this run has {split}")
+                state = load_checkpoint(path, self.grid, stage, {"model": self.config.model})
+                state = _rename_legacy(state, ([0] + [int(s) for s in old])[stage])
+            executor.load_state(state, state.get("replica_buffers", {}).get(replica))
+            pos = Position(int(state["epoch"]), int(state.get("batch", 0)),
+                           int(state.get("iterations", 0)), int(state.get("global_step", 0)))
         if self.rank == 0:
             print(f"dpsgs: resumed from {path} at epoch {pos.epoch}", file=sys.stderr)
         return pos
+
+    def _reshard(self, path: Path, m: dict[str, Any], executor: StageExecutor) -> Position:
+        """Load this rank's part of a checkpoint of another grid or split (dpsgs.job.reshard):
+        every shard read as one model, this stage's slice of it cut out."""
+        where = f"checkpoint {str(path)!r}"
+        if m["meta"].get("model") != self.config.model:
+            raise CheckpointError(f"{where} was saved with model={m['meta'].get('model')!r}, "
+                                  f"this run has model={self.config.model!r}")
+        check_reshard(path, self.grid, self.config, self.batches_per_epoch)
+        whole = read_whole(path)
+        replica = self.grid.coords(self.rank)[0]
+        state, buffers = stage_state(whole, executor.compute.module, replica, where)
+        executor.load_state(state, buffers)
+        p = whole.position
+        batch = data_position(m["meta"], int(m["replicas"]), saved_batch(m, self.config.run_dir),
+                              self.config, self.batches_per_epoch, where)
+        epoch = p["epoch"] + 1 if batch >= self.batches_per_epoch else p["epoch"]
+        batch = 0 if batch >= self.batches_per_epoch else batch
+        return Position(epoch, batch, p["iterations"], p["global_step"])
 
     def save(self, executor: StageExecutor, seg: Segment, batches_per_epoch: int, done: int,
              global_step: int, split: list[str], comm: Any, stopped_by: str | None = None) -> Path:
@@ -143,13 +172,17 @@ class Checkpointer:
         meta = {"model": cfg.model, "epoch": epoch, "batch": batch, "step": done,
                 "global_step": global_step, "run_id": self.run_id,
                 "schedule": cfg.schedule, "dtype": cfg.dtype, "split": split,
-                "param_names": PARAM_NAMES}
+                "param_names": PARAM_NAMES, "batch_size": cfg.batch_size,
+                # every save follows a flush (an epoch's end, a preemption's drain): nothing
+                # is in flight, so the checkpoint may be resumed on another grid
+                "pipeline": EMPTY_PIPELINE}
         if stopped_by:
             meta["preempted"] = True
             tag = f"preempt-e{epoch}b{batch}"
         else:
             tag = f"epoch{epoch}" if batch == 0 else f"e{epoch}b{batch}"
-        state = {**executor.state(), "epoch": epoch, "batch": batch, "iterations": done,
+        state = {**executor.state(), "param_names": trainable_names(executor.compute.module),
+                 "epoch": epoch, "batch": batch, "iterations": done,
                  "global_step": global_step}
         if self.grid.replicas > 1:
             # replica 0 writes the stage's shard; BatchNorm statistics differ per replica,

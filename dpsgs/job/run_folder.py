@@ -138,11 +138,13 @@ class RunFolder:
         self.changes = changed
 
     def start(self, config: TrainConfig, resumed_from: str | None,
-              ran: dict[str, Any] | None = None, split: dict[str, Any] | None = None) -> None:
+              ran: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
+              reshard: dict[str, Any] | None = None) -> None:
         """Record this job's start (or resume) with its operational settings, what it runs
         on (`ran`: the model, data and device as the job resolved them) and the split it runs
         with (`split`: SplitChoice.record(); also kept at the top, where a resume before the
-        first checkpoint finds it), and write the config it runs under (config.json: the
+        first checkpoint finds it) and, where the checkpoint was resharded, how (`reshard`:
+        the grids, the splits, what the BatchNorm statistics did), and write the config it runs under (config.json: the
         settings as given, e.g. --device auto)."""
         atomic_write(self.path / "config.json", config.to_json())
         entry: dict[str, Any] = {"time": time.time(), "event": "resume" if resumed_from else "start",
@@ -152,6 +154,8 @@ class RunFolder:
             self.record["split"] = split["split"]
         if resumed_from:
             entry["checkpoint"] = resumed_from
+        if reshard:           # another grid or split than the checkpoint's (dpsgs.job.reshard)
+            entry["reshard"] = reshard
         if self.changes:
             entry["overrides"] = {k: {"was": a, "now": b} for k, (a, b) in self.changes.items()}
             self.record["identity"] = config.identity()

@@ -36,6 +36,7 @@ from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip
 from dpsgs.job.failure import everywhere, log_traceback, report_failure
 from dpsgs.job.metrics import MetricsLog, Timeline
 from dpsgs.job.progress import ProgressReporter, start_line
+from dpsgs.job.reshard import describe, regrid
 from dpsgs.job.rank_context import open_rank
 from dpsgs.job.run_folder import RunFolder
 from dpsgs.job.run_setup import Loaded, assemble, choose_split, load, segments
@@ -87,6 +88,9 @@ class Trainer:
             from mpi4py import MPI
 
             comm = MPI.COMM_WORLD
+        # the grid this job runs (--elastic: N from the world) and the per-replica batch that
+        # keeps a resharded checkpoint's global batch: rank 0 decides, before anything is built
+        config, regrid_error = self._regrid(config, comm)
         self.config = config
         self.grid = Grid(config.stages, config.replicas)
         self.folder: RunFolder | None = None
@@ -97,6 +101,8 @@ class Trainer:
         views = gather_views(comm, CudaView(host_identity()) if config.device == "cpu" else
                              cuda_view or probe_cuda(), config.timeout)
         try:
+            if regrid_error:
+                raise ValueError(regrid_error)
             # here, not before: a world that matches the grid of some ranks only (an MPMD
             # launch) must reach the agreement, or those ranks wait out the timeout
             self.grid.check_world(comm.Get_size())
@@ -131,13 +137,18 @@ class Trainer:
         if comm.Get_rank() == 0:
             print(f"dpsgs: {self.setup.choice.describe(_model_label(config, model), config.stages)}",
                   file=sys.stderr, flush=True)
+            if decided.get("reshard"):
+                print(f"dpsgs: {_reshard_line(decided['reshard'], decided['resume'])}",
+                      file=sys.stderr, flush=True)
         self.ctx = ctx = open_rank(config, comm, transport, device)
         self.pycomm, self.rank = ctx.pycomm, ctx.rank
         self.replica, self.stage = ctx.replica, ctx.stage
         if self.stage > 0:          # only stage 0 reads inputs; the last stage reads labels
             self.setup.drop_inputs()
         self.resumed = decided.get("resume")
-        self.checkpointer = Checkpointer(config, self.grid, self.rank, self.resumed, self.run_id)
+        self.reshard = decided.get("reshard")
+        self.checkpointer = Checkpointer(config, self.grid, self.rank, self.resumed, self.run_id,
+                                         self.setup.batches_per_epoch)
         self.timeline = Timeline(self.rank, config.trace, gpu=device == "cuda")
         # reliability (docs/reliability.md): step-boundary vote (preemption signals, NaN/Inf
         # policy) with deadline-checked collectives, rank->pid map, fault points (only when
@@ -188,19 +199,41 @@ class Trainer:
                                 note=lambda text: self._notes.append(f"dpsgs: {text}"))
         stored, how = None, None
         if resume is not None:
-            plan = checkpoint_plan(resume, self.grid)
+            plan = checkpoint_plan(resume, self.grid, cfg, loaded.sampler.batches_per_epoch)
             if plan["legacy"] and not isinstance(loaded.model, nn.Sequential):
                 raise CheckpointError(
                     f"checkpoint {resume} was written by an older dpsgs, which split "
                     f"{type(loaded.model).__name__} by its children and dropped what its forward "
                     f"does between them: it cannot be resumed; start a new run")
             decided.update(resume=str(resume), resume_step=plan["global_step"])
-            stored, how = plan["split"], "checkpoint"
+            stored, how = plan["split"], "checkpoint" if plan["split"] is not None else None
         elif cfg.resume and self.folder is not None and self.folder.record.get("split") is not None:
             # resumed before its first checkpoint: the split this run started with
             stored, how = self.folder.record["split"], "run folder"
         decided["split"] = choose_split(loaded, split=stored, how=how)
+        if resume is not None and plan["reshard"]:
+            decided["reshard"] = describe(plan["saved_grid"], plan["saved_split"] or [],
+                                          (cfg.stages, cfg.replicas), decided["split"].split,
+                                          any(True for _ in loaded.model.buffers()))
+            if cfg.elastic:
+                decided["reshard"]["elastic"] = True
         return decided
+
+    def _regrid(self, config: TrainConfig, comm: Any) -> tuple[TrainConfig, str | None]:
+        """Collective: rank 0's dpsgs.job.reshard.regrid of `config` for this world, on every
+        rank; (config, None), or (config as given, the error every rank reports)."""
+        if not config.resume and not config.elastic:
+            return config, None
+        answer: tuple[TrainConfig | None, str | None] = (None, None)
+        if comm.Get_rank() == 0:
+            try:
+                new, notes = regrid(config, comm.Get_size())
+                self._notes += notes
+                answer = (new, None)
+            except Exception as e:  # noqa: BLE001 - every rank reports it, through the agreement
+                answer = (None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+        new, error = comm.bcast(answer, root=0)
+        return (new or config), error
 
     def _say_notes(self) -> None:
         """Rank 0's notes of the start-up (a damaged checkpoint skipped), after the first line."""
@@ -270,7 +303,8 @@ class Trainer:
             log_traceback(e, self.rank, self.config.run_dir)
         agree(self.pycomm, self.grid, mine, self.config.timeout)
         if self.folder is not None:
-            self.folder.start(self.config, self.resumed, ran=self.ran, split=self.setup.choice.record())
+            self.folder.start(self.config, self.resumed, ran=self.ran, split=self.setup.choice.record(),
+                              reshard=self.reshard)
         self.progress.open_logs()
         return position
 
@@ -391,6 +425,14 @@ class Trainer:
         self.timeline.close()
         self.ctx.close()
         self._release_local()
+
+
+def _reshard_line(rec: dict[str, Any], path: str) -> str:
+    """The start-up line of a resharded resume."""
+    line = f"resharding checkpoint {path} from {rec['from']} to {rec['to']}"
+    if rec["split_was"] != rec["split"]:
+        line += f" (split {rec['split_was']} -> {rec['split']})"
+    return line + (f"; {rec['batchnorm']}" if rec.get("batchnorm") else "")
 
 
 def _model_label(config: TrainConfig, model: nn.Module | None) -> str:
