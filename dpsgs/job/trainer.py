@@ -90,11 +90,11 @@ class Trainer:
             comm = MPI.COMM_WORLD
         # the grid this job runs (--elastic: N from the world) and the per-replica batch that
         # keeps a resharded checkpoint's global batch: rank 0 decides, before anything is built
+        self.folder: RunFolder | None = None
+        self._notes: list[str] = []
         config, regrid_error = self._regrid(config, comm)
         self.config = config
         self.grid = Grid(config.stages, config.replicas)
-        self.folder: RunFolder | None = None
-        self._notes: list[str] = []
         loaded, mine, decision = None, Outcome(), DeviceDecision("cpu", "")
         # what every rank sees of CUDA, gathered (--device cpu probes nothing): --device is
         # decided for the job as a whole (a GPU of its own for every rank, or the CPU)
