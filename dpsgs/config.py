@@ -135,6 +135,9 @@ class TrainConfig:
             raise ValueError(f"--split needs K-1 = {self.stages - 1} split points, got {self.split}")
         if self.amp != "none" and self.dtype != "float32":
             raise ValueError(f"--amp {self.amp} trains float32 weights: drop --dtype {self.dtype}")
+        if self.elastic and not self.resume:
+            raise ValueError("--elastic continues a run on whatever ranks it is given: it needs "
+                             "--resume auto (and --run-dir)")
         if self.resume == "auto" and not self.run_dir:
             raise ValueError("--resume auto needs --run-dir: the run folder to resume in")
 

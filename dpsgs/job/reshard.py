@@ -166,9 +166,13 @@ def describe(saved: tuple[int, int], split_was: list[str], here: tuple[int, int]
     rec: dict[str, Any] = {"from": f"{saved[0]}x{saved[1]}", "to": f"{here[0]}x{here[1]}",
                            "split_was": split_was, "split": split}
     if has_buffers and here[1] > saved[1]:
-        rec["batchnorm"] = (f"replicas {saved[1]}..{here[1] - 1} start from replica 0's "
-                            f"BatchNorm statistics")
+        rec["batchnorm"] = (f"BatchNorm statistics: {_span(saved[1], here[1] - 1)} start from "
+                            f"replica 0's")
     elif has_buffers and here[1] < saved[1]:
-        rec["batchnorm"] = (f"the first {here[1]} replicas keep their BatchNorm statistics; "
-                            f"replicas {here[1]}..{saved[1] - 1}'s are dropped")
+        rec["batchnorm"] = (f"BatchNorm statistics: {_span(0, here[1] - 1)} keep their own, "
+                            f"{_span(here[1], saved[1] - 1)}'s are dropped")
     return rec
+
+
+def _span(a: int, b: int) -> str:
+    return f"replica {a}" if a == b else f"replicas {a}..{b}"

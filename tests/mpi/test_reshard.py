@@ -160,6 +160,12 @@ def test_export_evaluates_in_plain_pytorch_as_the_run_did(tmp_path: Path) -> Non
     assert abs(acc - summary["test_accuracy"]) < 1e-12, (acc, summary["test_accuracy"])
     same = export_state_dict(run_dir, bn="average")      # no BatchNorm: nothing to average
     _same(sd, same, "export")
+    shown = subprocess.run([sys.executable, "-m", "dpsgs", "checkpoint", "inspect", str(run_dir)],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "grid: K=2 stages x N=2 replicas; split before '1.1'" in shown.stdout, shown.stdout
+    assert "position: epoch 2, batch 0 next; 16 batches trained" in shown.stdout, shown.stdout
+    assert "integrity: ok" in shown.stdout
 
 
 def test_elastic_relaunch_of_a_2x2_job_that_lost_a_rank_finishes_on_2(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from dpsgs.config import TrainConfig
 from dpsgs.job.checkpoint import CheckpointError
 from dpsgs.job.export import export_state_dict, format_inspect, inspect
-from dpsgs.job.reshard import ReshardError, check_reshard, data_position, regrid
+from dpsgs.job.reshard import ReshardError, check_reshard, data_position, describe, regrid
 from dpsgs.job.run_setup import prepare
 from dpsgs.job.whole_state import (EMPTY_PIPELINE, read_whole, stage_state, trainable_names,
                                    whole_from_shards)
@@ -181,6 +181,9 @@ def test_refusals_name_the_rule(tmp_path: Path) -> None:
         check_reshard(ckpt, Grid(1, 2), here, 8)
     assert check_reshard(ckpt, Grid(1, 2), TrainConfig(stages=1, replicas=2, override=["stages"]), 8)
     assert not check_reshard(ckpt, Grid(2, 2), TrainConfig(stages=2, replicas=2, split=["2"]), 8)
+    # another split at the same K, named: resharded (it used to be ignored for the checkpoint's)
+    assert check_reshard(ckpt, Grid(2, 2), TrainConfig(stages=2, replicas=2, split=["4"],
+                                                       override=["split"]), 8)
     old = _checkpoint(tmp_path / "old", pipeline=None)
     with pytest.raises(CheckpointError, match=r"cannot be resharded to 1x2: it does not record that "
                        r"its pipeline was empty .* resume it on its own grid, -K 2 -N 2"):
@@ -224,3 +227,15 @@ def test_regrid_keeps_the_global_batch_and_elastic_takes_n_from_the_world(tmp_pa
         regrid(el, 3)
     with pytest.raises(ReshardError, match="--elastic .* needs --resume auto"):
         regrid(TrainConfig(elastic=True), 2)
+
+
+def test_the_run_history_says_what_the_batchnorm_statistics_did() -> None:
+    grow = describe((2, 2), ["2"], (1, 4), [], has_buffers=True)
+    assert grow == {"from": "2x2", "to": "1x4", "split_was": ["2"], "split": [],
+                    "batchnorm": "BatchNorm statistics: replicas 2..3 start from replica 0's"}
+    shrink = describe((2, 2), ["2"], (2, 1), ["2"], has_buffers=True)
+    assert shrink["batchnorm"] == ("BatchNorm statistics: replica 0 keep their own, replica 1's "
+                                   "are dropped")
+    assert "batchnorm" not in describe((2, 2), ["2"], (1, 4), [], has_buffers=False)
+    with pytest.raises(ValueError, match="--elastic continues a run .* needs --resume auto"):
+        TrainConfig(elastic=True).validate()
