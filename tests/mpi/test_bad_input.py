@@ -124,7 +124,7 @@ def test_checkpoint_from_another_grid(tmp_path):
     p = _train(2, 1, 2, tmp_path, "--resume", "auto")        # the run's own settings refuse it
     _fails_with(p, "with other identity settings: --stages was 2, now 1; --replicas was 1, now 2")
     # overriding them on purpose reshards the checkpoint (dpsgs.job.reshard; the refusal of an
-    # unnamed grid change at the checkpoint itself: tests/unit/test_reshard.py)
+    # unnamed grid change at the checkpoint itself: tests/unit/test_reshard_unit.py)
     p = _train(2, 1, 2, tmp_path, "--resume", "auto", "--override", "stages", "replicas",
                "synthetic_samples")
     out = p.stdout + p.stderr
