@@ -6,6 +6,7 @@ at least parses."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,28 @@ def test_slurm_script_parses() -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "#SBATCH --signal=USR1@120" in text and "--resume auto" in text
+
+
+def test_slurm_elastic_script_requeues_until_the_run_is_finished(tmp_path: Path) -> None:
+    """The sbatch's own logic, with stand-ins for srun (records its command, exits 1: a lost
+    node) and scontrol (records the requeue)."""
+    script = REPO / "examples" / "slurm_elastic.sbatch"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).write_text(f'#!/bin/bash\necho "{name} $*" >> {tmp_path}/calls\n'
+                                    + ("exit 1\n" if name == "srun" else ""))
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RUN_DIR=str(run_dir),
+               SLURM_JOB_ID="42", SLURM_JOB_NAME="t", SLURM_CPUS_PER_TASK="1",
+               SLURM_SUBMIT_DIR=str(REPO))
+    subprocess.run(["bash", str(script)], check=True, env=env, capture_output=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("srun --kill-on-bad-exit=1 python -m dpsgs train -K 2 --elastic")
+    assert "--resume auto" in calls[0] and calls[1] == "scontrol requeue 42", calls
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text('{"finished": true}')
+    (tmp_path / "calls").unlink()
+    subprocess.run(["bash", str(script)], check=True, env=env, capture_output=True, timeout=60)
+    assert (tmp_path / "calls").read_text().splitlines()[1:] == [], "a finished run is requeued"
