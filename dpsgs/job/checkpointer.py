@@ -12,6 +12,12 @@ checkpoint of an older dpsgs (no `param_names`) keyed each stage's state by its 
 stage-local nn.Sequential and recorded integer split points: it resumes an nn.Sequential
 (the keys are renamed to module paths, the split to the same cut) and is refused, in one line,
 for any other model (that version split such a model wrongly, by its children).
+
+Another grid: a checkpoint of another K x N or split is resharded (dpsgs.job.reshard's rules,
+dpsgs.job.whole_state's reading): every shard read as one model, this stage's slice cut out.
+Each shard names its trainable parameters in its optimizer's order (`param_names`), and the
+manifest records the per-replica batch and that the pipeline was empty (every save follows a
+flush), which resharding needs.
 """
 
 from __future__ import annotations
