@@ -30,7 +30,8 @@ from dpsgs.config import TrainConfig
 from dpsgs.job.checkpoint import CheckpointError, read_manifest, resolve_resume
 from dpsgs.job.whole_state import EMPTY_PIPELINE
 
-__all__ = ["ReshardError", "regrid", "check_reshard", "saved_batch", "data_position", "describe"]
+__all__ = ["ReshardError", "regrid", "regrid_job", "check_reshard", "saved_batch", "data_position",
+           "describe", "reshard_line"]
 
 
 class ReshardError(ValueError):
@@ -108,6 +109,24 @@ def regrid(config: TrainConfig, world: int) -> tuple[TrainConfig, list[str]]:
                                override=_with_override(config, "batch_size")), notes
 
 
+def regrid_job(config: TrainConfig, comm: Any) -> tuple[TrainConfig, list[str], str | None]:
+    """Collective over `comm`: rank 0's regrid for this world, on every rank. (config, rank 0's
+    notes, None), or (config as given, [], the error every rank reports through the job's
+    agreement): rank 0 never raises here, so no rank waits in the broadcast."""
+    if not config.resume and not config.elastic:
+        return config, [], None
+    answer: tuple[TrainConfig | None, str | None] = (None, None)
+    notes: list[str] = []
+    if comm.Get_rank() == 0:
+        try:
+            new, notes = regrid(config, comm.Get_size())
+            answer = (new, None)
+        except Exception as e:  # noqa: BLE001 - reported by every rank, through the agreement
+            answer = (None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+    new, error = comm.bcast(answer, root=0)
+    return (new or config), notes, error
+
+
 def check_reshard(path: Path, grid: Grid, config: TrainConfig, batches_per_epoch: int) -> bool:
     """Whether resuming checkpoint `path` on `grid` with `config` reshards it (another grid,
     or another split named with --override split); CheckpointError naming the rule when it
@@ -176,3 +195,11 @@ def describe(saved: tuple[int, int], split_was: list[str], here: tuple[int, int]
 
 def _span(a: int, b: int) -> str:
     return f"replica {a}" if a == b else f"replicas {a}..{b}"
+
+
+def reshard_line(rec: dict[str, Any], path: str) -> str:
+    """The start-up line of a resharded resume (rank 0 prints it after the split's)."""
+    line = f"resharding checkpoint {path} from {rec['from']} to {rec['to']}"
+    if rec["split_was"] != rec["split"]:
+        line += f" (split {rec['split_was']} -> {rec['split']})"
+    return line + (f"; {rec['batchnorm']}" if rec.get("batchnorm") else "")

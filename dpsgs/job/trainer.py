@@ -36,7 +36,7 @@ from dpsgs.job.checkpointer import Checkpointer, Position, checkpoint_plan, skip
 from dpsgs.job.failure import everywhere, log_traceback, report_failure
 from dpsgs.job.metrics import MetricsLog, Timeline
 from dpsgs.job.progress import ProgressReporter, start_line
-from dpsgs.job.reshard import describe, regrid
+from dpsgs.job.reshard import describe, regrid_job, reshard_line
 from dpsgs.job.rank_context import open_rank
 from dpsgs.job.run_folder import RunFolder
 from dpsgs.job.run_setup import Loaded, assemble, choose_split, load, segments
@@ -92,7 +92,8 @@ class Trainer:
         # keeps a resharded checkpoint's global batch: rank 0 decides, before anything is built
         self.folder: RunFolder | None = None
         self._notes: list[str] = []
-        config, regrid_error = self._regrid(config, comm)
+        config, notes, regrid_error = regrid_job(config, comm)
+        self._notes += notes
         self.config = config
         self.grid = Grid(config.stages, config.replicas)
         loaded, mine, decision = None, Outcome(), DeviceDecision("cpu", "")
@@ -138,7 +139,7 @@ class Trainer:
             print(f"dpsgs: {self.setup.choice.describe(_model_label(config, model), config.stages)}",
                   file=sys.stderr, flush=True)
             if decided.get("reshard"):
-                print(f"dpsgs: {_reshard_line(decided['reshard'], decided['resume'])}",
+                print(f"dpsgs: {reshard_line(decided['reshard'], decided['resume'])}",
                       file=sys.stderr, flush=True)
         self.ctx = ctx = open_rank(config, comm, transport, device)
         self.pycomm, self.rank = ctx.pycomm, ctx.rank
@@ -218,22 +219,6 @@ class Trainer:
             if cfg.elastic:
                 decided["reshard"]["elastic"] = True
         return decided
-
-    def _regrid(self, config: TrainConfig, comm: Any) -> tuple[TrainConfig, str | None]:
-        """Collective: rank 0's dpsgs.job.reshard.regrid of `config` for this world, on every
-        rank; (config, None), or (config as given, the error every rank reports)."""
-        if not config.resume and not config.elastic:
-            return config, None
-        answer: tuple[TrainConfig | None, str | None] = (None, None)
-        if comm.Get_rank() == 0:
-            try:
-                new, notes = regrid(config, comm.Get_size())
-                self._notes += notes
-                answer = (new, None)
-            except Exception as e:  # noqa: BLE001 - every rank reports it, through the agreement
-                answer = (None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
-        new, error = comm.bcast(answer, root=0)
-        return (new or config), error
 
     def _say_notes(self) -> None:
         """Rank 0's notes of the start-up (a damaged checkpoint skipped), after the first line."""
@@ -425,14 +410,6 @@ class Trainer:
         self.timeline.close()
         self.ctx.close()
         self._release_local()
-
-
-def _reshard_line(rec: dict[str, Any], path: str) -> str:
-    """The start-up line of a resharded resume."""
-    line = f"resharding checkpoint {path} from {rec['from']} to {rec['to']}"
-    if rec["split_was"] != rec["split"]:
-        line += f" (split {rec['split_was']} -> {rec['split']})"
-    return line + (f"; {rec['batchnorm']}" if rec.get("batchnorm") else "")
 
 
 def _model_label(config: TrainConfig, model: nn.Module | None) -> str:
