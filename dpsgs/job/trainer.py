@@ -208,8 +208,10 @@ class Trainer:
                     f"does between them: it cannot be resumed; start a new run")
             decided.update(resume=str(resume), resume_step=plan["global_step"])
             stored, how = plan["split"], "checkpoint" if plan["split"] is not None else None
-        elif cfg.resume and self.folder is not None and self.folder.record.get("split") is not None:
-            # resumed before its first checkpoint: the split this run started with
+        elif (cfg.resume and self.folder is not None and self.folder.record.get("split") is not None
+              and len(self.folder.record["split"]) == cfg.stages - 1 and "split" not in (cfg.override or ())):
+            # resumed before its first checkpoint: the split this run started with (a new K
+            # or a named --split: nothing to reshard, the job chooses its own)
             stored, how = self.folder.record["split"], "run folder"
         decided["split"] = choose_split(loaded, split=stored, how=how)
         if resume is not None and plan["reshard"]:
