@@ -2,11 +2,11 @@
 
 A baseline: tests run the trainer over it to check the algorithm independently of the core,
 and benchmarks use it to show what the core adds. Its channels send each message as a small
-int64 header (seq, count, each tensor's dtype code and shape) and then one message per
-non-empty tensor, on the channel's tag; the receiver takes the header, then the tensors, and
-checks them as every transport does (HeaderMismatch). Its all-reduce is MPI's own
-Iallreduce(SUM) of each GradientReducer bucket, divided after the wait, progressing only
-while some rank tests it.
+int64 header (dpsgs.comm.message_header: seq, count, each tensor's dtype code and shape) and
+then one message per non-empty tensor, on the channel's tag; the receiver takes the header,
+then the tensors, and checks them as every transport does (HeaderMismatch). Its all-reduce
+is MPI's own Iallreduce(SUM) of each GradientReducer bucket, divided after the wait,
+progressing only while some rank tests it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from dpsgs.comm.dtypes import WIRE_CODES, code_of, torch_dtype_of_code
-from dpsgs.comm.errors import CommError
 from dpsgs.comm.gradient_reducer import GradientReducer
 from dpsgs.comm.message import as_message, as_specs, check_received, spec_of
-from dpsgs.comm.protocol import MAX_MESSAGE_TENSORS, TensorSpec
+from dpsgs.comm.message_header import HEADER_WORDS, check_dims, pack_header, parse_header
+from dpsgs.comm.protocol import TensorSpec
 from dpsgs.comm.waits import wait_for
 
 __all__ = ["Mpi4pyTransport"]
@@ -52,33 +51,9 @@ class _Work:
         wait_for(self._finish, timeout or self.timeout, self.what)
 
 
-_MAGIC = 0x44505347          # "DPSG", as the core's
-_DIMS = 8                    # dimensions per tensor the header carries
-# the header's int64s: magic, seq, count; per tensor: dtype code, ndim, dims
-_HEADER = 3 + MAX_MESSAGE_TENSORS * (2 + _DIMS)
-
-
 def _raw(t: torch.Tensor) -> Any:
     """The bytes of a contiguous tensor as a NumPy view (every dtype, bfloat16 and bool too)."""
     return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def _parse(header: np.ndarray, seq: int, what: str) -> list[TensorSpec]:
-    """The (dtype, shape) of each tensor of message #seq, or CommError for a corrupt stream."""
-    magic, hseq, count = (int(v) for v in header[:3])
-    specs, ok = [], magic == _MAGIC and hseq == seq and 1 <= count <= MAX_MESSAGE_TENSORS
-    for i in range(count if ok else 0):
-        at = 3 + i * (2 + _DIMS)
-        code, ndim = int(header[at]), int(header[at + 1])
-        ok = code in WIRE_CODES.values() and 0 <= ndim <= _DIMS
-        if not ok:
-            break
-        specs.append((torch_dtype_of_code(code), tuple(int(d) for d in header[at + 2:at + 2 + ndim])))
-    if not ok:
-        got = f"message #{hseq}" if magic == _MAGIC and hseq != seq else \
-            "a malformed header" if magic == _MAGIC else "a foreign message"
-        raise CommError(f"{what}: corrupt stream: got {got}")
-    return specs
 
 
 class _Channel:
@@ -99,17 +74,10 @@ class _Channel:
 
     def send(self, message: Sequence[torch.Tensor]) -> _Work:
         msg = as_message(message, self._where("send", self.sent))
-        for i, t in enumerate(msg):
-            if t.dim() > _DIMS:
-                raise ValueError(f"{self._where('send', self.sent)}: tensor {i} has {t.dim()} "
-                                 f"dims; at most {_DIMS}")
+        check_dims(msg, self._where("send", self.sent))
         while self.in_flight >= 2:          # the transport contract's bound, in messages
             self._works[0].wait()
-        header = np.zeros(3 + len(msg) * (2 + _DIMS), dtype=np.int64)
-        header[:3] = (_MAGIC, self.sent, len(msg))
-        for i, t in enumerate(msg):
-            at = 3 + i * (2 + _DIMS)
-            header[at:at + 2 + t.dim()] = (code_of(t.dtype), t.dim(), *t.shape)
+        header = pack_header(self.sent, msg, padded=False)
         keep = [header] + [_raw(t.detach().contiguous()) for t in msg if t.numel()]
         reqs = [self.comm.Isend(a, dest=self.peer, tag=self.tag) for a in keep]
         what = f"{self._where('send', self.sent)} to rank {self.peer}"
@@ -124,11 +92,11 @@ class _Channel:
         stays whole), then HeaderMismatch if it differs from `expected`."""
         seq = self.received
         what = f"{self._where('recv', seq)} from rank {self.peer}"
-        header = np.zeros(_HEADER, dtype=np.int64)
+        header = np.zeros(HEADER_WORDS, dtype=np.int64)
         req = self.comm.Irecv(header, source=self.peer, tag=self.tag)
         wait_for(req.Test, self.timeout, what)
         self.received += 1
-        received = _parse(header, seq, what)
+        received = parse_header(header, seq, what)
         same = into is not None and [spec_of(t) for t in into] == received
         if same:
             bufs = tuple(o if o.is_contiguous()
