@@ -25,7 +25,7 @@ _LAZY = {"comm", "pipeline", "reliability", "job", "planner", "bench", "config",
 
 
 def train(config: TrainConfig, comm: Any = None, *, model: Any = None, data: Any = None,
-          transport: Any = "core") -> dict[str, Any]:
+          transport: Any = None) -> dict[str, Any]:
     """Train per `config` on `comm` (any mpi4py communicator of exactly K*N ranks; default
     COMM_WORLD) and return the summary dict on every rank.
 
@@ -35,8 +35,9 @@ def train(config: TrainConfig, comm: Any = None, *, model: Any = None, data: Any
     Dataset of (input, label) or a dpsgs.job.data.Dataset (default: config.dataset; labels
     are integer class ids; inputs are cast to config.dtype as they are fed; anything else is
     refused in one line: dpsgs.job.user_data);
-    transport: "core" (the C++ core), "mpi4py" (plain-MPI baseline) or a
-    dpsgs.comm.protocol.Transport. dpsgs never initialises or finalises MPI. A wrong world
+    transport: "core" (the C++ core), "mpi4py" (plain-MPI baseline), "torch"
+    (torch.distributed over config.torch_backend) or a dpsgs.comm.protocol.Transport;
+    default config.transport. dpsgs never initialises or finalises MPI. A wrong world
     size raises ValueError on every rank; any other failure is reported with the rank's
     (replica, stage) and aborts the job, so no rank is left waiting."""
     from dpsgs.job.trainer import train as _train

@@ -98,6 +98,12 @@ HELP: dict[str, str] = {
     "bucket_cap_mb": "gradient bucket size for the all-reduce (MB)",
     "first_bucket_mb": "size of the first (last layers') bucket, started earliest (MB)",
     "allreduce": "all-reduce algorithm: auto, ring (C++ ring) or mpi (MPI_Allreduce)",
+    "transport": "how ranks talk: core (dpsgs's C++ core over MPI, or NCCL on cuda), mpi4py "
+                 "(plain MPI, a baseline; cpu) or torch (torch.distributed: see --torch-backend; "
+                 "initialised over mpi://, no environment variables, unless the script already did)",
+    "torch_backend": "--transport torch: gloo (cpu), nccl (cuda), dpsgs (the core as a "
+                     "torch.distributed backend; cuda tensors go to NCCL) or auto (nccl on cuda, "
+                     "else gloo)",
     "timeout": "seconds any wait may take before the job is aborted, naming the peer",
     "warn_after": "seconds after which a stalled wait is reported (which ranks are missing)",
     "stop_grace": "after SIGTERM/SIGUSR1 the job ends within this many seconds, even when a rank "

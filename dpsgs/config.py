@@ -16,6 +16,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "balance": ("flops", "time", "params", "layers"), "dataset": ("digits", "cifar10", "synthetic"),
     "dtype": ("float32", "float64"), "optimizer": ("sgd", "adam", "adamw"),
     "lr_schedule": ("constant", "step", "cosine"), "allreduce": ("auto", "ring", "mpi"),
+    "transport": ("core", "mpi4py", "torch"), "torch_backend": ("auto", "gloo", "nccl", "dpsgs"),
     "on_nonfinite": ("stop", "skip"), "device": ("auto", "cpu", "cuda"), "amp": ("none", "bf16"),
 }
 
@@ -25,6 +26,7 @@ OPERATIONAL = frozenset({
     "data_dir", "balance", "bucket_cap_mb", "first_bucket_mb", "allreduce", "timeout", "warn_after",
     "stop_grace", "run_dir", "metrics_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "resume", "resume_fallback", "override", "elastic", "trace", "progress", "on_nonfinite", "device",
+    "transport", "torch_backend",
 })
 
 
@@ -77,6 +79,8 @@ class TrainConfig:
     bucket_cap_mb: float = 25.0
     first_bucket_mb: float = 1.0
     allreduce: str = "auto"            # auto | ring | mpi
+    transport: str = "core"            # core (dpsgs._C) | mpi4py (baseline) | torch (torch.distributed)
+    torch_backend: str = "auto"        # --transport torch: auto (nccl on cuda, else gloo) | gloo | nccl | dpsgs
     timeout: float = 300.0             # seconds any wait may take before the job is aborted
     warn_after: float = 60.0           # stall report threshold
     stop_grace: float = 15.0           # after SIGTERM the job ends within this, stuck ranks or not
@@ -138,6 +142,9 @@ class TrainConfig:
         if self.elastic and not self.resume:
             raise ValueError("--elastic continues a run on whatever ranks it is given: it needs "
                              "--resume auto (and --run-dir)")
+        if self.torch_backend != "auto" and self.transport != "torch":
+            raise ValueError(f"--torch-backend {self.torch_backend} chooses the backend of "
+                             f"--transport torch; the transport is {self.transport}")
         if self.resume == "auto" and not self.run_dir:
             raise ValueError("--resume auto needs --run-dir: the run folder to resume in")
 

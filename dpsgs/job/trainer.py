@@ -66,10 +66,11 @@ class Trainer:
 
     model/data override config.model/config.dataset (build `model` identically on every
     rank, e.g. under torch.manual_seed; `data` in any form of dpsgs.job.user_data).
-    transport: 'core' (dpsgs._C, the default), 'mpi4py' (plain MPI baseline) or a
-    dpsgs.comm.protocol.Transport. `hooks` are extra step hooks (dpsgs.pipeline.hooks), e.g.
-    a dpsgs.pipeline.recorder.Recorder. `cuda_view`: what this rank sees of CUDA (default:
-    probed), the seam through which tests make up a GPU machine for --device.
+    transport: 'core' (dpsgs._C), 'mpi4py' (plain MPI baseline), 'torch' (torch.distributed,
+    config.torch_backend) or a dpsgs.comm.protocol.Transport; default config.transport.
+    `hooks` are extra step hooks (dpsgs.pipeline.hooks), e.g. a dpsgs.pipeline.recorder.Recorder.
+    `cuda_view`: what this rank sees of CUDA (default: probed), the seam through which tests
+    make up a GPU machine for --device.
 
     Start-up has two parts. First every rank does what it can alone — check the world size
     and the config, load the data, build the model — and rank 0 takes the run folder
@@ -82,7 +83,7 @@ class Trainer:
     it as it was."""
 
     def __init__(self, config: TrainConfig, comm: Any = None, *, model: nn.Module | None = None,
-                 data: Any = None, transport: str | Transport = "core", hooks: Any = None,
+                 data: Any = None, transport: str | Transport | None = None, hooks: Any = None,
                  cuda_view: CudaView | None = None) -> None:
         if comm is None:
             from mpi4py import MPI
@@ -107,7 +108,7 @@ class Trainer:
             # here, not before: a world that matches the grid of some ranks only (an MPMD
             # launch) must reach the agreement, or those ranks wait out the timeout
             self.grid.check_world(comm.Get_size())
-            decision = resolve_device(config.device, views, labels=[
+            decision = _device(config, transport, views, labels=[
                 self.grid.label(r) for r in range(len(views))] if len(views) == self.grid.size else None)
             loaded = load(config, model, data)
             mine.digest = job_digest(config, loaded.model, loaded.train, loaded.test)
@@ -412,6 +413,18 @@ class Trainer:
         self.timeline.close()
         self.ctx.close()
         self._release_local()
+
+
+def _device(config: TrainConfig, transport: Any, views: list[CudaView],
+            labels: list[str] | None) -> DeviceDecision:
+    """--device for this job. Over torch.distributed the GPUs talk through torch's NCCL, so
+    dpsgs's NCCL build is not needed; with gloo, auto means the CPU."""
+    kind = config.transport if transport is None else transport
+    if kind != "torch":
+        return resolve_device(config.device, views, labels=labels)
+    if config.device == "auto" and config.torch_backend == "gloo":
+        return DeviceDecision("cpu", "--torch-backend gloo moves host memory")
+    return resolve_device(config.device, views, nccl=False, labels=labels)
 
 
 def _model_label(config: TrainConfig, model: nn.Module | None) -> str:
