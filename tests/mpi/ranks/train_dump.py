@@ -2,6 +2,9 @@
 config, every rank's losses, observed staleness and final parameters to OUT/NAME.pt.
 
     mpirun -n P python -m mpi4py train_dump.py OUT TRANSPORT '[{"name": .., <TrainConfig>}]'
+
+TRANSPORT: a name for Trainer (core, mpi4py), or `config`: each spec's own (e.g.
+"transport": "torch", "torch_backend": "gloo").
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ torch.set_num_threads(1)
 
 def main() -> None:
     out, transport, specs = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    transport = None if transport == "config" else transport
     comm = MPI.COMM_WORLD
     for spec in specs:
         spec = dict(spec)
