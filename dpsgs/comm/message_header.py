@@ -1,10 +1,11 @@
 """The int64 header of a channel message on the Python transports (mpi4py, torch.distributed).
 
 One header precedes each message's tensors on the channel's tag: magic, sequence number,
-count, then per tensor its dtype code, number of dimensions and dimensions. It always has
+count, then per tensor its dtype code, number of dimensions and dimensions. It has all
 HEADER_WORDS words on backends where a send and its receive must have one size (gloo, NCCL,
-the dpsgs torch backend): the receiver posts it before it knows the count. `parse_header` turns a received
-one back into (dtype, shape) pairs, or raises CommError for a stream out of step.
+the dpsgs torch backend): the receiver posts it before it knows the count. `parse_header`
+turns a received one back into (dtype, shape) pairs, or raises CommError for a stream out
+of step.
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ default group's ranks are the grid's ranks.
   always: gloo and NCCL need a send and its receive to have one size) and one `dist.isend`
   per non-empty tensor as bytes, all on the channel's tag; the receiver takes the header,
   then the tensors, and checks them as every transport does (HeaderMismatch). Backends
-  match sends and receives in order per peer and tag. On NCCL, whose point-to-point calls
-  between two ranks share one stream per group whatever the direction, each direction of
-  each pipeline edge gets a two-rank group of its own (`pair_groups`): otherwise two
-  neighbours both sending a large message first would each wait for the other's receive
-  queued behind its own send.
+  match sends and receives in order per peer and tag. On CUDA (NCCL, whose point-to-point
+  calls between two ranks share one stream per group whatever the direction), each
+  direction of each pipeline edge gets a two-rank group of its own (`pair_groups`):
+  otherwise two neighbours both sending a large message first would each wait for the
+  other's receive, queued behind its own send.
 - allreduce(flat): SUM over the stage group (a `new_group` of the stage's replicas, made
   by every rank in stage order), divided by N once it completes: the mean the reference
   computes, on every backend.
@@ -183,8 +183,9 @@ class TorchTransport:
     the grid's ranks (collective: every rank makes it, in the same order as its peers).
 
     pair_groups: a two-rank group per direction of each pipeline edge for the channels
-    (default: on NCCL, which needs them; see the module docstring); else the default group
-    and the channel's tag. owns_default_group: close() destroys the default group too (the
+    (default: on CUDA, where NCCL needs them; see the module docstring); else the default
+    group and the channel's tag. device: where the tensors live (default: the current GPU
+    on NCCL, else the CPU). owns_default_group: close() destroys the default group too (the
     job initialised it for this transport)."""
 
     def __init__(self, grid: Grid, *, timeout: float = 300.0, bucket_cap_mb: float = 25.0,
@@ -220,7 +221,7 @@ class TorchTransport:
                         if grid.replicas > 1 else None for k in range(grid.stages)]
         self.stage_group = stage_groups[stage]
         self._pairs: dict[tuple[int, int], Any] = {}
-        if self.backend == "nccl" if pair_groups is None else pair_groups:
+        if self.device.type == "cuda" if pair_groups is None else pair_groups:
             for r in range(grid.replicas):
                 for k in range(grid.stages - 1):
                     a, b = grid.rank(r, k), grid.rank(r, k + 1)

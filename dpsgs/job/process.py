@@ -139,5 +139,6 @@ def _finalize(comm: Any, timeout: float, deadline: Any = None, done: bool = Fals
     watchdog.daemon = True
     watchdog.start()
     _C._shutdown()
+    _C._shutdown_torch_backend()   # mpi://'s store server and "dpsgs" engines (--transport torch)
     _C.finalize_mpi()       # with the GIL released (mpi4py's Finalize holds it): the watchdog runs
     watchdog.cancel()

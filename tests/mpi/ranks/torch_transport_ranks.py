@@ -12,6 +12,8 @@ variables); `pairs`: the channels use two-rank groups per direction (as on NCCL)
 - too_many: 17 tensors are refused on either end.
 - deadline: a recv nobody sends to raises CommTimeout naming the rank, the channel and the
   peer within its timeout.
+- existing: the job (dpsgs.job.rank_context) uses the script's initialised group, refuses
+  another --torch-backend in one line, and leaves the group to the script when it closes.
 """
 
 import sys
@@ -149,6 +151,24 @@ def deadline() -> None:
     W.Barrier()
 
 
+def existing() -> None:
+    from dpsgs.config import TrainConfig
+    from dpsgs.job.rank_context import open_rank
+
+    other = "dpsgs" if BACKEND == "gloo" else "gloo"
+    try:
+        open_rank(TrainConfig(stages=2, replicas=1, transport="torch", torch_backend=other,
+                              timeout=30.0), W)
+        raise AssertionError("another backend than the initialised one was accepted")
+    except ValueError as e:
+        say(f"refused: {e}")
+    ctx = open_rank(TrainConfig(stages=2, replicas=1, transport="torch", timeout=30.0), W)
+    assert isinstance(ctx.transport, TorchTransport) and ctx.transport.backend == BACKEND
+    ctx.close()
+    assert dist.is_initialized() and str(dist.get_backend()) == BACKEND
+    say("the job used the script's group and left it")
+
+
 def main() -> None:
     conforms()
     t = TorchTransport(Grid(2, 1), timeout=60.0, pair_groups=PAIRS)
@@ -161,6 +181,7 @@ def main() -> None:
         w.wait()
     W.Barrier()
     t.close()
+    existing()
     deadline()
     W.Barrier()
     if rank == 0:
