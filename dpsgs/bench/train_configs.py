@@ -86,6 +86,10 @@ def _cpu_configs(micro_batches: int) -> list[BenchConfig]:
                     ("--stages", "2", "--schedule", "fdg", "--stash", "weights"),
                     plan=dict(stages=2, replicas=1, schedule="fdg", stash="weights"),
                     mpi4py=True, pipeline=True),
+        # the same trainer over torch.distributed (gloo on cpu, NCCL on cuda): the transport's cost
+        BenchConfig("dpsgs-fdg-torch", "dpsgs_run", 2, 1,
+                    ("--stages", "2", "--schedule", "fdg", "--stash", "weights", "--transport", "torch"),
+                    mpi4py=True, pipeline=True),
         BenchConfig("dpsgs-fdg-recompute", "dpsgs_run", 2, 1,
                     ("--stages", "2", "--schedule", "fdg", "--stash", "recompute"),
                     plan=dict(stages=2, replicas=1, schedule="fdg", stash="recompute"),

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--split", help="comma-separated split points: module paths or top-level "
                                     "indices (else the trainer balances)")
+    p.add_argument("--transport", choices=("core", "torch"), default="core",
+                   help="the trainer's transport (torch: torch.distributed, gloo on cpu, nccl on cuda)")
     p.add_argument("--run-dir", help="keep the run here (default: a temporary folder)")
     a = p.parse_args(argv)
     set_threads(a.threads)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                       batch_size=w.batch // a.replicas, epochs=1, max_steps=steps,
                       lr=0.01, lr_schedule="constant", seed=w.seed, run_dir=run_dir,
                       checkpoint_every=0, progress=False, metrics_every=1,
-                      device=a.device)
+                      device=a.device, transport=a.transport)
     summary = train(cfg, comm)
     comm.Barrier()
     if comm.rank == 0:
