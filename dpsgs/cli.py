@@ -79,7 +79,8 @@ HELP: dict[str, str] = {
               "channels and all-reduce; an error names what is missing: GPU, CUDA build of "
               "torch, NCCL build of dpsgs), cpu (MPI), or auto (cuda only where every rank has "
               "a GPU of its own and the NCCL backend is built, else cpu; the first line says "
-              "why)",
+              "why), or sim (a test device: the GPU code path, NCCL channels and all-reduce, "
+              "on the CPU simulator of a DPSGS_CUDA=sim build; never chosen by auto)",
     "amp": "bf16: autocast forward/backward in bfloat16, CUDA or CPU (float32 weights, bfloat16 "
            "activations between stages); none: the run's dtype throughout",
     "epochs": "training epochs",

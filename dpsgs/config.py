@@ -17,7 +17,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "float64"), "optimizer": ("sgd", "adam", "adamw"),
     "lr_schedule": ("constant", "step", "cosine"), "allreduce": ("auto", "ring", "mpi"),
     "transport": ("core", "mpi4py", "torch"), "torch_backend": ("auto", "gloo", "nccl", "dpsgs"),
-    "on_nonfinite": ("stop", "skip"), "device": ("auto", "cpu", "cuda"), "amp": ("none", "bf16"),
+    "on_nonfinite": ("stop", "skip"), "device": ("auto", "cpu", "cuda", "sim"), "amp": ("none", "bf16"),
 }
 
 # Settings a run may change when it resumes: they decide how it runs, not its numbers. Every
@@ -59,6 +59,7 @@ class TrainConfig:
     drop_last: bool = True             # partial last batch: dropped (documented in README)
     dtype: str = "float32"             # float32 | float64
     device: str = "auto"               # auto (cuda where every rank has a GPU and NCCL) | cpu | cuda
+                                       # | sim (a test device: the GPU path on CPUs, DPSGS_CUDA=sim builds)
     amp: str = "none"                  # none | bf16: autocast (for GPUs; bf16 activations between stages)
 
     # optimisation

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from contextlib import AbstractContextManager
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 __all__ = ["CudaAccelerator", "cuda_descriptor"]
+
+T = TypeVar("T")
 
 
 class _CudaEvent:
@@ -105,3 +108,6 @@ class CudaAccelerator:
 
     def set_rng_state(self, state: Any) -> None:
         self._torch.cuda.set_rng_state(state, self.device)
+
+    def backward(self, fn: Callable[[], T]) -> T:
+        return fn()      # autograd itself runs CUDA work (and its hooks) on its device thread

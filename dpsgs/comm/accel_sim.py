@@ -5,22 +5,29 @@ events positions in them, copies and NCCL operations run there after seeded rand
 delays, and memory allocated here starts as poison (0xFF: NaN in every float type). Its
 tensors are CPU tensors (torch.frombuffer over simulator memory), and torch computes on
 the host, so the host is where this device "runs kernels": `consume` and `to_device`
-therefore also make the host catch up with the current stream. Every stream-ordering
-mistake of code written to the contract still shows: a transfer that was not waited for
-leaves poison, a buffer freed or reused before its send completed is reported by the
-simulator, an event recorded before a non-blocking call settled misses it.
+therefore also make the host catch up with the current stream (bounded: a transfer from a
+dead peer ends in the Work's own CommTimeout naming it, not in a hang). As CUDA's autograd
+runs a backward's work and hooks on its device thread, `backward` runs it on a thread of
+this device's own, so the reducer's hooks issue their all-reduces off the main thread.
+Every stream-ordering mistake of code written to the contract still shows: a transfer that
+was not waited for leaves poison, a buffer freed or reused before its send completed is
+reported by the simulator, an event recorded before a non-blocking call settled misses it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 from dpsgs.comm.accelerator import simulated_build
 from dpsgs.comm.dtypes import WIRE_CODES
 
 __all__ = ["SimAccelerator"]
+
+T = TypeVar("T")
 
 
 class _SimEvent:
@@ -66,6 +73,7 @@ class SimAccelerator:
         # this accelerator's own default stream: the simulator's stream 0 is per thread's device
         self._default = self._sim.stream_create(index)
         self._local = threading.local()
+        self._autograd = ThreadPoolExecutor(1, thread_name_prefix=f"dpsgs-sim-autograd-{index}")
 
     def make_current(self) -> None:
         self._sim.set_device(self.index)
@@ -149,7 +157,19 @@ class SimAccelerator:
     def consume(self, work: Any) -> None:
         stream = self.current_stream()
         work.wait_stream(stream)
-        self._sim.stream_synchronize(stream)
+        caught_up = self.event()
+        caught_up.record(stream)
+        if not caught_up.query():
+            # the stream waits for the transfer: wait for that with the Work's deadline (the
+            # host has none), then the stream is bounded too. A missing wait_stream still
+            # shows: the stream would then not wait, and the host would read poison.
+            work.wait()
+            caught_up.synchronize()
+
+    def backward(self, fn: Callable[[], T]) -> T:
+        """`fn` on this device's autograd thread; the caller waits (as torch's caller of a
+        CUDA backward does). Its exception is raised here."""
+        return self._autograd.submit(fn).result()
 
     def rng_state(self) -> Any:
         return None   # torch's CPU generator draws the simulated device's random numbers

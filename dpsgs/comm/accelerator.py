@@ -2,8 +2,8 @@
 
 Streams, events (with timing), host <-> device copies (pinned, non-blocking), allocation,
 the RNG state a recomputed forward must replay, and the NCCL descriptor of a tensor go
-through an `Accelerator`; code above it (comm/nccl.py today; the executor, stage.py and
-job/metrics.py when they adopt it) holds no `torch.cuda` call of its own. Implementations:
+through an `Accelerator`; code above it (comm/nccl.py, the executor, stage.py,
+job/metrics.py) holds no `torch.cuda` call of its own. Implementations:
 
 - `CpuAccelerator`: no streams; events read the host clock; copies are plain.
 - `CudaAccelerator` (accel_cuda.py): torch.cuda streams and events.
@@ -21,6 +21,9 @@ The contract every implementation keeps (what a caller may rely on):
   non-blocking on CUDA); `to_host(t)` waits for it.
 - `rng_state()` / `set_rng_state()`: the device generator's state, None where torch's CPU
   generator is the only one (cpu, sim).
+- `backward(fn)`: runs `fn` (a backward pass) and returns its result; the autograd hooks it
+  fires (the reducer's) run where this device runs them: on CUDA autograd's device thread,
+  on the simulator a thread of its own, on the CPU the calling thread.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from __future__ import annotations
 import functools
 import time
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Accelerator", "CpuAccelerator", "Event", "KINDS", "accelerator", "simulated_build"]
+__all__ = ["Accelerator", "CpuAccelerator", "Event", "KINDS", "accelerator", "accelerator_of_device",
+           "simulated_build"]
 
 KINDS = ("cpu", "cuda", "sim")
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -65,6 +71,7 @@ class Accelerator(Protocol):
     def consume(self, work: Any) -> None: ...
     def rng_state(self) -> Any: ...
     def set_rng_state(self, state: Any) -> None: ...
+    def backward(self, fn: Callable[[], T]) -> T: ...
 
 
 class _HostEvent:
@@ -140,6 +147,9 @@ class CpuAccelerator:
         if state is not None:
             raise ValueError("a device RNG state given to the CPU accelerator")
 
+    def backward(self, fn: Callable[[], T]) -> T:
+        return fn()
+
 
 def simulated_build() -> bool:
     """True when dpsgs._C's NCCL backend runs on the CPU simulator (DPSGS_CUDA=sim)."""
@@ -166,3 +176,14 @@ def accelerator(kind: str, index: int = 0) -> Accelerator:
 
         return SimAccelerator(index)
     raise ValueError(f"device kind must be one of {KINDS}, got {kind!r}")
+
+
+def accelerator_of_device(device: Any) -> Accelerator:
+    """The accelerator of a torch device a transport without one of its own names (the MPI
+    core and the in-process loopback: "cpu"; the loopback of a reference on a GPU: "cuda")."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return accelerator("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    return accelerator("cpu")

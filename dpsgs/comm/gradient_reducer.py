@@ -59,11 +59,13 @@ class GradientReducer:
     - wait() waits for the older set if one is in flight besides the current one, else for
       the current set (as with buffers=1), and points every p.grad at the set it waited for.
     Every rank must hold the same parameters (same shapes, dtypes, order) and make the same
-    calls.
+    calls. `consume(work)` is how wait() takes a bucket's result: work.wait() by default; a
+    device transport passes its accelerator's (the stream waits, not the host).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], allreduce: Callable[[torch.Tensor], Work],
-                 bucket_cap_mb: float = 25.0, first_bucket_mb: float = 1.0, buffers: int = 1) -> None:
+                 bucket_cap_mb: float = 25.0, first_bucket_mb: float = 1.0, buffers: int = 1,
+                 consume: Callable[[Work], None] | None = None) -> None:
         if buffers not in (1, 2):
             raise ValueError(f"GradientReducer: buffers must be 1 or 2, got {buffers}")
         seen: set[int] = set()  # a parameter listed twice (tied weights) is reduced once
@@ -75,6 +77,9 @@ class GradientReducer:
         for p in self.params:
             code_of(p.dtype)
         self._allreduce = allreduce
+        # how wait() takes a finished bucket: the host waits (default), or a device's stream
+        # does (Accelerator.consume: on CUDA the optimizer's kernels wait, not the host)
+        self._consume = consume if consume is not None else _host_wait
         mb = 1024 * 1024
         plan = assign_buckets([p.numel() * p.element_size() for p in self.params],
                               int(bucket_cap_mb * mb), int(first_bucket_mb * mb),
@@ -155,7 +160,7 @@ class GradientReducer:
         try:
             for b in self.sets[c]:
                 if b.work is not None:
-                    b.work.wait()
+                    self._consume(b.work)
         finally:
             for b in self.sets[c]:
                 b.work = None
@@ -195,3 +200,7 @@ class GradientReducer:
     @property
     def bucket_sizes(self) -> list[int]:
         return [b.flat.numel() * b.flat.element_size() for b in self.buckets]
+
+
+def _host_wait(work: Work) -> None:
+    work.wait()

@@ -255,8 +255,10 @@ class NcclTransport:
     def reducer(self, params: Any, buffers: int = 1) -> Any:
         from dpsgs.comm.gradient_reducer import GradientReducer
 
+        # the optimizer's stream waits for each bucket, not the host (accelerator.consume)
         return GradientReducer(params, self.allreduce, bucket_cap_mb=self.bucket_cap_mb,
-                               first_bucket_mb=self.first_bucket_mb, buffers=buffers)
+                               first_bucket_mb=self.first_bucket_mb, buffers=buffers,
+                               consume=self.accel.consume)
 
     def connect(self) -> None:
         """Collective: warm up every channel made so far and both communicators."""

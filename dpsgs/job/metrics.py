@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from dpsgs.comm.accelerator import Accelerator
 from dpsgs.job.metrics_log import MetricsLog, jsonable as _jsonable, read_metrics
 from dpsgs.pipeline.hooks import Spans
 
@@ -39,8 +40,9 @@ class Timeline(Spans):
     ranks' files line up), pid = rank, one thread per category (named by "M" metadata
     events, since viewers want integer tids).
 
-    gpu=True (a rank whose stage runs on CUDA): a span's time is the GPU clock's time between
-    two CUDA events recorded on the current stream at its start and end (the host only
+    `accel` (dpsgs.comm.accelerator) of a device that runs behind the host (CUDA, the
+    simulator): a span's time is the device clock's time between two timing events recorded
+    on the current stream at its start and end (the host only
     enqueues kernels, so its clock would time the launches): the kernels in between, plus
     any time the stream sat idle there. So a wait that blocks the host (a gradient
     all-reduce, a channel header) counts in full while the stream has nothing queued, and
@@ -54,9 +56,10 @@ class Timeline(Spans):
     _MAX_PENDING = 256     # spans waiting for their events before step_totals waits
 
     def __init__(self, rank: int, trace_path: str | os.PathLike | None = None,
-                 max_events: int = 500_000, gpu: bool = False) -> None:
+                 max_events: int = 500_000, accel: Accelerator | None = None) -> None:
         self.rank, self.max_events, self.dropped = rank, max_events, 0
-        self.gpu = gpu
+        # spans of a synchronous device (the CPU) are timed by the host clock alone
+        self._device = accel if accel is not None and accel.asynchronous else None
         self._pending: deque[tuple[str, str, float, Any, Any, dict[str, Any]]] = deque()
         self.trace_path = rank_path(trace_path, rank) if trace_path else None
         self._totals: dict[str, float] = defaultdict(float)
@@ -68,12 +71,12 @@ class Timeline(Spans):
     @contextmanager
     def span(self, name: str, category: str, **args: Any) -> Iterator[None]:
         start = time.perf_counter()
-        begin = _cuda_event() if self.gpu else None
+        begin = self._event() if self._device is not None else None
         try:
             yield
         finally:
-            if self.gpu:
-                self._pending.append((name, category, start, begin, _cuda_event(), args))
+            if self._device is not None:
+                self._pending.append((name, category, start, begin, self._event(), args))
             else:
                 end = time.perf_counter()
                 self._totals[category] += end - start
@@ -88,10 +91,16 @@ class Timeline(Spans):
                 return
             end.synchronize()
             self._pending.popleft()
-            seconds = begin.elapsed_time(end) / 1e3
+            seconds = begin.elapsed(end)
             self._totals[category] += seconds
             if self._events is not None:
                 self._record(name, category, start, start + seconds, args)
+
+    def _event(self) -> Any:
+        """A timing event of the device, recorded on the current stream now."""
+        event = self._device.event(timing=True)  # type: ignore[union-attr]
+        event.record()
+        return event
 
     def add(self, name: str, category: str, seconds: float, **args: Any) -> None:
         """Account `seconds` that ended now (for time measured elsewhere, e.g. in C++)."""
@@ -115,7 +124,7 @@ class Timeline(Spans):
 
     def step_totals(self, reset: bool = True) -> dict[str, float]:
         """Seconds per category since the last reset (every CATEGORIES key present)."""
-        if self.gpu:
+        if self._device is not None:
             self._resolve()
         totals = {c: 0.0 for c in CATEGORIES}
         totals.update(self._totals)
@@ -124,7 +133,7 @@ class Timeline(Spans):
         return totals
 
     def close(self) -> None:
-        if self.gpu:
+        if self._device is not None:
             self._MAX_PENDING = 0
             self._resolve()
         if self._events is None or self.trace_path is None:
@@ -142,15 +151,6 @@ class Timeline(Spans):
         with open(self.trace_path, "w") as f:
             json.dump(trace, f)
         self._events = []
-
-
-def _cuda_event() -> Any:
-    """A timing CUDA event recorded on the current stream now."""
-    import torch
-
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
 
 
 def merge_traces(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:

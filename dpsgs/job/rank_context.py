@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dpsgs.comm.accelerator import Accelerator, accelerator_of_device
 from dpsgs.comm.grid import Grid
 from dpsgs.comm.protocol import Transport
 from dpsgs.comm.waits import barrier
@@ -28,6 +29,7 @@ class RankContext:
     replica: int
     stage: int
     transport: Transport
+    accel: Accelerator     # the rank's device seam (dpsgs.comm.accelerator), the transport's
 
     def close(self) -> None:
         self.transport.close()
@@ -37,9 +39,10 @@ def open_rank(config: TrainConfig, comm: Any, transport: str | Transport | None 
               device: str = "cpu") -> RankContext:
     """Collective over `comm` (an mpi4py communicator of exactly K*N ranks): the grid, a
     duplicate communicator and the transport. `transport` (default: config.transport):
-    "core" (dpsgs._C: over MPI for device "cpu", over NCCL for "cuda"), "mpi4py" (the
-    plain-MPI baseline, CPU), "torch" (torch.distributed over config.torch_backend) or a
-    Transport object made by the caller. `device` is what --device resolved to (agreed)."""
+    "core" (dpsgs._C: over MPI for device "cpu", over NCCL for "cuda" and "sim": the
+    simulated CUDA/NCCL of a DPSGS_CUDA=sim build), "mpi4py" (the plain-MPI baseline, CPU),
+    "torch" (torch.distributed over config.torch_backend) or a Transport object made by the
+    caller. `device` is what --device resolved to (agreed)."""
     transport = config.transport if transport is None else transport
     grid = Grid(config.stages, config.replicas)
     grid.check_world(comm.Get_size())        # the same on every rank: all fail alike
@@ -49,7 +52,7 @@ def open_rank(config: TrainConfig, comm: Any, transport: str | Transport | None 
     replica, stage = grid.coords(rank)
     if not isinstance(transport, str):
         made = transport
-    elif transport == "core" and device == "cuda":
+    elif transport == "core" and device in ("cuda", "sim"):
         made = _nccl_transport(config, grid, pycomm, replica, stage)
     elif transport == "core":
         made = _core_transport(config, grid, pycomm, replica, stage)
@@ -64,7 +67,9 @@ def open_rank(config: TrainConfig, comm: Any, transport: str | Transport | None 
         raise ValueError(f"transport must be one of {TRANSPORTS} or a Transport, got {transport!r}"
                          + (" (the mpi4py baseline moves host memory: use --device cpu)"
                             if transport == "mpi4py" else ""))
-    return RankContext(config, grid, pycomm, rank, replica, stage, made)
+    # a transport of device memory carries its accelerator (NcclTransport); others name a device
+    accel = getattr(made, "accel", None) or accelerator_of_device(made.device)
+    return RankContext(config, grid, pycomm, rank, replica, stage, made, accel)
 
 
 def _core_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int,
@@ -84,7 +89,8 @@ def _core_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int,
 
 def _nccl_transport(config: TrainConfig, grid: Grid, pycomm: Any, replica: int, stage: int) -> Transport:
     """The GPU chosen by local rank (the shared-GPU check first), NCCL over the grid and the
-    stage group, the GPU made current for torch; messages name ranks as the MPI path's do."""
+    stage group, the GPU made current for torch; messages name ranks as the MPI path's do.
+    On a DPSGS_CUDA=sim build the same code runs over the simulator (nccl.init knows which)."""
     from dpsgs.comm import nccl
 
     world = nccl.init(pycomm, timeout=config.timeout, warn_after=config.warn_after)
@@ -99,6 +105,9 @@ def torch_backend_for(config: TrainConfig, device: str) -> str:
     """--torch-backend resolved for `device`, or ValueError (one line) for a pair that cannot
     move this device's tensors."""
     backend = config.torch_backend
+    if device == "sim":
+        raise ValueError("--transport torch runs on cpu or cuda: --device sim simulates dpsgs's own "
+                         "NCCL backend (--transport core)")
     if backend == "auto":
         return "nccl" if device == "cuda" else "gloo"
     if backend == "gloo" and device == "cuda":

@@ -151,7 +151,7 @@ class Trainer:
         self.reshard = decided.get("reshard")
         self.checkpointer = Checkpointer(config, self.grid, self.rank, self.resumed, self.run_id,
                                          self.setup.batches_per_epoch)
-        self.timeline = Timeline(self.rank, config.trace, gpu=device == "cuda")
+        self.timeline = Timeline(self.rank, config.trace, accel=ctx.accel)
         # reliability (docs/reliability.md): step-boundary vote (preemption signals, NaN/Inf
         # policy) with deadline-checked collectives, rank->pid map, fault points (only when
         # DPSGS_FAULT names this rank)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dpsgs.comm.accelerator import Accelerator, accelerator_of_device
 from dpsgs.comm.gradient_reducer import GradientReducer
 from dpsgs.comm.protocol import Reducer, TensorSpec, Transport, Work
 from dpsgs.config import TrainConfig
@@ -59,13 +60,16 @@ class StageExecutor:
         self.rank, self.replica, self.stage = rank, place.replica, place.stage
         self.K, self.N = place.stages, place.replicas
         self.transport = transport
-        self.device = transport.device
+        # the device seam (dpsgs.comm.accelerator): NcclTransport carries its own; the MPI
+        # core and the loopback name a torch device
+        self.accel = getattr(transport, "accel", None) or accelerator_of_device(transport.device)
+        self.device = self.accel.device
         self.hooks = hooks or StepHooks()
         self.spans = spans or NoSpans()
         shrink = cfg.shrink if cfg.schedule == "fdg" else 1.0
         module = workload.stage_module(place.replica, place.stage).to(self.device)
         self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink, place.amp,
-                                    device=self.device)
+                                    accel=self.accel)
         self.optimizer = workload.make_optimizer(self.compute.params)
         # named as in the whole model: a stage module keeps the model's module paths
         self._named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -116,9 +120,12 @@ class StageExecutor:
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host batch onto this rank's device without blocking the host (pinned first)."""
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return self.accel.to_device(t)
+
+    def _backward(self, key: Any, grads: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+        """Batch `key`'s backward where the device runs autograd (the reducer's hooks fire on
+        CUDA's autograd thread, and on the simulator's, not on this one)."""
+        return self.accel.backward(lambda: self.compute.backward(key, grads))
 
     def _input(self, eb: tuple[int, int]) -> torch.Tensor:
         return self._to_device(self.workload.inputs(*eb, self.replica))
@@ -203,9 +210,9 @@ class StageExecutor:
                         y = self._labels(eb)
                         loss, correct = self.compute.loss(s.backward, y)
                         self.hooks.loss(step, self._global(eb), loss, correct, len(y))
-                        gi = self.compute.backward(s.backward)
+                        gi = self._backward(s.backward, None)
                     else:
-                        gi = self.compute.backward(s.backward, g)
+                        gi = self._backward(s.backward, g)
                 if k > 0:
                     self._send(self.grad_out, gi, place.in_grads, f"grad b{s.backward}")
                 self._start_reduce()
@@ -266,7 +273,7 @@ class StageExecutor:
                     hold = (self.reducer.no_sync() if self.reducer is not None and m < M - 1
                             else contextlib.nullcontext())
                     with self.spans.span(f"backward m{m}", "compute"), hold:
-                        gi = self.compute.backward(m, g)
+                        gi = self._backward(m, g)
                     if k > 0:
                         self._send(self.grad_out, gi, place.in_grads, f"grad m{m}")
             if last:
@@ -306,9 +313,13 @@ class StageExecutor:
                     y = self._to_device(self.workload.eval_labels(a, b))
                     logits = h if h.element_size() >= 4 else h.float()
                     losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-                    loss_sum += float(losses.sum())
-                    self.eval_nonfinite += int((~torch.isfinite(losses)).sum())
-                    correct += int((h.argmax(dim=1) == y).sum())
+                    # one host read per batch: (loss sum, non-finite losses, correct)
+                    got = self.accel.to_host(torch.stack([
+                        losses.sum().to(torch.float64), (~torch.isfinite(losses)).sum().to(torch.float64),
+                        (h.argmax(dim=1) == y).sum().to(torch.float64)])).tolist()
+                    loss_sum += got[0]
+                    self.eval_nonfinite += int(got[1])
+                    correct += int(got[2])
                     n += b - a
                 else:
                     self._send(self.act_out, hs, self.place.out_specs, "eval act")
@@ -320,13 +331,13 @@ class StageExecutor:
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Model and optimizer state as host tensors: a checkpoint resumes on either device."""
-        return _to_host({"model": self.compute.module.state_dict(),
-                         "optimizer": self.optimizer.state_dict() if self.optimizer else {}})
+        return _to_host(self.accel, {"model": self.compute.module.state_dict(),
+                                     "optimizer": self.optimizer.state_dict() if self.optimizer else {}})
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """This replica's buffers (BatchNorm running statistics) as host tensors: unlike the
         weights they are not averaged, so each replica of a stage holds its own."""
-        return _to_host(dict(self.compute.module.named_buffers()))
+        return _to_host(self.accel, dict(self.compute.module.named_buffers()))
 
     def load_state(self, state: dict[str, Any], buffers: dict[str, torch.Tensor] | None = None) -> None:
         """`state` from state() (any replica's); `buffers` this replica's own, where saved."""
@@ -340,12 +351,12 @@ class StageExecutor:
             self.reducer.close()
 
 
-def _to_host(obj: Any) -> Any:
-    """`obj` with every tensor in it copied to the host (nested dicts, lists, tuples)."""
+def _to_host(accel: Accelerator, obj: Any) -> Any:
+    """`obj` with every tensor in it on the host (nested dicts, lists, tuples)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        return accel.to_host(obj.detach())
     if isinstance(obj, dict):
-        return type(obj)((k, _to_host(v)) for k, v in obj.items())
+        return type(obj)((k, _to_host(accel, v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
+        return type(obj)(_to_host(accel, v) for v in obj)
     return obj

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dpsgs.comm.accelerator import Accelerator, accelerator_of_device
 from dpsgs.pipeline.split import is_random
 
 __all__ = ["StageCompute", "STASH_MODES"]
@@ -74,7 +75,7 @@ class _Stash:
     xs: tuple[torch.Tensor, ...]         # stage inputs (floating ones require grad on stages > 0)
     out: tuple[torch.Tensor, ...] | None = None   # graph roots (weights/live); None: recompute
     rng: torch.Tensor | None = None      # CPU RNG state at forward time (recompute)
-    cuda_rng: torch.Tensor | None = None  # and the device's, when the stage runs on CUDA
+    device_rng: Any = None               # and the device generator's, where it has one (CUDA)
     root: torch.Tensor | None = None     # scaled loss (last stage)
     nbytes: int = 0
 
@@ -89,7 +90,7 @@ class StageCompute:
 
     def __init__(self, module: nn.Module, stage: int, stages: int, stash: str = "weights",
                  shrink: float = 1.0, amp: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 accel: Accelerator | None = None) -> None:
         if stash not in STASH_MODES:
             raise ValueError(f"stash must be one of {STASH_MODES}, got {stash!r}")
         if not 0 <= stage < stages:
@@ -110,8 +111,9 @@ class StageCompute:
         # given by the executor: a stage without parameters (a lone activation) still runs
         # on its rank's device, so its autocast and recompute RNG are the device's
         first = next(iter(module.parameters()), None)
-        self.device = torch.device(device) if device is not None else (
-            first.device if first is not None else torch.device("cpu"))
+        self.accel = accel if accel is not None else accelerator_of_device(
+            first.device if first is not None else "cpu")
+        self.device = self.accel.device
         self.amp = amp
 
     def autocast(self) -> Any:
@@ -162,12 +164,11 @@ class StageCompute:
         if self.stash_mode == "recompute" and not live:
             if self._random:
                 entry.rng = torch.get_rng_state()
-                if self.device.type == "cuda":
-                    entry.cuda_rng = torch.cuda.get_rng_state(self.device)
+                entry.device_rng = self.accel.rng_state()
             with torch.no_grad(), self.autocast():
                 outs = _tuple(self.module(*xs))
             entry.nbytes = (sum(_nbytes(x) for x in xs) + _nbytes(entry.rng)
-                            + _nbytes(entry.cuda_rng))
+                            + _nbytes(entry.device_rng))
         else:
             saved: dict[tuple[int, int], int] = {}
 
@@ -206,8 +207,10 @@ class StageCompute:
         logits = out if out.element_size() >= 4 else out.float()
         loss = F.cross_entropy(logits, y)      # at least float32, also under autocast
         entry.root = loss * scale if scale != 1.0 else loss
-        correct = int((out.detach().argmax(dim=1) == y).sum())
-        return float(loss.detach()), correct
+        # one host read for both figures (a device sync each otherwise)
+        both = self.accel.to_host(torch.stack([loss.detach().to(torch.float64),
+                                               (out.detach().argmax(dim=1) == y).sum().to(torch.float64)]))
+        return float(both[0]), int(both[1])
 
     # -- backward ------------------------------------------------------------------------
     def backward(self, key: Any, grads: Sequence[torch.Tensor] | None = None,
@@ -271,12 +274,24 @@ class StageCompute:
         if entry.rng is None:
             with self.autocast():
                 return _tuple(functional_call(self.module, buffers, entry.xs))
-        devices = [self.device] if entry.cuda_rng is not None else []
-        with self._rng_guard(), torch.random.fork_rng(devices=devices), self.autocast():
+        with self._rng_guard(), torch.random.fork_rng(devices=[]), self._device_rng(entry.device_rng), \
+                self.autocast():
             torch.set_rng_state(entry.rng)
-            if entry.cuda_rng is not None:
-                torch.cuda.set_rng_state(entry.cuda_rng, self.device)
             return _tuple(functional_call(self.module, buffers, entry.xs))
+
+    @contextlib.contextmanager
+    def _device_rng(self, state: Any) -> Any:
+        """The device generator at `state` inside, as it was after (fork_rng's, for the
+        device: None where the CPU generator is the only one)."""
+        if state is None:
+            yield
+            return
+        before = self.accel.rng_state()
+        self.accel.set_rng_state(state)
+        try:
+            yield
+        finally:
+            self.accel.set_rng_state(before)
 
     def drop_all(self) -> None:
         """Forget every stashed batch (e.g. after an aborted step)."""

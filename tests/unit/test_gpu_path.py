@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from dpsgs.comm import device as device_mod
+from dpsgs.comm.accelerator import CpuAccelerator
 from dpsgs.config import OPERATIONAL, TrainConfig
 from dpsgs.job.data import Dataset
 from dpsgs.job.metrics import Timeline
@@ -62,7 +64,7 @@ def test_device_is_operational_and_amp_is_identity():
     assert "device" not in TrainConfig().identity() and "amp" in TrainConfig().identity()
     with pytest.raises(ValueError, match="--amp bf16 trains float32 weights: drop --dtype float64"):
         TrainConfig(amp="bf16", dtype="float64").validate()
-    with pytest.raises(ValueError, match="--device must be one of auto, cpu, cuda"):
+    with pytest.raises(ValueError, match="--device must be one of auto, cpu, cuda, sim"):
         TrainConfig(device="gpu").validate()
 
 
@@ -96,19 +98,19 @@ def test_bf16_is_not_float32():
 def test_checkpoint_state_is_on_the_host():
     state = {"model": {"w": torch.ones(2, requires_grad=True)},
              "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]}}
-    host = _to_host(state)
+    host = _to_host(CpuAccelerator(), state)
     assert host["model"]["w"].device.type == "cpu" and not host["model"]["w"].requires_grad
     assert host["optimizer"]["param_groups"] == [{"lr": 0.1}]
     assert torch.equal(host["optimizer"]["state"][0]["momentum_buffer"], torch.zeros(2))
 
 
 class _FakeEvent:
-    """Stands in for torch.cuda.Event: completes when told, times what it is told."""
+    """A timing event of a made-up device: completes when told, times what it is told."""
 
     clock = 0.0
     done = True
 
-    def __init__(self):
+    def record(self, stream=None):
         self.t = _FakeEvent.clock
 
     def query(self):
@@ -117,15 +119,22 @@ class _FakeEvent:
     def synchronize(self):
         return None
 
-    def elapsed_time(self, end):
-        return (end.t - self.t) * 1e3        # milliseconds, as CUDA reports
+    def elapsed(self, end):
+        return end.t - self.t
 
 
-def test_gpu_timeline_uses_event_times_and_never_waits_for_recent_spans(monkeypatch):
-    from dpsgs.job import metrics
+class _FakeDevice:
+    """An accelerator (dpsgs.comm.accelerator) that runs behind the host; events only."""
 
-    monkeypatch.setattr(metrics, "_cuda_event", _FakeEvent)
-    t = Timeline(0, gpu=True)
+    asynchronous = True
+
+    def event(self, timing=False):
+        assert timing
+        return _FakeEvent()
+
+
+def test_gpu_timeline_uses_event_times_and_never_waits_for_recent_spans():
+    t = Timeline(0, accel=_FakeDevice())
     _FakeEvent.clock, _FakeEvent.done = 0.0, False
     with t.span("forward", "compute"):
         _FakeEvent.clock = 0.25                 # the GPU took 0.25 s, whatever the host did
@@ -135,6 +144,13 @@ def test_gpu_timeline_uses_event_times_and_never_waits_for_recent_spans(monkeypa
         _FakeEvent.clock = 0.75
     totals = t.step_totals()
     assert totals["compute"] == pytest.approx(0.25) and totals["channel"] == pytest.approx(0.5)
+
+
+def test_cpu_timeline_times_spans_by_the_host_clock():
+    t = Timeline(0, accel=CpuAccelerator())
+    with t.span("forward", "compute"):
+        time.sleep(0.05)
+    assert t.step_totals()["compute"] >= 0.05
 
 
 def test_simulate_refuses_cuda_before_making_its_run_folder(tmp_path):

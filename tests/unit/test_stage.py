@@ -157,7 +157,9 @@ def test_a_stage_without_parameters_runs_on_the_device_it_is_given():
     # regression: a parameterless stage took "cpu", so on CUDA its autocast was a CPU one and
     # a recompute would not replay the GPU's random state
     assert StageCompute(nn.Sequential(nn.ReLU()), 1, 2).device == torch.device("cpu")
-    lone = StageCompute(nn.Sequential(nn.ReLU()), 1, 2, device="cuda:0")
+    from dpsgs.comm.accelerator import accelerator
+
+    lone = StageCompute(nn.Sequential(nn.ReLU()), 1, 2, accel=accelerator("cuda", 0))
     assert lone.device == torch.device("cuda:0")
     assert lone.autocast().device == "cuda"
 
