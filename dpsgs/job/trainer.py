@@ -173,7 +173,8 @@ class Trainer:
             batches_per_epoch=self.setup.batches_per_epoch)
         self.control = StepControl(self.pycomm, grid=self.grid, rank=self.rank, timeout=config.timeout,
                                    warn_after=config.warn_after, on_nonfinite=config.on_nonfinite,
-                                   preempt=_early_signals(), health=self.progress.log_failure)
+                                   preempt=_early_signals(), health=self.progress.log_failure,
+                                   late_guard=ctx.accel.asynchronous)
         announce_ranks(self.control.bounded(self.pycomm, "start-up rank map"), self.grid, config.run_dir)
         # order matters: the step's metrics are written before the vote may stop the run
         self.executor = StageExecutor(self.setup, self.rank, ctx.transport,

@@ -59,6 +59,7 @@ class FiniteGuard:
         self.pending_what = ""               # its kind of tensor ("loss", "gradient", ...)
         self.skipped = 0                     # updates skipped so far (policy skip)
         self._reported = 0                   # loss reports printed (policy skip)
+        self._late: tuple[int, str, list[str], torch.Tensor] | None = None   # check_late's
 
     def check(self, step: int, what: str, named: Iterable[tuple[str, torch.Tensor | None]],
               update: bool = True) -> bool:
@@ -68,7 +69,36 @@ class FiniteGuard:
         found = first_nonfinite(named)
         if found is None:
             return True
-        name, kind = found
+        return self._found(step, what, *found, update)
+
+    def check_late(self, step: int, what: str, named: Iterable[tuple[str, torch.Tensor | None]]) -> bool:
+        """Policy stop on a device that runs behind the host: no host read now. One float64
+        sum per tensor is queued on the device and read at the next call (or `resolve_late`),
+        a step later, when it has long been computed; a non-finite one is reported then with
+        this step and tensor (its kind from the sum: an Inf and a -Inf read as NaN). The
+        update goes ahead (True): the run stops at the vote anyway, without a checkpoint."""
+        if self.policy != "stop":
+            raise ValueError("check_late is for policy stop: skip must decide before the update")
+        self.resolve_late()
+        tensors = [(n, t) for n, t in named if t is not None and t.is_floating_point()]
+        if tensors:
+            sums = torch.stack([t.detach().sum(dtype=torch.float64) for _, t in tensors])
+            self._late = (step, what, [n for n, _ in tensors], sums)
+        return True
+
+    def resolve_late(self) -> None:
+        """Read the flag check_late left (one host read), reporting what it found."""
+        late, self._late = self._late, None
+        if late is None:
+            return
+        step, what, names, sums = late
+        sums = sums.cpu()
+        bad = (~torch.isfinite(sums)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            self._found(step, what, names[i], "NaN" if bool(torch.isnan(sums[i])) else "Inf", update=False)
+
+    def _found(self, step: int, what: str, name: str, kind: str, update: bool) -> bool:
         report = (f"non-finite {what} ({kind}) at step {step}, stage {self.stage} "
                   f"(rank {self.rank}), tensor '{name}'")
         if self.policy == "skip":

@@ -42,18 +42,22 @@ class StepControl(StepHooks):
     same step. `lag=0` votes synchronously. As hooks (dpsgs.pipeline.hooks): step_done votes
     and answers "stop" once a stop is agreed (the executor then cuts its plan and flushes);
     loss and update_ok pass the loss and the averaged gradients through the NaN/Inf guard
-    (a non-finite update is skipped). `health` (polled at each step boundary) returns one
-    line when this rank cannot go on (its metrics file cannot be written): every rank then
-    stops with RankFailure, the first such line as its message."""
+    (a non-finite update is skipped; with `late_guard`, policy stop, it is read a step late
+    and the run stops at the vote as before). `health` (polled at each step boundary)
+    returns one line when this rank cannot go on (its metrics file cannot be written): every
+    rank then stops with RankFailure, the first such line as its message."""
 
     def __init__(self, comm: Any, *, grid: Grid, rank: int, timeout: float = 300.0,
                  warn_after: float = 60.0, on_nonfinite: str = "stop", lag: int | None = None,
                  signals: Sequence[int] = DEFAULT_SIGNALS,
                  preempt: PreemptionHandler | None = None,
-                 health: Callable[[], str | None] | None = None) -> None:
+                 health: Callable[[], str | None] | None = None, late_guard: bool = False) -> None:
         self.rank = rank
         self.label = grid.label(rank)
         self.guard = FiniteGuard(on_nonfinite, rank, grid.coords(rank)[1])
+        # a device behind the host (CUDA, the simulator) under policy stop: the gradient check
+        # reads its flag a step late (FiniteGuard.check_late), no host sync per update
+        self.late_guard = late_guard and on_nonfinite == "stop"
         self.preempt = preempt if preempt is not None else PreemptionHandler(signals).install()
         self.health = health
         self.failure: tuple[int, str] | None = None     # (step, line) from health
@@ -80,6 +84,7 @@ class StepControl(StepHooks):
         """Collective, at the end of training: act on the rounds still in flight and on one
         last synchronous round, so a NaN or a failure found in the last steps (or after them:
         the last metrics lines) still stops every rank with its one error."""
+        self.guard.resolve_late()
         decided = [0, 0]
         if self.lagged is not None:
             for got in self.lagged.drain():
@@ -150,6 +155,8 @@ class StepControl(StepHooks):
         self.guard.check(step, "loss", [("loss", torch.tensor(loss))], update=False)
 
     def update_ok(self, step: int, named_grads: Iterable[tuple[str, torch.Tensor | None]]) -> bool:
+        if self.late_guard:
+            return self.guard.check_late(step, "gradient", named_grads)
         return self.guard.check(step, "gradient", named_grads)
 
     # -- collectives -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The device seam (dpsgs.comm.accelerator) on every kind: cpu, and cuda / sim (conftest.py).
-What the executor, stage and metrics will rely on: exact host <-> device copies for every
-wire dtype, stream switching, timed events, and (sim) memory that starts as poison."""
+What the executor, stage and metrics rely on: exact host <-> device copies for every
+wire dtype, stream switching, timed events, where autograd hooks run, and (sim) memory that
+starts as poison."""
 
 from __future__ import annotations
 
@@ -67,3 +68,21 @@ def test_simulated_memory_starts_as_poison(sim):
     x = a.to_host(a.empty((4,), torch.float32))
     assert all(math.isnan(v) for v in x.tolist())
     assert a.to_host(a.empty((3,), torch.int32)).tolist() == [-1, -1, -1]
+
+
+def test_autograd_hooks_run_where_the_device_runs_them(accel):
+    # CUDA's autograd runs a backward's hooks (the reducer's all-reduces) on its device
+    # thread; the simulator copies that with a thread of its own; the CPU runs them here
+    import threading
+
+    w = torch.ones(3, requires_grad=True)
+    seen = []
+    w.register_post_accumulate_grad_hook(lambda p: seen.append(threading.get_ident()))
+    out = accel.backward(lambda: (w * 2).sum().backward() or "done")
+    assert out == "done" and w.grad.tolist() == [2.0, 2.0, 2.0]
+    if accel.kind == "sim":
+        assert seen and seen[0] != threading.get_ident()
+    elif accel.kind == "cpu":
+        assert seen == [threading.get_ident()]
+    with pytest.raises(RuntimeError, match="a backward's error"):
+        accel.backward(lambda: (_ for _ in ()).throw(RuntimeError("a backward's error")))

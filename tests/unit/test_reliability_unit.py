@@ -96,6 +96,27 @@ def test_guard_stop_reports_step_stage_tensor(capsys):
     assert "stopping all ranks" in capsys.readouterr().err
 
 
+def test_guard_read_a_step_late_reports_the_step_and_tensor_it_was_found_at(capsys):
+    # a device behind the host: no read at the update; the next update (or resolve_late)
+    # reads the earlier step's flag and reports that step and tensor
+    g = FiniteGuard("stop", rank=3, stage=1)
+    grad = torch.tensor([1.0, float("nan")])
+    assert g.check_late(7, "gradient", [("0.weight", torch.zeros(2)), ("2.bias", grad)])
+    assert g.pending is None                      # not read yet: the update went ahead
+    grad.zero_()                                  # the next step's gradient, finite
+    assert g.check_late(8, "gradient", [("0.weight", torch.zeros(2)), ("2.bias", grad)])
+    assert g.pending_step == 7
+    assert "non-finite gradient (NaN) at step 7, stage 1 (rank 3), tensor '2.bias'" in g.pending
+    g.resolve_late()                              # step 8 was finite: the first report stays
+    assert g.pending_step == 7 and "stopping all ranks" in capsys.readouterr().err
+    inf = FiniteGuard("stop", rank=0, stage=0)
+    inf.check_late(2, "gradient", [("w", torch.tensor([float("inf")]))])
+    inf.resolve_late()
+    assert "(Inf) at step 2" in inf.pending
+    with pytest.raises(ValueError, match="check_late is for policy stop"):
+        FiniteGuard("skip", 0, 0).check_late(1, "gradient", [])
+
+
 def test_guard_skip_counts_updates_and_only_reports_losses(capsys):
     g = FiniteGuard("skip", rank=0, stage=0)
     # regression: a non-finite loss was counted as a skipped update and said "skipping this
