@@ -11,8 +11,8 @@
 #
 # Steps (in this order; each bounded by its own limit and by what is left of the budget):
 #   nccl-tests     tests/gpu/test_nccl.py, test_descriptors.py, test_accelerator.py (-m gpu)
-#   train          README command 1 on CUDA in float32 and bf16, and on the CPU
-#   trainer-tests  tests/gpu/test_trainer_gpu.py: fdg == reference on CUDA, sync, kill, resume
+#   train          README command 1 on CUDA in float32 and bf16 (sim: float32), and on the CPU
+#   trainer-tests  tests/gpu/test_trainer_gpu.py: fdg == reference on the device, sync, bf16, kill, resume
 #   nccl           the rank program's all-reduce check and `dpsgs bench nccl --check`, 2 ranks
 #   bench          `dpsgs bench train --device cuda` (fdg, sync, DDP over NCCL)
 # Tests run verbose (each name is printed as it starts), split into shards that run side by
@@ -191,32 +191,26 @@ if begin nccl-tests 120; then
 fi
 
 if begin train 60; then
-  if [ "$device" = sim ]; then
-    echo "train: not run on the simulator (the trainer adopts the device seam later: docs/gpu.md)"
-  else
-    share_for 4
-    job=(-K 2 -N 2 --model mlp --dataset digits --epochs 20 --no-progress)
-    for form in "cuda none" "cuda bf16" "cpu none"; do
-      set -- $form
-      out=$work/train/digits-$1-$2
-      what="train digits --device $1 --amp $2" run 120 mpirun -n 4 "${share[@]}" python -m mpi4py -m dpsgs train "${job[@]}" --device "$1" --amp "$2" \
-        --run-dir "$out" > "$out.txt" 2>&1 || { tail -5 "$out.txt"; continue; }
-      python - "$out/summary.json" "$1 $2" <<'PY' | tee -a "$work/train/summary.txt" || failures+=("digits $1 $2: no summary")
+  share_for 4
+  job=(-K 2 -N 2 --model mlp --dataset digits --epochs 20 --no-progress)
+  forms=("cuda none" "cuda bf16" "cpu none")
+  [ "$device" = sim ] && forms=("sim none" "cpu none")
+  for form in "${forms[@]}"; do
+    set -- $form
+    out=$work/train/digits-$1-$2
+    what="train digits --device $1 --amp $2" run 120 mpirun -n 4 "${share[@]}" python -m mpi4py -m dpsgs train "${job[@]}" --device "$1" --amp "$2" \
+      --run-dir "$out" > "$out.txt" 2>&1 || { tail -5 "$out.txt"; continue; }
+    python - "$out/summary.json" "$1 $2" <<'PY' | tee -a "$work/train/summary.txt" || failures+=("digits $1 $2: no summary")
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(sys.argv[2], {k: s[k] for k in ("test_accuracy", "test_loss", "seconds", "samples_per_s") if k in s})
 PY
-    done
-  fi
+  done
   pack train
 fi
 if begin trainer-tests 120; then
-  if [ "$device" = sim ]; then
-    echo "trainer-tests: not run on the simulator (no --device sim trainer path yet)"
-  else
-    pytest_step trainer-tests "$(left)" "${trainer_files[@]}" &
-    tests_started+=("trainer-tests:$!")
-  fi
+  pytest_step trainer-tests "$(left)" "${trainer_files[@]}" &
+  tests_started+=("trainer-tests:$!")
 fi
 for entry in "${tests_started[@]}"; do
   s=${entry%%:*}
