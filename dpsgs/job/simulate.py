@@ -54,6 +54,7 @@ def _device(config: TrainConfig, view: CudaView | None = None) -> DeviceDecision
 
 
 def _torch_device(decision: DeviceDecision) -> torch.device:
+    # sim: the reference of a --device sim run computes on the CPU, as the simulator does
     return torch.device("cuda") if decision.device == "cuda" else torch.device("cpu")
 
 
@@ -66,6 +67,9 @@ def simulate(config: TrainConfig, model: nn.Module | None = None, data: Any = No
         raise ValueError("--simulate runs in one go and writes no checkpoints: there is nothing "
                          "to --resume (choose a new --run-dir)")
     decision = _device(config, cuda_view)     # a setting's error before any file is made
+    if decision.device == "sim":
+        raise ValueError("--simulate runs in one process, without NCCL: --device sim (the GPU path "
+                         "on the CPU simulator) needs mpirun ranks; use --device cpu here")
     device = _torch_device(decision)
     folder = RunFolder.open(config) if config.run_dir else None
     try:

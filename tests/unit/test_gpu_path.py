@@ -163,6 +163,17 @@ def test_simulate_refuses_cuda_before_making_its_run_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_simulate_refuses_the_simulated_device_in_one_line(tmp_path):
+    from dpsgs.comm.nccl import available
+    from dpsgs.job.simulate import simulate
+
+    if not available("sim")[0]:
+        pytest.skip("not a DPSGS_CUDA=sim build (elsewhere --device sim is refused as any missing device)")
+    with pytest.raises(ValueError, match="--simulate runs in one process, without NCCL: --device sim"):
+        simulate(TrainConfig(device="sim", run_dir=str(tmp_path / "run"), epochs=1))
+    assert not (tmp_path / "run").exists()
+
+
 GPU_CHECK = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
 
 
