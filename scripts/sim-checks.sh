@@ -43,8 +43,9 @@ build() {  # build DIR [CFLAGS [LDFLAGS]]: the sim variant in place in DIR
     local flag=${2%% *} obj
     obj=$(find "$1/build" -name cuda_runtime.o | head -1)
     case "$flag" in
-      -fsanitize=thread) nm "$obj" | grep -q __tsan_func_entry ;;
-      --coverage) nm "$obj" | grep -q __gcov ;;
+      # grep -c, not -q: under pipefail grep -q leaving early makes nm fail on SIGPIPE
+      -fsanitize=thread) nm "$obj" | grep -c __tsan_func_entry > /dev/null ;;
+      --coverage) nm "$obj" | grep -c __gcov > /dev/null ;;
     esac || { echo "sim-checks: $flag did not reach the compiler" >&2; exit 2; }
   fi
 }
