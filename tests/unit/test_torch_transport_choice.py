@@ -35,3 +35,9 @@ def test_torch_backend_without_the_torch_transport_is_refused() -> None:
         _cfg("gloo", "core").validate()
     with pytest.raises(ValueError, match=r"--transport must be one of core, mpi4py, torch, got 'tcp'"):
         _cfg("auto", "tcp").validate()
+
+
+def test_the_simulated_device_is_refused_over_torch_in_one_line():
+    # --device sim simulates dpsgs's own NCCL backend: torch.distributed would quietly run on the CPU
+    with pytest.raises(ValueError, match="--transport torch runs on cpu or cuda: --device sim"):
+        torch_backend_for(_cfg("auto"), "sim")
