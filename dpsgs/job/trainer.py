@@ -377,6 +377,7 @@ class Trainer:
 
     def _checkpoint(self, seg: list[tuple[int, int]], iterations: int, stopped_by: str | None = None) -> Path:
         what = f"checkpoint after step {self.global_step - 1}"
+        self.control.before_checkpoint(self.global_step - 1)
         return self.checkpointer.save(self.executor, seg, self.setup.batches_per_epoch,
                                       self.position.iterations + iterations, self.global_step,
                                       self.setup.split, self.control.bounded(self.pycomm, what),

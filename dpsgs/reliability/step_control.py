@@ -92,6 +92,17 @@ class StepControl(StepHooks):
         last = self.vote.vote(step, self._mine(step), "end-of-training check")
         self._act(step, [max(a, b) for a, b in zip(decided, last)], stopping=False)
 
+    def before_checkpoint(self, step: int) -> None:
+        """Collective, just before a checkpoint is written: with `late_guard`, the last update
+        was applied before its flag was read, so read it now and vote at once; a NaN or Inf
+        anywhere stops every rank with its one error before a checkpoint could keep it.
+        Nothing to do otherwise (a non-finite update was skipped when it was found)."""
+        if not self.late_guard:
+            return
+        self.guard.resolve_late()
+        decided = self.vote.vote(step, self._mine(step), "check before the checkpoint")
+        self._act(step, decided, stopping=False)
+
     def _mine(self, step: int) -> list[int]:
         if self.failure is None and self.health is not None:
             text = self.health()

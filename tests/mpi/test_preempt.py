@@ -59,6 +59,16 @@ def test_nonfinite_on_one_rank_stops_all_with_step_stage_tensor():
                 "training stopped" in run.stdout), run.tail()
 
 
+def test_late_guard_nan_stops_every_rank_before_a_checkpoint():
+    # regression: on a device the guard reads its flag a step late, so a NaN update is
+    # applied; a checkpoint written before the lagged vote stopped the run could keep it
+    run = run_ranks(3, "control_ranks.py", "late-before-checkpoint", "3", timeout=60)
+    assert "PASS" in run.stdout, run.tail()
+    for r in range(3):
+        assert (f"rank {r}: applied [True, True, True]: non-finite gradient (NaN) at step 2, "
+                "stage 2 (rank 2), tensor '0.weight'; training stopped" in run.stdout), run.tail()
+
+
 def _env(fault: str | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))

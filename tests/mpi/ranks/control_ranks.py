@@ -2,7 +2,8 @@
 
 Modes: vote (element-wise max), preempt (one rank signals itself; all stop at that step;
 preempt-lagged: all stop at the same step, 2(K+1) steps later),
-nonfinite (one rank sees NaN; all raise at that step), stall (one rank hangs; the others
+nonfinite (one rank sees NaN; all raise at that step), late-before-checkpoint (a NaN update
+read a step late is caught by the check before a checkpoint), stall (one rank hangs; the others
 print a stall report, then time out naming it and abort the job).
 """
 
@@ -63,6 +64,25 @@ elif mode == "nonfinite":
     ctl.close()
     print(f"rank {rank} step {step}: {err}", flush=True)
     ok &= err is not None and step == 4
+elif mode == "late-before-checkpoint":
+    # a device's guard reads its flag a step late, so the update of step 2 (NaN on the last
+    # rank) went ahead; the check before a checkpoint at step 2 stops every rank at once,
+    # naming it, long before the lagged vote would have (and before the checkpoint is written)
+    ctl = StepControl(comm, grid=grid, rank=rank, timeout=20, on_nonfinite="stop", late_guard=True)
+    err, applied = None, []
+    try:
+        for step in range(3):
+            g = torch.ones(3)
+            if (rank, step) == (size - 1, 2):
+                g[0] = float("nan")
+            applied.append(ctl.update_ok(step, [("0.weight", g)]))
+            ctl.end_of_step(step)
+        ctl.before_checkpoint(2)
+    except NonFiniteError as e:
+        err = str(e)
+    ctl.close()
+    print(f"rank {rank}: applied {applied}: {err}", flush=True)
+    ok &= err is not None and applied == [True, True, True]
 elif mode == "stall":
     ctl = StepControl(comm, grid=grid, rank=rank, timeout=3, warn_after=1, lag=0)
     for step in range(10):
