@@ -7,5 +7,6 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$repo/scripts/setup.sh"
 cd "$repo"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-if [ $# -eq 0 ]; then set -- -m "not slow and not gpu"; fi
+# --durations: the slowest tests, listed at the end, so CI time can be watched and trimmed
+if [ $# -eq 0 ]; then set -- -m "not slow and not gpu" --durations=25; fi
 python -m pytest tests "$@"
