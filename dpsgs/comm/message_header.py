@@ -17,9 +17,11 @@ import torch
 
 from dpsgs.comm.dtypes import WIRE_CODES, code_of, torch_dtype_of_code
 from dpsgs.comm.errors import CommError
+from dpsgs.comm.message import spec_of
 from dpsgs.comm.protocol import MAX_MESSAGE_TENSORS, TensorSpec
 
-__all__ = ["HEADER_WORDS", "MAX_DIMS", "check_dims", "pack_header", "parse_header"]
+__all__ = ["HEADER_WORDS", "MAX_DIMS", "check_dims", "copy_back", "pack_header", "parse_header",
+           "receive_buffers"]
 
 MAGIC = 0x44505347          # "DPSG", as the core's
 MAX_DIMS = 8                # dimensions per tensor the header carries
@@ -63,3 +65,23 @@ def parse_header(header: Sequence[int] | np.ndarray, seq: int, what: str) -> lis
             "a malformed header" if magic == MAGIC else "a foreign message"
         raise CommError(f"{what}: corrupt stream: got {got}")
     return specs
+
+
+def receive_buffers(into: Sequence[torch.Tensor] | None, received: Sequence[TensorSpec],
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Where a message whose header said `received` lands: the caller's `into` when it
+    matches (a non-contiguous one replaced by a contiguous twin, filled by copy_back), else
+    new tensors; the header is checked against what was expected after the bytes arrive."""
+    if into is not None and [spec_of(t) for t in into] == list(received):
+        return tuple(o if o.is_contiguous()
+                     else torch.empty_like(o, memory_format=torch.contiguous_format) for o in into)
+    return tuple(torch.empty(sh, dtype=dt, device=device) for dt, sh in received)
+
+
+def copy_back(out: tuple[torch.Tensor, ...], got: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """recv_into's end: a non-contiguous `out` was received beside it; copy it in."""
+    with torch.no_grad():
+        for o, g in zip(out, got):
+            if g is not o:
+                o.copy_(g)
+    return out

@@ -20,7 +20,8 @@ from mpi4py import MPI
 
 from dpsgs.comm.gradient_reducer import GradientReducer
 from dpsgs.comm.message import as_message, as_specs, check_received, spec_of
-from dpsgs.comm.message_header import HEADER_WORDS, check_dims, pack_header, parse_header
+from dpsgs.comm.message_header import (HEADER_WORDS, check_dims, copy_back, pack_header,
+                                       parse_header, receive_buffers)
 from dpsgs.comm.protocol import TensorSpec
 from dpsgs.comm.waits import wait_for
 
@@ -97,12 +98,7 @@ class _Channel:
         wait_for(req.Test, self.timeout, what)
         self.received += 1
         received = parse_header(header, seq, what)
-        same = into is not None and [spec_of(t) for t in into] == received
-        if same:
-            bufs = tuple(o if o.is_contiguous()
-                         else torch.empty_like(o, memory_format=torch.contiguous_format) for o in into)
-        else:
-            bufs = tuple(torch.empty(sh, dtype=dt) for dt, sh in received)
+        bufs = receive_buffers(into, received)
         reqs = [self.comm.Irecv(_raw(b), source=self.peer, tag=self.tag) for b in bufs if b.numel()]
         wait_for(lambda: MPI.Request.Testall(reqs), self.timeout, what)
         check_received(expected, received, f"channel {self.name!r} message #{seq} on rank "
@@ -114,12 +110,7 @@ class _Channel:
 
     def recv_into(self, out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         out = as_message(out, self._where("recv", self.received))
-        got = self._take(tuple(spec_of(o) for o in out), out)
-        with torch.no_grad():
-            for o, g in zip(out, got):
-                if g is not o:
-                    o.copy_(g)              # a non-contiguous `out` was received beside it
-        return out
+        return copy_back(out, self._take(tuple(spec_of(o) for o in out), out))
 
 
 class Mpi4pyTransport:

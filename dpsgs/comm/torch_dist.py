@@ -40,7 +40,8 @@ from dpsgs.comm.errors import CommError, CommTimeout
 from dpsgs.comm.gradient_reducer import GradientReducer
 from dpsgs.comm.grid import Grid
 from dpsgs.comm.message import as_message, as_specs, check_received, spec_of
-from dpsgs.comm.message_header import HEADER_WORDS, check_dims, pack_header, parse_header
+from dpsgs.comm.message_header import (HEADER_WORDS, check_dims, copy_back, pack_header,
+                                       parse_header, receive_buffers)
 from dpsgs.comm.protocol import TensorSpec
 from dpsgs.comm.waits import wait_for
 
@@ -153,11 +154,7 @@ class _Channel:
                         header, what, p2p=True).wait()
         self.received += 1
         received = parse_header(header.tolist(), seq, what)
-        if into is not None and [spec_of(t) for t in into] == received:
-            bufs = tuple(o if o.is_contiguous()
-                         else torch.empty_like(o, memory_format=torch.contiguous_format) for o in into)
-        else:
-            bufs = tuple(torch.empty(sh, dtype=dt, device=dev) for dt, sh in received)
+        bufs = receive_buffers(into, received, dev)
         works = [dist.irecv(_bytes(b), self.peer, group=self.group, tag=self.tag)
                  for b in bufs if b.numel()]
         self.owner.work(works, bufs, what, p2p=True).wait()
@@ -170,12 +167,7 @@ class _Channel:
 
     def recv_into(self, out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         out = as_message(out, self._where("recv", self.received))
-        got = self._take(tuple(spec_of(o) for o in out), out)
-        with torch.no_grad():
-            for o, g in zip(out, got):
-                if g is not o:
-                    o.copy_(g)              # a non-contiguous `out` was received beside it
-        return out
+        return copy_back(out, self._take(tuple(spec_of(o) for o in out), out))
 
 
 class TorchTransport:
