@@ -53,7 +53,7 @@ def cuda_descriptor(t: Any, stream: int | None, index: int | None = None) -> tup
 
 
 class CudaAccelerator:
-    kind, asynchronous = "cuda", True
+    kind, asynchronous, lazy_kernels = "cuda", True, True
 
     def __init__(self, index: int) -> None:
         try:

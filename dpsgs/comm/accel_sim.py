@@ -55,7 +55,7 @@ class _SimEvent:
 
 
 class SimAccelerator:
-    kind, asynchronous = "sim", True
+    kind, asynchronous, lazy_kernels = "sim", True, True   # the GPU path, warm-up included
 
     def __init__(self, index: int) -> None:
         import torch

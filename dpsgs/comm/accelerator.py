@@ -24,6 +24,9 @@ The contract every implementation keeps (what a caller may rely on):
 - `backward(fn)`: runs `fn` (a backward pass) and returns its result; the autograd hooks it
   fires (the reducer's) run where this device runs them: on CUDA autograd's device thread,
   on the simulator a thread of its own, on the CPU the calling thread.
+- `lazy_kernels`: the first launch of each kernel loads it (CUDA's lazy module loading),
+  which waits for the whole device; a stage is then run once before its communicators
+  connect (StageCompute.warm_up). True on the simulator too, so CI runs that path.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class Accelerator(Protocol):
     index: int                # device ordinal (0 for cpu)
     device: Any               # torch.device this rank's tensors live on
     asynchronous: bool        # device work runs behind the host
+    lazy_kernels: bool        # a kernel's first launch loads it (see the contract above)
 
     def make_current(self) -> None: ...
     def current_stream(self) -> int: ...
@@ -98,7 +102,7 @@ class _HostEvent:
 class CpuAccelerator:
     """The host: no streams, synchronous copies, host-clock events."""
 
-    kind, index, asynchronous = "cpu", 0, False
+    kind, index, asynchronous, lazy_kernels = "cpu", 0, False, False
 
     def __init__(self) -> None:
         import torch

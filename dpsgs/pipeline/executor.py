@@ -70,6 +70,8 @@ class StageExecutor:
         module = workload.stage_module(place.replica, place.stage).to(self.device)
         self.compute = StageCompute(module, place.stage, self.K, cfg.stash, shrink, place.amp,
                                     accel=self.accel)
+        if self.accel.lazy_kernels:     # before any channel or reducer exists (see warm_up)
+            self._warm_up()
         self.optimizer = workload.make_optimizer(self.compute.params)
         # named as in the whole model: a stage module keeps the model's module paths
         self._named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -98,6 +100,16 @@ class StageExecutor:
         if step_overlap:
             return GradientReducer(self.compute.params, lambda flat: _Done(), buffers=2)
         return None
+
+    def _warm_up(self) -> None:
+        """Load the stage's kernels once, on zeros of the shapes it will see (the training
+        batch, or its micro-batch under sync), before the transport connects."""
+        rows = self.cfg.batch_size // (self.cfg.micro_batches if self.cfg.schedule == "sync" else 1)
+        xs = [torch.zeros((rows, *shape), dtype=dtype, device=self.device)
+              for dtype, shape in self.place.in_specs]
+        y = (torch.zeros(rows, dtype=torch.long, device=self.device)
+             if self.compute.is_last else None)
+        self.compute.warm_up(xs, y)     # no span: it would count in step 0's compute time
 
     # -- helpers -------------------------------------------------------------------------
     def _global(self, eb: tuple[int, int]) -> int:

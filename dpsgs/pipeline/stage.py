@@ -136,6 +136,39 @@ class StageCompute:
         """The module on `xs` as it stands, no stash (evaluation)."""
         return _tuple(self.module(*xs))
 
+    def warm_up(self, xs: Sequence[torch.Tensor], y: torch.Tensor | None = None) -> None:
+        """One forward and backward of the stage on `xs` (the last stage: its loss against
+        `y`) that leaves no trace: parameters and their .grad, buffers (BatchNorm
+        statistics), the CPU and device RNG states and the stash are as they were. On CUDA
+        the first launch of each kernel loads it and waits for the whole device; run before
+        the communicators connect, that wait cannot stall against NCCL kernels spinning on
+        their peers. The gradients come from torch.autograd.grad: no .grad is written and no
+        post-accumulate-grad hook (the reducer's) fires."""
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        cpu_rng, device_rng = torch.get_rng_state(), self.accel.rng_state()
+        try:
+            xs = tuple(x.detach().requires_grad_(not self.is_first and x.is_floating_point())
+                       for x in xs)
+            with self._rng_guard(), self.autocast():
+                outs = _tuple(self.module(*xs))
+            if self.is_last:
+                out = outs[0]
+                root = F.cross_entropy(out if out.element_size() >= 4 else out.float(), y)
+            else:
+                root = sum((o.float().sum() for o in outs if o.requires_grad),
+                           torch.zeros((), device=self.device))
+            wrt = [x for x in xs if x.requires_grad] + self.params
+            if wrt and root.requires_grad:
+                torch.autograd.grad(root, wrt, allow_unused=True)
+            self.accel.synchronize()
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(self.module.buffers(), buffers):
+                    b.copy_(saved)
+            torch.set_rng_state(cpu_rng)
+            if device_rng is not None:
+                self.accel.set_rng_state(device_rng)
+
     # -- forward -------------------------------------------------------------------------
     def _rng_guard(self) -> Any:
         """Held while a stage that draws random numbers forwards or replays: the threads of

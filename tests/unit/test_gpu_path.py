@@ -198,3 +198,48 @@ def test_the_simulated_device_is_taken_by_name_only():
     else:
         with pytest.raises(ValueError, match="--device sim: dpsgs._C was built"):
             device_mod.resolve_device("sim", [view])
+
+
+class _LazyCpu(CpuAccelerator):
+    """The host, as a device whose kernels load on first launch (CUDA's lazy loading)."""
+
+    lazy_kernels = True
+
+
+class _WithAccel:
+    """A loopback transport that names its accelerator, as NcclTransport does."""
+
+    def __init__(self, inner, accel, log):
+        self._inner, self.accel, self.device, self._log = inner, accel, inner.device, log
+
+    def channel(self, *args):
+        self._log.append("channel")
+        return self._inner.channel(*args)
+
+    def reducer(self, *args, **kwargs):
+        self._log.append("reducer")
+        return self._inner.reducer(*args, **kwargs)
+
+
+@pytest.mark.parametrize("schedule,rows", [("fdg", 16), ("sync", 4)])
+def test_a_lazy_kernel_device_warms_every_stage_up_before_its_channels_exist(monkeypatch, schedule, rows):
+    from dpsgs.comm.loopback import LoopbackGroup
+    from dpsgs.job.run_setup import prepare
+    from dpsgs.pipeline.executor import StageExecutor
+    from dpsgs.pipeline.stage import StageCompute
+
+    cfg = TrainConfig(stages=3, replicas=1, split=[2, 4], batch_size=16, micro_batches=4,
+                      schedule=schedule, device="cpu", epochs=1, progress=False)
+    setup = prepare(cfg, _model(), _data())
+    group = LoopbackGroup(3, 1, timeout=cfg.timeout, device="cpu")
+    seen = []
+    monkeypatch.setattr(StageCompute, "warm_up", lambda self, xs, y=None: seen.append(
+        (self.stage, [tuple(x.shape) for x in xs], None if y is None else tuple(y.shape))))
+    for k in range(3):
+        StageExecutor(setup, k, group.transport(k))           # the host: nothing to load
+    assert seen == []
+    for k in range(3):
+        StageExecutor(setup, k, _WithAccel(group.transport(k), _LazyCpu(), seen))
+    assert seen == [(0, [(rows, 6)], None), "channel", "channel",
+                    (1, [(rows, 32)], None), "channel", "channel", "channel", "channel",
+                    (2, [(rows, 32)], (rows,)), "channel", "channel"]

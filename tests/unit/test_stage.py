@@ -211,3 +211,30 @@ def test_unused_floating_input_gets_a_zero_gradient():
     assert torch.equal(j, i + 1)
     gx, gu = c.backward(0, (torch.ones(3, 2),))   # one gradient: the floating output only
     assert gu.shape == (3, 5) and not gu.any() and gx.shape == (3, 2)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_warm_up_leaves_no_trace(stage):
+    # warm_up runs before a GPU stage's communicators connect (lazy kernel loading): it must
+    # not move a BatchNorm statistic, a .grad, the RNG or the stash, nor fire the reducer's
+    # post-accumulate-grad hooks
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+    c = StageCompute(m, stage=stage, stages=3, stash="weights")
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    fired = []
+    for p in m.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    m[0].weight.grad = torch.full_like(m[0].weight, 7.0)
+    torch.manual_seed(6)
+    rng = torch.get_rng_state()
+    y = torch.zeros(8, dtype=torch.long) if stage == 2 else None
+    c.warm_up((torch.randn(8, 4).clone(),), y)     # randn moves the RNG: restore it first
+    torch.set_rng_state(rng)
+    c.warm_up((torch.zeros(8, 4),), y)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(m[0].weight.grad, torch.full_like(m[0].weight, 7.0))
+    assert all(p.grad is None for p in list(m.parameters())[1:])
+    assert fired == [] and c.in_flight == [] and c.stash_bytes == 0
