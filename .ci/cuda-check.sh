@@ -24,10 +24,13 @@ python -c "import nvidia.nccl, os; p = nvidia.nccl.__path__[0]; \
 assert os.path.exists(os.path.join(p, 'include', 'nccl.h')), 'nccl.h missing in ' + p" \
   || fail "the NCCL wheel has no include/nccl.h"
 
-echo "== building dpsgs._C with DPSGS_CUDA=1 into $OUT"
+# libstdc++ linked statically, as the GPU machine's module-built g++ does (docs/gpu.md): the
+# export map must still keep the module's copy away from torch (tests/unit/test_exports.py
+# checks the CPU build the same way; it is `slow`, this build is CI's check of it)
+echo "== building dpsgs._C with DPSGS_CUDA=1, LDFLAGS=-static-libstdc++ into $OUT"
 rm -rf "$OUT"
 mkdir -p "$(dirname "$TMP")"
-if ! DPSGS_CUDA=1 python setup.py -q build_ext -j 2 --build-lib "$OUT" --build-temp "$TMP" > "$TMP.log" 2>&1; then
+if ! DPSGS_CUDA=1 LDFLAGS="-static-libstdc++ ${LDFLAGS:-}" python setup.py -q build_ext -j 2 --build-lib "$OUT" --build-temp "$TMP" > "$TMP.log" 2>&1; then
   tail -40 "$TMP.log" >&2
   fail "build with DPSGS_CUDA=1 failed (log: $TMP.log)"
 fi
@@ -50,6 +53,8 @@ exported=$(nm -D --defined-only "$SO" | awk '{print $NF}')
 [ "$exported" = "PyInit__C" ] || fail "$SO exports $(wc -w <<< "$exported") symbols, not just PyInit__C: $(head -c 300 <<< "$exported")"
 echo "  $exported"
 
+readelf -d "$SO" | grep -q "NEEDED.*libstdc++" && fail "libstdc++ was not linked statically (LDFLAGS ignored?)"
+
 echo "== ldd: libraries resolve"
 libs=$(ldd "$SO")
 if grep -q "not found" <<< "$libs"; then
@@ -60,11 +65,14 @@ grep -E "libnccl\.so\.2 => /" <<< "$libs" || fail "libnccl.so.2 not linked/resol
 grep -E "libcudart\.so[.0-9]* => /" <<< "$libs" || fail "libcudart not linked/resolved"
 
 echo "== importing the built module (separate dir, subprocess)"
-python - "$SO" <<'PY' || fail "the NCCL build does not import or does not report NCCL"
+for order in C-then-torch torch-then-C; do
+python - "$SO" "$order" <<'PY' || fail "the NCCL build does not import ($order) or does not report NCCL"
 import importlib.util
 import sys
 
-path = sys.argv[1]
+path, order = sys.argv[1], sys.argv[2]
+if order == "torch-then-C":
+    import torch
 # Load this file by path: the repository's own dpsgs package (in-place build) must not shadow it.
 spec = importlib.util.spec_from_file_location("dpsgs._C", path)
 mod = importlib.util.module_from_spec(spec)
@@ -80,7 +88,12 @@ print(f"  loaded libnccl {mod.nccl_version()} (compiled against {mod.nccl_header
       f"CUDA runtime {info.get('cuda_version')}, {gpus} GPU(s) visible")
 with open(path + ".gpus", "w") as f:
     f.write(str(gpus))
+import torch  # noqa: E402 - after the module (C-then-torch): torch must not use the module's libstdc++
+x = torch.arange(1000, dtype=torch.float64).reshape(10, 100)
+assert float((x @ x.T).trace()) > 0
+print(f"  {order}: torch {torch.__version__} works beside it")
 PY
+done
 gpus=$(cat "$SO.gpus")
 rm -f "$SO.gpus"
 if [ "$gpus" = "0" ]; then

@@ -81,12 +81,29 @@ def check_dataset(name: str, data_dir: str | None = None) -> None:
                          f"--dataset cifar10 does); drop --data-dir or name the dataset")
 
 
-def _digits() -> tuple[Dataset, Dataset]:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (pixels N x 64, labels N), read from the file it ships
+    (datasets/data/digits.csv.gz: 64 pixel columns, then the label), as its load_digits
+    does: importing scikit-learn costs seconds on every rank, the file a few milliseconds.
+    Its own loader where the file is not there (a layout this one does not know)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")       # finds the package without importing it
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.int64)
+    return bunch.data, bunch.target
+
+
+def _digits() -> tuple[Dataset, Dataset]:
+    pixels, labels = _digits_arrays()
+    x = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(labels, dtype=torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
     test_idx, train_idx = perm[:_DIGITS_TEST], perm[_DIGITS_TEST:]
     # Scalar statistics: a few border pixels are constant, per-pixel std would divide by 0.

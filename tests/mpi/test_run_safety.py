@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_trial import REPO, train_args  # noqa: E402
+from fault_trial import REPO, TIMEOUT, train_args  # noqa: E402
 from launcher import mpirun  # noqa: E402
 
 from dpsgs.job.checkpoint import committed_checkpoints, read_manifest  # noqa: E402
@@ -30,9 +30,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(run_dir: Path, *extra: str, n: int = 2, epochs: int = 2, env: dict | None = None,
-         timeout: float = 150.0, k: int = 2) -> subprocess.CompletedProcess:
+         timeout: float = 150.0, k: int = 2, job_timeout: float = 20.0) -> subprocess.CompletedProcess:
+    """`timeout`: the whole mpirun's; `job_timeout`: the job's --timeout (the tests that wait
+    it out use the fault trials' short one)."""
     cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "dpsgs",
-           *train_args(k, n // k, str(run_dir), timeout=20.0, epochs=epochs), *extra]
+           *train_args(k, n // k, str(run_dir), timeout=job_timeout, epochs=epochs), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), cwd=REPO,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -204,11 +206,12 @@ def test_ranks_launched_with_another_batch_size_are_named_not_called_dead(tmp_pa
 
 def test_a_rank_that_stops_after_training_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     start = time.monotonic()
-    run = _run(tmp_path, env=_env(DPSGS_FAULT="rank=1,step=0,phase=end,kind=hang"), epochs=1)
+    run = _run(tmp_path, env=_env(DPSGS_FAULT="rank=1,step=0,phase=end,kind=hang"), epochs=1,
+               job_timeout=TIMEOUT)
     took = time.monotonic() - start
     assert run.returncode != 0, _tail(run)
     assert "end-of-job agreement timed out" in run.stderr and "rank 1" in run.stderr, _tail(run)
-    assert took < 20 + 45, took          # --timeout 20: not the hung rank's hour
+    assert took < TIMEOUT + 45, took     # --timeout: not the hung rank's hour
 
 
 def test_sigterm_in_the_first_second_takes_the_clean_path(tmp_path: Path) -> None:
@@ -266,7 +269,7 @@ def test_ctrl_c_is_one_line_and_no_traceback(tmp_path: Path) -> None:
 def test_allreduce_timeouts_name_job_ranks_with_replica_and_stage(tmp_path: Path) -> None:
     # rank 3 (replica 1, stage 1) stops before a backward: its stage group's all-reduce waits
     run = _run(tmp_path, n=4, env=_env(DPSGS_FAULT="rank=3,step=5,phase=backward,kind=hang"),
-               epochs=1, timeout=120)
+               epochs=1, timeout=120, job_timeout=TIMEOUT)
     assert run.returncode != 0
     timeouts = [line for line in run.stderr.splitlines() if "did not complete within" in line
                 or "no progress after" in line or "timed out" in line]

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "ranks"))
 from compare import load_dump  # noqa: E402
 from launcher import run_ranks  # noqa: E402
 from toy import toy_config, toy_data, toy_model  # noqa: E402
-from transports import TRANSPORTS  # noqa: E402
+from transports import TRANSPORTS, each_transport  # noqa: E402
 
 from dpsgs.job.run_setup import prepare  # noqa: E402
 from dpsgs.job.data import get_batch  # noqa: E402
@@ -41,7 +41,7 @@ def backprop(cfg, steps):
     return [p.detach() for p in m.parameters()]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", each_transport())
 def test_sync_equals_backprop(tmp_path, transport):
     # 96 samples / (8 x 2) = 6 batches per epoch: 20 steps cross 3 epoch boundaries
     specs = [{"name": f"sync-{kind}", "schedule": "sync", "stages": 2, "replicas": 2,

@@ -24,13 +24,14 @@ def _no_torch_rendezvous_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.parametrize("nprocs", [2, 3, 4])
+# 4 ranks: slow (minutes of CI on 2 cores); 3 is CI's case beyond 2, the non-power of two
+@pytest.mark.parametrize("nprocs", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_every_operation_matches_gloo(nprocs: int) -> None:
     run = run_ranks(nprocs, "torch_backend_ops_ranks.py", timeout=600)
     assert re.search(r"^OK \d+ cases$", run.stdout, re.M), run.tail()
 
 
-@pytest.mark.parametrize("nprocs", [2, 3, 4])
+@pytest.mark.parametrize("nprocs", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_ddp_matches_ddp_over_gloo(nprocs: int) -> None:
     run = run_ranks(nprocs, "torch_backend_ddp_ranks.py", timeout=600)
     assert "OK ddp" in run.stdout, run.tail()

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "ranks"))
 from compare import compare_to_reference, load_dump  # noqa: E402
 from launcher import REPO, mpirun, run_ranks  # noqa: E402
 from toy import toy_config, toy_data, toy_model  # noqa: E402
-from transports import TRANSPORTS  # noqa: E402
+from transports import TRANSPORTS, each_transport  # noqa: E402
 
 from dpsgs.job.data import get_batch  # noqa: E402
 from dpsgs.job.metrics import read_metrics  # noqa: E402
@@ -63,7 +63,7 @@ def test_functional_ops_between_layers_sync_equals_plain_pytorch(tmp_path, K, N,
     assert dump["summary"]["split"] == (split or [])
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", each_transport())
 def test_skip_connection_across_a_cut_fdg_equals_reference(tmp_path, transport):
     specs = [{"name": f"skip-{stash}", "model": "skip", "stages": 2, "replicas": 2,
               "split": ["block.b"], "stash": stash, "shrink": beta, "max_steps": 10}

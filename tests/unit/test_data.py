@@ -43,6 +43,24 @@ def test_digits_split_and_scaling() -> None:
     assert torch.equal(again.x, train.x)
 
 
+def test_digits_read_without_sklearn_equal_sklearns_own_loader() -> None:
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from dpsgs.job.data import _digits_arrays
+
+    pixels, labels = _digits_arrays()
+    bunch = load_digits()
+    assert pixels.dtype == bunch.data.dtype and np.array_equal(pixels, bunch.data)
+    assert np.array_equal(labels, bunch.target) and labels.shape == (1797,)
+    # the point of reading the file: a rank loading digits never imports scikit-learn
+    code = ("import sys; from dpsgs.job.data import load_dataset; load_dataset('digits'); "
+            "sys.exit('sklearn' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_cifar_folder_loads_and_normalises(tmp_path: Path) -> None:
     first = write_cifar(tmp_path / "cifar")
     train, test = load_dataset("cifar10", str(tmp_path / "cifar"))

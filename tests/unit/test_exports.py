@@ -4,6 +4,8 @@ after it, died with `free(): invalid pointer` in std::locale::~locale).
 
 One build with `-static-libstdc++` (reproduces that toolchain here), then: the dynamic symbol
 table holds PyInit__C alone, and the module imports and works before and after torch.
+Slow (a whole build of its own): CI checks the same on the wheel it builds anyway, which
+.ci/install-check.sh links with -static-libstdc++.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 _LOAD = """
