@@ -1,10 +1,47 @@
 // NcclWork: polling completion of one NCCL operation with async-error checks (see nccl_work.h).
 #include "cuda/nccl_work.h"
 
+#include <algorithm>
+#include <iterator>
+#include <vector>
+
 #include "common/backoff.h"
 #include "cuda/cuda_check.h"
 
 namespace dpsgs {
+
+namespace {
+
+struct Unfinished {
+  std::unique_ptr<CudaEvent> done;
+  Owner owner;
+  int rank = 0;
+};
+
+bool finished(const Unfinished& u) noexcept {
+  try {
+    return u.done->query(u.rank, -1);
+  } catch (const std::exception&) {
+    return false;  // a broken context or CUDA unloading: it cannot say, so the memory stays
+  }
+}
+
+// Keeps `u` (the owner of a destroyed Work whose operation may still run on the GPU, with its
+// event; none: nothing to keep) and releases those kept before whose operation has finished
+// since: every Work's destruction sweeps.
+void keep_until_done(Unfinished u) {
+  static std::mutex mu;
+  static auto* kept = new std::vector<Unfinished>();  // never destroyed: used at exit
+  std::vector<Unfinished> released;  // let go outside the lock (an owner may be a Python buffer)
+  std::lock_guard<std::mutex> lock(mu);
+  if (u.owner) kept->push_back(std::move(u));
+  if (kept->empty()) return;
+  auto still = std::stable_partition(kept->begin(), kept->end(), [](const Unfinished& k) { return !finished(k); });
+  std::move(still, kept->end(), std::back_inserter(released));
+  kept->erase(still, kept->end());
+}
+
+}  // namespace
 
 NcclWork::NcclWork(std::string what, std::shared_ptr<NcclHandle> handle, int device, int peer, Owner owner)
     : Work(handle->timeout(), handle->warn_after()),
@@ -14,6 +51,14 @@ NcclWork::NcclWork(std::string what, std::shared_ptr<NcclHandle> handle, int dev
       peer_(peer),
       owner_(std::move(owner)),
       done_(std::make_unique<CudaEvent>(device, handle_->rank())) {}
+
+NcclWork::~NcclWork() {
+  Unfinished u;  // completed and checked, or nothing issued: the memory is free to go now
+  if (!trivial_ && owner_ && !verified_.load(std::memory_order_acquire)) {
+    u = {std::move(done_), std::move(owner_), handle_->rank()};
+  }
+  keep_until_done(std::move(u));
+}
 
 void NcclWork::set_error(std::exception_ptr e) {
   {

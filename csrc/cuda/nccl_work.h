@@ -25,10 +25,14 @@ namespace dpsgs {
 // completes: an operation hit by an asynchronous error may still complete); wait() adds the
 // deadline and, on timeout, aborts the NCCL communicator (bounded) before throwing
 // CommTimeout — a timed-out NCCL kernel never finishes, so the communicator is dead anyway.
-// `owner` keeps the caller's memory alive until the Work is destroyed.
+// `owner` keeps the caller's memory alive until the Work is destroyed and its operation has
+// finished on the GPU: a Work dropped before that (timed out, failed, or let go by the
+// caller) hands its owner and `done` event to a keeper that releases them once the event
+// completes (never, where the event cannot say), as NCCL may still read or write the memory.
 class NcclWork : public Work {
  public:
   NcclWork(std::string what, std::shared_ptr<NcclHandle> handle, int device, int peer, Owner owner);
+  ~NcclWork() override;
 
   bool is_completed() override;
   std::string describe() const override { return what_; }

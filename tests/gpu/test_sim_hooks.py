@@ -39,3 +39,10 @@ def test_connect_warms_up_the_allreduce_only_where_a_reducer_will_run(sim):
     run = gpu_ranks(4, "nccl_connect_ranks.py", timeout=300, device=sim)
     assert run.stdout.count("connect warm-ups OK") == 4, run.tail()
     assert_clean(run)
+
+
+def test_a_work_dropped_while_its_operation_runs_keeps_the_buffer_until_it_ends(sim):
+    # Regression (ThreadSanitizer, scripts/sim-checks.sh tsan): a Work destroyed before its
+    # operation finished released the buffer while the stream could still write it
+    run = gpu_ranks(2, "nccl_owner_ranks.py", timeout=120, expect_ok=False, device=sim)
+    assert run.returncode == 3 and run.stdout.count(": OK") == 2, run.tail()
