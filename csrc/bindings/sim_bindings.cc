@@ -36,11 +36,15 @@ T* handle(uintptr_t h) {
 }
 
 // Memory of the simulated device (or pinned host memory) that Python can view through the
-// buffer protocol: torch.frombuffer / numpy.frombuffer keep it alive. Freed memory is
-// poisoned at once, as a caching allocator hands a block to the next tensor at once.
+// buffer protocol: torch.frombuffer / numpy.frombuffer keep it alive. Freed device memory is
+// poisoned in the order of `stream`, the stream it was allocated on (cudaFreeAsync), as
+// torch's caching allocator hands a block to that stream's next tensor at once: work queued
+// there before the free still sees the block, any other stream's gets poison. Without a
+// stream (0), or once that stream is gone, it is poisoned at once.
 class SimBuffer {
  public:
-  SimBuffer(size_t nbytes, int device, bool pinned) : nbytes_(nbytes), device_(device), pinned_(pinned) {
+  SimBuffer(size_t nbytes, int device, bool pinned, uintptr_t stream)
+      : nbytes_(nbytes), device_(device), pinned_(pinned), stream_(stream) {
     if (pinned) {
       check(cudaMallocHost(&ptr_, nbytes), "cudaMallocHost");
     } else {
@@ -53,8 +57,12 @@ class SimBuffer {
     }
   }
   ~SimBuffer() {
-    if (pinned_) sim::host_free(ptr_);
-    else sim::device_free(ptr_);  // no device-wide wait: see the class comment
+    if (pinned_) {
+      sim::host_free(ptr_);
+    } else if (stream_ == 0 || cudaFreeAsync(ptr_, handle<CUstream_st>(stream_)) != cudaSuccess) {
+      cudaGetLastError();       // a stream destroyed since: not an error of the caller's
+      sim::device_free(ptr_);   // no device-wide wait: see the class comment
+    }
   }
   SimBuffer(const SimBuffer&) = delete;
   SimBuffer& operator=(const SimBuffer&) = delete;
@@ -69,6 +77,7 @@ class SimBuffer {
   size_t nbytes_;
   int device_;
   bool pinned_;
+  uintptr_t stream_;
 };
 
 }  // namespace
@@ -184,7 +193,8 @@ void bind_sim(py::module_& m) {
   py::class_<SimBuffer, std::shared_ptr<SimBuffer>>(s, "Buffer", py::buffer_protocol(),
       "Memory of the simulated device (pinned=False, poison-filled) or pinned host memory; view it with "
       "torch.frombuffer / numpy.frombuffer, which keep it alive")
-      .def(py::init<size_t, int, bool>(), py::arg("nbytes"), py::arg("device") = 0, py::arg("pinned") = false)
+      .def(py::init<size_t, int, bool, uintptr_t>(), py::arg("nbytes"), py::arg("device") = 0,
+           py::arg("pinned") = false, py::arg("stream") = 0)
       .def_property_readonly("ptr", &SimBuffer::ptr)
       .def_property_readonly("nbytes", &SimBuffer::nbytes)
       .def_property_readonly("device", &SimBuffer::device)

@@ -103,7 +103,8 @@ class SimAccelerator:
         self._sim.stream_synchronize(self.current_stream())
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """Simulator memory, poison until written (a block freed later is poisoned at once)."""
+        """Simulator memory, poison until written; freed, it is poisoned in the order of the
+        current stream (as torch's caching allocator reuses a block in its stream's order)."""
         torch = self._torch
         numel = 1
         for s in shape:
@@ -111,7 +112,7 @@ class SimAccelerator:
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        buf = self._sim.Buffer(numel * itemsize, self.index)
+        buf = self._sim.Buffer(numel * itemsize, self.index, False, self.current_stream())
         return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
     def _copy(self, dst: Any, src: Any, kind: int) -> None:
