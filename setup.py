@@ -5,6 +5,8 @@
     DPSGS_CUDA=0|1|sim|auto ...                     # CPU/MPI only | NCCL backend required |
                                                     # the NCCL backend on the CPU simulator |
                                                     # real where CUDA, NCCL and a driver are, else sim
+    DPSGS_BUILD_EXT=0 pip install -e .              # the package alone (scripts/setup.sh's editable
+                                                    # install; its build_ext --inplace compiles _C once)
 
 MPI flags come from `mpicc` (the one beside the running Python, i.e. the `mpich` wheel, else
 PATH; `MPICC` overrides). The extension needs libmpi.so.12 (the MPICH ABI) at run time and
@@ -224,6 +226,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", "mpi4py>=4.0", "tqdm"],
     extras_require={"train": ["torch==2.13.0", "scikit-learn", "matplotlib"]},
-    ext_modules=get_extensions(),
+    ext_modules=[] if os.environ.get("DPSGS_BUILD_EXT") == "0" else get_extensions(),
     zip_safe=False,
 )

@@ -20,12 +20,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # `import dpsgs` from any folder of this venv: an editable install of this checkout (once; again
-# if the checkout moved). Its import hook maps `dpsgs` to ./dpsgs, where it also puts the
-# dpsgs._C it builds: the same file the in-place build below keeps up to date.
+# if the checkout moved). Its import hook maps `dpsgs` to ./dpsgs, where the in-place build
+# below puts dpsgs._C.
 if ! (cd / && python -c "import importlib.util as u, os, sys; s = u.find_spec('dpsgs'); \
 sys.exit(not s or os.path.realpath(s.origin) != os.path.realpath(sys.argv[1]))" "$repo/dpsgs/__init__.py"); then
-  echo "== pip install -e . (dpsgs importable from any folder of .venv; builds dpsgs._C)"
-  pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  # The package alone: pip would compile the extension in a temporary folder, which leaves
+  # the in-place build below nothing that says it is up to date (one compile, not two).
+  echo "== pip install -e . (dpsgs importable from any folder of .venv)"
+  DPSGS_BUILD_EXT=0 pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
 echo "== building dpsgs._C (DPSGS_CUDA=${DPSGS_CUDA:-auto})"
 python setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)" || true
