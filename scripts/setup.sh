@@ -29,6 +29,11 @@ sys.exit(not s or os.path.realpath(s.origin) != os.path.realpath(sys.argv[1]))" 
   echo "== pip install -e . (dpsgs importable from any folder of .venv)"
   DPSGS_BUILD_EXT=0 pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
+# Byte-compile the package and the tests once. Where PYTHONDONTWRITEBYTECODE is set (common in
+# containers, and on CI's machines) no rank would write it, so every rank would compile dpsgs
+# from source again: 0.7 of the ~4.7 CPU-s a 1-rank training run takes here (4.7 -> 4.0).
+# A stale .pyc is never used: Python checks it against the source's mtime.
+python -m compileall -q dpsgs tests examples > /dev/null
 echo "== building dpsgs._C (DPSGS_CUDA=${DPSGS_CUDA:-auto})"
 python setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)" || true
 python -c "import dpsgs; print('dpsgs', dpsgs.build_info())"
