@@ -73,9 +73,7 @@ def _assert_whole_equal(a: WholeState, b: WholeState, where: str) -> None:
     assert a.optimizer, f"{where}: no optimizer state was saved at all"
 
 
-# SGD momentum is resharded in CI by the sync float64 test below (momentum within 1e-12);
-# AdamW (two moments and a step count per parameter) here
-@pytest.mark.parametrize("optimizer", [pytest.param("sgd", marks=pytest.mark.slow), "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_2x2_resharded_to_every_grid_and_back_is_bit_identical(tmp_path: Path, optimizer: str) -> None:
     src = tmp_path / "src"
     extra = ["--optimizer", optimizer, "--momentum", "0.9", "--lr", "0.05"]
