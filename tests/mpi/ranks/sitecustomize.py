@@ -1,8 +1,9 @@
 """Loaded by every process the test launchers start (this folder is on their PYTHONPATH, and
 Python imports `sitecustomize` at start-up).
 
-1. An MPI rank hands itself to the suite's fork server, if one runs, and never returns
-   here (tests/mpi/forkserver.py): it starts warm, without importing torch again.
+1. An MPI rank hands itself to the suite's fork server, if one runs, and, once the server
+   has forked it, never returns here (tests/mpi/forkserver.py): it starts warm, without
+   importing torch again; otherwise it goes on here and starts cold.
 2. At exit, after every atexit handler registered later (mpi4py's MPI_Finalize among them),
    freeze the garbage collector, so the interpreter's last collections do not walk torch's
    whole module graph — over a second per rank, in every launch of the suite.
