@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,12 +74,25 @@ def test_sigterm_to_mpirun_reaches_warm_ranks(tmp_path: Path) -> None:
     proc = subprocess.Popen([mpirun(), "-n", "2", sys.executable, str(PROBE), "sigterm"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env(True), cwd=tmp_path)
-    waiting = 0
-    for line in proc.stdout:                                  # type: ignore[union-attr]
-        waiting += line.endswith(": waiting\n")
-        if waiting == 2:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    seen: list[str] = []
+    both_waiting = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:                              # type: ignore[union-attr]
+            seen.append(line)
+            if "".join(seen).count(": waiting") == 2:
+                both_waiting.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert both_waiting.wait(60), "the ranks never said they wait:\n" + "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    out, err = "".join(seen), proc.stderr.read()              # type: ignore[union-attr]
     assert "rank 0: SIGTERM" in out and "rank 1: SIGTERM" in out, out + err
     assert proc.returncode == 5, (proc.returncode, err[-2000:])

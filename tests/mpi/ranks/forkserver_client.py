@@ -104,14 +104,13 @@ def hand_over() -> None:
     try:
         send_message(sock, request, fds)
         reply = receive_message(sock)
-        if reply is not None and reply[0][0] == "started":
-            _let_go(fds)
         if reply is None:
             raise ConnectionError("the fork server closed the connection")
         if reply[0][0] == "cold":
             sock.close()
             return                                   # the one way back: nothing was started
         child = reply[0][1]
+        _let_go(fds)
         _wait_as(child, sock)
     except BaseException as e:                       # never run the program here as well
         if child is not None:

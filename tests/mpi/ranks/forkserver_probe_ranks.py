@@ -36,7 +36,8 @@ if how == "exit3" and comm.Get_rank() == 1:
     sys.exit(3)
 if how == "raise" and comm.Get_rank() == 1:
     raise ValueError("probe: raised on rank 1")
-if how == "sigterm":
-    signal.signal(signal.SIGTERM, lambda *_: (print(f"rank {comm.Get_rank()}: SIGTERM", flush=True), sys.exit(5)))
-    print(f"rank {comm.Get_rank()}: waiting", flush=True)
+if how == "sigterm":                                    # one write per line: lines never merge
+    signal.signal(signal.SIGTERM, lambda *_: (os.write(1, f"rank {comm.Get_rank()}: SIGTERM\n".encode()),
+                                              sys.exit(5)))
+    os.write(1, f"rank {comm.Get_rank()}: waiting\n".encode())
     signal.pause()
