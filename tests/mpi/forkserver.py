@@ -3,7 +3,7 @@ rank for each process that mpirun starts.
 
 Why: a rank of this suite spends about 4 CPU-seconds importing torch and torch._dynamo
 (which torch.optim imports on its first step) before it runs a line of its own; the suite
-starts over 700 ranks on 2 cores, so that import was most of CI's time. Here it is paid
+starts over 550 ranks on 2 cores, so that import was most of CI's time. Here it is paid
 once per server.
 
 How a rank uses it: mpirun starts `python ...` as usual; the interpreter loads
