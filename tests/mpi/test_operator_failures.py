@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO, train_args  # noqa: E402
-from launcher import COLD, mpirun, run_ranks  # noqa: E402
+from launcher import mpirun, run_ranks  # noqa: E402
 from test_run_safety import _env, _error_lines, _run, _snapshot, _tail  # noqa: E402
 
 from dpsgs.config import TrainConfig  # noqa: E402
@@ -219,8 +219,8 @@ def test_a_rank_stopped_at_the_very_end_leaves_complete_results_and_a_bounded_en
     # other ranks leave MPI_Finalize after --timeout (mpi4py's Finalize held the GIL, so the
     # watchdog never ran and the job waited forever), and mpirun ends the stopped process
     start = time.monotonic()
-    run = _run(tmp_path, "--timeout", "6", epochs=1, timeout=200,   # cold: rank 0 leaves unfinalized
-               env=_env(DPSGS_FAULT="rank=1,step=0,phase=finalize,kind=stop", **COLD))
+    run = _run(tmp_path, "--timeout", "6", epochs=1, timeout=200,
+               env=_env(DPSGS_FAULT="rank=1,step=0,phase=finalize,kind=stop"))
     took = time.monotonic() - start
     assert run.returncode == 0, _tail(run)
     assert "final test accuracy:" in run.stdout
