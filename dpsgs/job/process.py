@@ -8,10 +8,11 @@ moment to the last: signals, one line per error, a bounded end.
 - Errors follow dpsgs.job.failure: one line, the traceback in RUN_DIR/logs/. Ctrl-C prints
   one line (rank 0) and ends the job at once, without tracebacks.
 - The job ends with an agreement under a deadline (a vote that names any rank that does not
-  come) and aborts rather than wait; rank 0 reports the results, and MPI_Finalize then runs
-  with a watchdog, so a rank that dies or stops at the very end cannot leave the others in
-  MPI_Finalize past the timeout (mpirun itself still waits for a stopped process:
-  docs/reliability.md).
+  come) and aborts rather than wait; rank 0 reports the results; a second vote checks that
+  every rank came to MPI_Finalize, and a rank that stopped or died in between is named and
+  the job aborted (MPI_Abort ends a stopped process too; exit 0 when the results are
+  complete). MPI_Finalize itself runs under a watchdog for the moment left after that vote
+  (docs/reliability.md).
 Embedded use (dpsgs.train with the caller's communicator) does none of this: the caller owns
 MPI's lifecycle (DESIGN §2).
 """
@@ -60,11 +61,13 @@ def run_job(config: TrainConfig, default_run_dir: Any,
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     deadline: StopDeadline | None = None
+    closing: StepVote | None = None
     try:
         config.run_dir = config.run_dir or default_run_dir(comm)
         # made now, while every rank is here: the end-of-job vote must not need a collective
-        closing = StepVote(comm, 1, config.timeout, config.warn_after)
-        deadline = StopDeadline(comm, handler, config.stop_grace, label=_labels(config, comm),
+        label = _labels(config, comm)
+        closing = StepVote(comm, 1, config.timeout, config.warn_after, label=label)
+        deadline = StopDeadline(comm, handler, config.stop_grace, label=label,
                                 last_checkpoint=lambda: _newest_checkpoint(config.run_dir)).start()
         summary = train(config, comm)
         fault_point("end", 0, rank)
@@ -88,9 +91,9 @@ def run_job(config: TrainConfig, default_run_dir: Any,
         print(f"dpsgs: {e}", file=sys.stderr, flush=True)
         abort_job(1)
     except Exception:  # noqa: BLE001 - train() has reported it, and aborted unless all ranks raise it
-        _finalize(comm, config.timeout, deadline)
+        _finalize(comm, config.timeout, deadline, closing)
         return 1, None
-    _finalize(comm, config.timeout, deadline, done=True)
+    _finalize(comm, config.timeout, deadline, closing, done=True)
     return 0, summary
 
 
@@ -113,19 +116,33 @@ def _newest_checkpoint(run_dir: str | None) -> str | None:
     return str(found[-1]) if found else None
 
 
-def _finalize(comm: Any, timeout: float, deadline: Any = None, done: bool = False) -> None:
-    """Shut the core's progress threads down and finalize MPI now, under a watchdog.
+def _finalize(comm: Any, timeout: float, deadline: Any = None, arrival: Any = None,
+              done: bool = False) -> None:
+    """Shut the core's progress threads down and finalize MPI, with a bounded end.
 
     MPI_Finalize waits for every rank; one stopped at the very end would hold this rank in it
-    forever. After `timeout` the watchdog ends the rank instead: exit 0 when `done` (every
-    rank agreed that the job ended: its results are complete and reported), else 1. mpirun's
-    clean-up then ends the stopped process too. Rank 0 says so; the others give it
+    forever. So the ranks first vote, under `timeout`, that they all came (`arrival`, a
+    StepVote); a rank that does not come is named and the job aborted: MPI_Abort ends every
+    process, a stopped one too, with exit code 0 when `done` (every rank agreed that the job
+    ended: its results are complete and reported), else 1. (Exiting without MPI_Finalize and
+    leaving the rest to mpirun is not enough: MPICH 5.0.2's hydra sometimes reaps the exited
+    rank before it reads the end of its PMI socket, and then kills no one.)
+    A rank stopped between that vote and MPI_Finalize is left to a watchdog, which ends this
+    rank after `timeout` (exit 0 when `done`). Rank 0 speaks; the others give it
     _INTERRUPT_GRACE_S to, and speak only if it cannot (it may be the stopped one)."""
     from dpsgs import _C
 
     if deadline is not None:     # its thread uses MPI: it ends before MPI does
         deadline.stop()
     rank = comm.Get_rank()       # not in hung(): MPI is being finalized then
+    if arrival is not None:
+        try:
+            arrival.vote(-2, [0], "arrival at MPI_Finalize")
+        except Exception as e:   # noqa: BLE001 - VoteTimeout, or ranks at different votes
+            print(f"dpsgs: {e}" + ("; the job's results are complete" if done else "")
+                  + f"; ending the job (exit {0 if done else 1})", file=sys.stderr, flush=True)
+            abort_job(0 if done else 1)
+    fault_point("mpi_finalize", 0, rank)
 
     def hung() -> None:
         if rank != 0:

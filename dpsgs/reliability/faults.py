@@ -39,9 +39,10 @@ ENV_VAR = "DPSGS_FAULT"
 # Phase boundaries the trainer marks. `warmup` is marked at the top of each step while the
 # pipeline fills, so a warm-up fault hits before the first update of every stage; `end` after
 # training, before the CLI's end-of-job agreement (step 0); `finalize` after that agreement,
-# before MPI_Finalize (step 0).
+# before the vote that every rank came to MPI_Finalize (step 0); `mpi_finalize` after that
+# vote, right before MPI_Finalize (step 0).
 PHASES = ("warmup", "forward", "backward", "reduce", "flush", "eval", "save", "end", "finalize",
-          "metrics")
+          "mpi_finalize", "metrics")
 KINDS = ("sigkill", "exception", "oom", "exit", "hang", "stop", "sigterm")
 EXIT_CODE = 17          # kind=exit: distinctive, so logs tell it from a crash
 

@@ -4,7 +4,9 @@ argv[1]: allreduce (MPI's), ring (the core's ring, 8 MiB), recv (a tagged recv f
 stopped rank), future (DDP's path: the Work's future carries the error), busy (the last rank
 does not stop but sleeps in Python: alive, in no collective).
 Each waiting rank writes `CAUGHT <seconds> <error type> <message>` to $RESULT_DIR/rank<r>.txt
-(two ranks' prints can share a line of mpirun's output) and exits 3, which ends the job."""
+(two ranks' prints can share a line of mpirun's output) and aborts the job with code 3:
+MPI_Abort, not an exit without MPI_Finalize, because hydra then sometimes kills no one and
+mpirun waits for the stopped rank forever (seen in CI: dpsgs.job.process._finalize)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import dpsgs.distributed  # noqa: F401
+from dpsgs.comm.abort import abort_job
 from dpsgs.comm.errors import CommTimeout
 
 TIMEOUT = float(os.environ.get("STOP_TEST_TIMEOUT", "4"))
@@ -51,4 +54,4 @@ except Exception as e:   # noqa: BLE001 (the future's path must still carry the 
 print(result, flush=True)
 with open(os.path.join(os.environ.get("RESULT_DIR", "."), f"rank{r}.txt"), "w") as f:
     f.write(result + "\n")
-os._exit(3)   # no teardown: the stopped peer would hold it up
+abort_job(3)   # no teardown: the stopped peer would hold it up
