@@ -34,6 +34,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc obeys OMP_NUM_THREADS
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# ranks start cold here (no fork server, tests/mpi/forkserver.py): the GPU run is the real
+# thing, and 16 cores make torch's imports cheap
+export DPSGS_TEST_FORKSERVER=${DPSGS_TEST_FORKSERVER:-0}
 device=${GPU_CHECK_DEVICE:-cuda}
 
 if [ "${1:-}" = "--fetch-wheels" ]; then

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_launch import ENV, GPU_RANKS, assert_clean, gpu_ranks, need_device  # noqa: E402
-from launcher import run_ranks  # noqa: E402
+from launcher import COLD, run_ranks  # noqa: E402
 
 
 def test_channel_byte_exact_both_directions(device):
@@ -27,7 +27,7 @@ def test_channel_byte_exact_both_directions(device):
 
 
 def test_channel_header_mismatch_names_both_ranks_by_label(device):
-    run = gpu_ranks(2, "nccl_mismatch_ranks.py", device=device)
+    run = gpu_ranks(2, "nccl_mismatch_ranks.py", device=device, env=COLD)   # leaves unfinalized
     assert "got HeaderMismatch" in run.stdout and run.stdout.count("OK") == 2, run.tail()
 
 

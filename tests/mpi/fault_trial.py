@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from dpsgs.reliability.rank_map import parse_rank_map  # noqa: E402
+from launcher import COLD, rank_pythonpath  # noqa: E402
 
 __all__ = ["Trial", "Outcome", "run_trial", "random_trials", "train_args", "TOPOLOGIES"]
 
@@ -117,8 +118,9 @@ def run_trial(trial: Trial, timeout: float = TIMEOUT, epochs: int = 3,
     with tempfile.TemporaryDirectory(prefix="dpsgs-fault-") as run_dir:
         cmd = [mpirun, "-n", str(trial.stages * trial.replicas), *flags, py, "-m", "dpsgs",
                *train_args(trial.stages, trial.replicas, run_dir, timeout, epochs)]
+        # cold ranks: hydra names a dead rank by its PID, which a warm rank's client does not share
         env = dict(os.environ, DPSGS_FAULT=trial.spec, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=rank_pythonpath(), **COLD)
         env.update(extra_env or {})
         start = time.monotonic()
         try:

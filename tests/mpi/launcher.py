@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RANKS_DIR", "RankRun", "mpirun", "run_ranks"]
+__all__ = ["COLD", "RANKS_DIR", "RankRun", "mpirun", "rank_pythonpath", "run_ranks"]
 
 RANKS_DIR = Path(__file__).resolve().parent / "ranks"
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +23,20 @@ REPO = Path(__file__).resolve().parents[2]
 def mpirun() -> str:
     beside_python = Path(sys.executable).parent / "mpirun"
     return str(beside_python) if beside_python.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+# env for a launch whose ranks must start cold (tests/mpi/forkserver.py): where hydra's view of
+# the rank process matters: its PID (hydra names a dead rank by the PID it started, a warm
+# rank's client), or its exit to the millisecond (a program that leaves without MPI_Finalize,
+# whose peers hydra kills if they outlive it; a warm rank's exit reaches hydra a little later);
+# and where the order in which torch's modules are first imported matters
+COLD = {"DPSGS_TEST_FORKSERVER": "0"}
+
+
+def rank_pythonpath() -> str:
+    """PYTHONPATH for ranks a test starts itself: the repository, then the rank programs'
+    folder, whose sitecustomize starts a rank warm from the suite's fork server."""
+    return os.pathsep.join([str(REPO), str(RANKS_DIR), os.environ.get("PYTHONPATH", "")])
 
 
 @dataclass
@@ -58,8 +72,7 @@ def run_ranks(nprocs: int, program: str | Path, *args: str, timeout: float = 120
     cmd = [mpirun(), "-n", str(nprocs), *(wrapper or []), sys.executable, *target, *args]
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), str(RANKS_DIR), full_env.get("PYTHONPATH", "")])
+    full_env["PYTHONPATH"] = rank_pythonpath()
     full_env.update(env or {})
     start = time.monotonic()
     try:

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO, train_args  # noqa: E402
-from launcher import mpirun, run_ranks  # noqa: E402
+from launcher import mpirun, rank_pythonpath, run_ranks  # noqa: E402
 
 needs_trainer = pytest.mark.skipif(importlib.util.find_spec("dpsgs.job.trainer") is None,
                                    reason="dpsgs.job.trainer not written yet")
@@ -30,7 +30,7 @@ needs_core = pytest.mark.skipif(importlib.util.find_spec("dpsgs._C") is None,
 def _train(nprocs: int, k: int, n: int, run_dir: Path, *extra: str,
            timeout: float = 120.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=rank_pythonpath())
     env.pop("DPSGS_FAULT", None)
     cmd = [mpirun(), "-n", str(nprocs), sys.executable, "-m", "dpsgs",
            *train_args(k, n, str(run_dir), timeout=10.0, epochs=1), *extra]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import run_ranks
+from launcher import COLD, run_ranks
 
 __all__: list[str] = []
 
@@ -50,6 +50,8 @@ def test_ddp_peer_exits_cleanly(tmp_path: Path) -> None:
 def test_close_gloo_refuses_a_group_that_outlives_destroy() -> None:
     # The deterministic form of the abort: the leak that left the group's threads to race
     # interpreter exit is an error at teardown, not a crash one run in a few.
-    run = run_ranks(2, "gloo_leak_ranks.py", env=_gloo_env(), expect_ok=False, timeout=120.0)
+    # cold: the leak needs torch.distributed.nn imported after the group exists, and a warm
+    # rank has imported it already (tests/mpi/forkserver.py)
+    run = run_ranks(2, "gloo_leak_ranks.py", env={**_gloo_env(), **COLD}, expect_ok=False, timeout=120.0)
     assert run.returncode != 0, run.tail()
     assert "outlived destroy_process_group" in run.stdout + run.stderr, run.tail()

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO, train_args  # noqa: E402
-from launcher import mpirun, run_ranks  # noqa: E402
+from launcher import mpirun, rank_pythonpath, run_ranks  # noqa: E402
 
 from dpsgs.job.checkpoint import latest_checkpoint, load_checkpoint, read_manifest  # noqa: E402
 
@@ -71,7 +71,7 @@ def test_late_guard_nan_stops_every_rank_before_a_checkpoint():
 
 def _env(fault: str | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=rank_pythonpath())
     env.pop("DPSGS_FAULT", None)
     if fault:
         env["DPSGS_FAULT"] = fault

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO  # noqa: E402
-from launcher import mpirun, run_ranks  # noqa: E402
+from launcher import mpirun, rank_pythonpath, run_ranks  # noqa: E402
 
 from dpsgs.config import TrainConfig  # noqa: E402
 from dpsgs.job.checkpoint import latest_checkpoint  # noqa: E402
@@ -39,7 +39,7 @@ def _args(k: int, n: int, run_dir: Path, *extra: str, epochs: int = 1, batch: in
 def _train(ranks: int, args: list[str], fault: str | None = None,
            timeout: float = 180.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=rank_pythonpath())
     env.pop("DPSGS_FAULT", None)
     if fault:
         env["DPSGS_FAULT"] = fault
@@ -180,7 +180,7 @@ def test_elastic_relaunch_of_a_2x2_job_that_lost_a_rank_finishes_on_2(tmp_path: 
     env = dict(os.environ, OMP_NUM_THREADS="1", RANKS="4 2", RELAUNCH_DELAY="0",
                DPSGS_FAULT="rank=3,step=25,phase=forward,kind=sigkill",
                MPIRUN=mpirun(), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=rank_pythonpath())
     run_dir = tmp_path / "run"
     loop = subprocess.run(["bash", str(REPO / "examples" / "mpirun_relaunch.sh"), str(run_dir), "2",
                            *opts], capture_output=True, text=True, env=env, cwd=REPO, timeout=400,

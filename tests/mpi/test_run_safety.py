@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO, TIMEOUT, train_args  # noqa: E402
-from launcher import mpirun  # noqa: E402
+from launcher import mpirun, rank_pythonpath  # noqa: E402
 
 from dpsgs.job.checkpoint import committed_checkpoints, read_manifest  # noqa: E402
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=rank_pythonpath())
     env.pop("DPSGS_FAULT", None)
     env.update(extra)
     return env

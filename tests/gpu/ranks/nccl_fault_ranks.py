@@ -21,7 +21,10 @@ FAULT, TIMEOUT = sys.argv[1], float(sys.argv[2])
 
 
 def report(rank: int, e: Exception, t0: float) -> None:
-    print(f"rank {rank}: {type(e).__name__} after {time.monotonic() - t0:.1f}s: {e}", flush=True)
+    # one write, newline included: both ranks report at the same deadline, and print()'s two
+    # writes (text, then newline) from two ranks can merge into one line in mpirun's output
+    sys.stdout.write(f"rank {rank}: {type(e).__name__} after {time.monotonic() - t0:.1f}s: {e}\n")
+    sys.stdout.flush()
 
 
 def main() -> None:
