@@ -34,6 +34,50 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+class _Watched:
+    """A job in the background whose stderr is read as it comes. On leaving the `with`, the
+    job and every rank in its rank map are killed: no stopped rank is ever left behind."""
+
+    def __init__(self, cmd: list[str], env: dict) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env, cwd=REPO, stdin=subprocess.DEVNULL)
+        self._lines: list[str] = []
+        self._said = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:                         # type: ignore[union-attr]
+            with self._said:
+                self._lines.append(line)
+                self._said.notify_all()
+
+    def text(self) -> str:
+        with self._said:
+            return "".join(self._lines)
+
+    def wait_for(self, marker: str, timeout: float) -> bool:
+        with self._said:
+            return self._said.wait_for(lambda: any(marker in line for line in self._lines), timeout)
+
+    def pids(self) -> dict[int, int]:
+        """pid -> rank, from the job's rank map."""
+        return parse_rank_map(self.text())
+
+    def __enter__(self) -> "_Watched":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reader.join(10)
+
+
 # -- 1. a setup error only some ranks see reaches the agreement -------------------------------
 
 def test_a_world_that_fits_some_ranks_grid_only_is_one_line_within_seconds(tmp_path: Path) -> None:
@@ -64,40 +108,16 @@ def test_sigterm_with_a_stopped_rank_ends_the_job_within_the_grace(tmp_path: Pat
     cmd = [mpirun(), "-n", "2", sys.executable, "-m", "dpsgs",
            *train_args(2, 1, str(tmp_path), timeout=120.0, epochs=500), "--stop-grace", str(grace)]
     # rank 1 stops (as kill -STOP does) in epoch 3, after the epoch-2 checkpoint
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(DPSGS_FAULT="rank=1,step=20,phase=forward,kind=stop"),
-                            cwd=REPO, stdin=subprocess.DEVNULL)
-    err: list[str] = []
-    fired = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:                              # type: ignore[union-attr]
-            err.append(line)
-            if "injected fault on rank 1: kind=stop" in line:
-                fired.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    pids = {}
-    try:
-        assert fired.wait(150), "the fault never fired:\n" + "".join(err[-40:])
-        pids = parse_rank_map("".join(err))
+    with _Watched(cmd, _env(DPSGS_FAULT="rank=1,step=20,phase=forward,kind=stop")) as job:
+        assert job.wait_for("injected fault on rank 1: kind=stop", 150), \
+            "the fault never fired:\n" + job.text()[-3000:]
         time.sleep(1.0)
         kept = committed_checkpoints(tmp_path)[-1]
         signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)                      # hydra forwards it to every rank
-        proc.wait(timeout=grace + 60)
+        job.proc.send_signal(signal.SIGTERM)                  # hydra forwards it to every rank
+        job.proc.wait(timeout=grace + 60)
         took = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in pids:                                      # never leave a stopped rank behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    reader.join(10)
-    text = "".join(err)
+    proc, text = job.proc, job.text()
     assert proc.returncode != 0, text[-3000:]
     assert took < grace + 15, f"{took:.1f} s after SIGTERM (--stop-grace {grace:g})\n{text[-3000:]}"
     said = [line for line in text.splitlines() if "did not stop within --stop-grace" in line]
@@ -240,42 +260,18 @@ def test_a_rank_stopped_inside_mpi_finalize_leaves_the_others_after_the_timeout(
     # here it is continued, and its own watchdog ends it.
     cmd = [mpirun(), "-n", "2", sys.executable, "-m", "dpsgs",
            *train_args(2, 1, str(tmp_path), timeout=6.0, epochs=1)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # cold: rank 0 leaves unfinalized, and the pids are hydra's own
-                            env=_env(DPSGS_FAULT="rank=1,step=0,phase=mpi_finalize,kind=stop", **COLD),
-                            cwd=REPO, stdin=subprocess.DEVNULL)
-    err: list[str] = []
-    said = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:                              # type: ignore[union-attr]
-            err.append(line)
-            if "dpsgs: rank 0: MPI_Finalize did not return" in line:
-                said.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    pids: dict[int, int] = {}
-    try:
-        assert said.wait(150), "rank 0's watchdog never spoke:\n" + "".join(err[-40:])
-        pids = parse_rank_map("".join(err))
-        for pid, rank in pids.items():
+    # cold: rank 0 leaves unfinalized, and the pids are hydra's own
+    with _Watched(cmd, _env(DPSGS_FAULT="rank=1,step=0,phase=mpi_finalize,kind=stop", **COLD)) as job:
+        assert job.wait_for("dpsgs: rank 0: MPI_Finalize did not return", 150), \
+            "rank 0's watchdog never spoke:\n" + job.text()[-3000:]
+        for pid, rank in job.pids().items():
             if rank == 1:
                 try:
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:                    # hydra ended it already
                     pass
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in pids:                                      # never leave a stopped rank behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    reader.join(10)
-    text = "".join(err)
+        job.proc.wait(timeout=60)
+    proc, text = job.proc, job.text()
     assert proc.returncode == 0, text[-3000:]
     assert ("dpsgs: rank 0: MPI_Finalize did not return within 6 s (a peer is gone or stopped); "
             "the job's results are complete; exiting") in text, text[-3000:]
