@@ -254,11 +254,12 @@ def test_a_rank_stopped_at_the_very_end_leaves_complete_results_and_a_bounded_en
 
 
 def test_a_rank_stopped_inside_mpi_finalize_leaves_the_others_after_the_timeout(tmp_path: Path) -> None:
-    # stopped after the arrival vote: MPI_Finalize holds the others until the watchdog ends
-    # them with exit 0 (mpi4py's Finalize held the GIL, so the watchdog never ran and the job
-    # waited forever). The stopped rank is then hydra's to end, which it does not always do:
-    # here it is continued, and its own watchdog ends it.
-    cmd = [mpirun(), "-n", "2", sys.executable, "-m", "dpsgs",
+    # stopped after the arrival vote: MPI_Finalize holds rank 0 until the watchdog ends it
+    # with exit 0 (mpi4py's Finalize held the GIL, so the watchdog never ran and the job
+    # waited forever). The stopped rank is then hydra's to end, which it does not always do
+    # (docs/reliability.md): the test kills it as the operator would, and checks rank 0's
+    # own exit code, which mpirun lists (its return code depends on how rank 1 ended).
+    cmd = [mpirun(), "-print-all-exitcodes", "-n", "2", sys.executable, "-m", "dpsgs",
            *train_args(2, 1, str(tmp_path), timeout=6.0, epochs=1)]
     # cold: rank 0 leaves unfinalized, and the pids are hydra's own
     with _Watched(cmd, _env(DPSGS_FAULT="rank=1,step=0,phase=mpi_finalize,kind=stop", **COLD)) as job:
@@ -267,12 +268,14 @@ def test_a_rank_stopped_inside_mpi_finalize_leaves_the_others_after_the_timeout(
         for pid, rank in job.pids().items():
             if rank == 1:
                 try:
-                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:                    # hydra ended it already
                     pass
         job.proc.wait(timeout=60)
-    proc, text = job.proc, job.text()
-    assert proc.returncode == 0, text[-3000:]
+    text, out = job.text(), job.proc.stdout.read()            # type: ignore[union-attr]
+    codes = re.search(r"Exit codes: \[[^\]]+\] (\d+),(\d+)", out)
+    assert codes and codes.group(1) == "0", out[-2000:] + text[-2000:]
+    assert "final test accuracy:" in out
     assert ("dpsgs: rank 0: MPI_Finalize did not return within 6 s (a peer is gone or stopped); "
             "the job's results are complete; exiting") in text, text[-3000:]
     assert text.count("dpsgs: rank 0: MPI_Finalize did not return") == 1, text[-3000:]
