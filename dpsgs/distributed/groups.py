@@ -19,6 +19,7 @@ import torch.distributed as dist
 from dpsgs import _C
 from dpsgs.distributed.process_group import DpsgsProcessGroup
 from dpsgs.distributed.rendezvous import rendezvous_communicator
+from dpsgs.distributed.uncaught import abort_on_uncaught
 
 __all__ = ["create_process_group", "world_communicator"]
 
@@ -85,4 +86,5 @@ def create_process_group(opts: Any, backend_options: Any = None) -> DpsgsProcess
         comm.Free()   # the Communicator holds its own duplicates
     if labels:
         core.set_labels(labels)
+    abort_on_uncaught()
     return DpsgsProcessGroup(_C.OpEngine(core), opts.store, timeout)

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from dpsgs.distributed.store import MpiStore
+from dpsgs.distributed.uncaught import abort_on_uncaught
 
 __all__ = ["SCHEME", "use_communicator", "rendezvous_communicator", "mpi_rendezvous_handler"]
 
@@ -54,5 +55,6 @@ def mpi_rendezvous_handler(url: str, timeout: timedelta = timedelta(minutes=5),
         if given is not None and given != mine:
             raise ValueError(f"init_process_group(init_method='mpi://'): {name}={given} was given but "
                              f"the MPI communicator says {mine}; leave {name} out (mpi:// takes MPI's)")
+    abort_on_uncaught()
     yield MpiStore(comm, timeout), rank, size
     raise RuntimeError("mpi:// rendezvous happens once per process group initialisation")

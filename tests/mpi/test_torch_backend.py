@@ -70,6 +70,18 @@ def test_stopped_peer_is_named_at_the_deadline(kind: str, nprocs: int, tmp_path:
             assert f"rank {1 - r} waiting in it too" in message, message
 
 
+@pytest.mark.parametrize("backend", ["dpsgs", "gloo"])
+def test_an_uncaught_timeout_under_plain_python_ends_the_job(backend: str) -> None:
+    # `mpirun -n 2 python script.py`: the error was printed, then rank 0 waited in
+    # MPI_Finalize at exit for the stopped rank, and the job hung (dpsgs.distributed.uncaught)
+    run = run_ranks(2, "torch_backend_uncaught_ranks", backend, module=True, timeout=90, expect_ok=False)
+    assert run.returncode != 0 and "NO ERROR" not in run.stdout, run.tail()
+    assert "Traceback" in run.stderr and "Abort(1)" in run.stdout + run.stderr, run.tail()
+    if backend == "dpsgs":
+        assert "CommTimeout: rank 0: dpsgs all-reduce #1" in run.stderr, run.tail()
+    assert run.seconds < 60, run.tail()
+
+
 def test_no_listening_socket_with_mpi_rendezvous(tmp_path: Path) -> None:
     new = {}
     for backend in ("dpsgs", "gloo"):
