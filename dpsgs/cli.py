@@ -348,6 +348,8 @@ BENCHMARKS = {
     "nccl": "dpsgs NCCL all-reduce and channel vs torch.distributed NCCL, on GPUs (mpirun -n 2 ...)",
     "torch_collectives": "torch.distributed collectives over gloo vs the dpsgs backend, beside the "
                          "core's own all-reduce (mpirun -n 2 ...)",
+    "ddp_pair": "DDP over gloo and over the dpsgs backend in one job, alternating step by step "
+                "(mpirun -n 2 ...)",
 }
 
 

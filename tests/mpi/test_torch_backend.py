@@ -142,3 +142,21 @@ def test_collectives_bench_checks_its_data(tmp_path: Path) -> None:
         assert rows and all(set(r["variants"]) >= {"gloo", "dpsgs"} for r in rows), op
         assert all(v["wrong"] == 0 for r in rows for v in r["variants"].values()), op
     assert all("core" in r["variants"] and r["layer_us"] is not None for r in doc["allreduce"])
+
+
+def test_ddp_pair_bench_alternates_both_backends_with_equal_losses(tmp_path: Path) -> None:
+    import json
+
+    run = run_ranks(2, "dpsgs.bench.ddp_pair", "--workload", "mlp", "--model", "mlp", "--steps", "4",
+                    "--warmup", "1", "--nosync-steps", "2", "--out", str(tmp_path), module=True, timeout=300)
+    doc = json.loads((tmp_path / "ddp-pair-mlp.json").read_text())
+    for name in ("gloo", "dpsgs"):
+        raw = doc["raw"][name]
+        assert len(raw["step_times"]) == 5 and len(raw["nosync_times"]) == 2 == len(raw["allreduce_times"])
+        assert len(raw["losses"]) == 5
+    # the same sums in the same order on 2 ranks: DDP over dpsgs trains exactly as over gloo
+    assert doc["summary"]["losses_identical"] is True, doc["raw"]
+    assert doc["summary"]["pairs"] == 4 and "# losses: bit-identical at every step" in run.stdout
+    again = run_ranks(2, "dpsgs.bench.ddp_pair", "--steps", "1", "--out", str(tmp_path), module=True,
+                      timeout=120, expect_ok=False)
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -62,3 +62,26 @@ def test_collective_table_factors_and_expected_outputs(n: int) -> None:
     total = sum(c.init.numpy().astype(np.float64) for c in rs)
     assert np.array_equal(rs[n - 1].expect, total[(n - 1) * count // n:].astype(np.float32))
     assert rs[0].nbytes == 4 * count and ag[0].nbytes == 4 * count
+
+
+def test_pair_summary_takes_ratios_pair_by_pair() -> None:
+    from dpsgs.bench.ddp_pair import pair_summary
+
+    # warm-up pair first (dropped); then three pairs whose load moves both alike
+    raw = {"gloo": {"step_times": [9.0, 0.30, 0.60, 0.15], "nosync_times": [0.1, 0.2],
+                    "allreduce_times": [0.05, 0.1, 0.2], "losses": [2.3, 2.2, 2.1, 2.0]},
+           "dpsgs": {"step_times": [1.0, 0.20, 0.40, 0.15], "nosync_times": [0.1, 0.2],
+                     "allreduce_times": [0.01, 0.02, 0.03], "losses": [2.3, 2.2, 2.1, 2.0]}}
+    s = pair_summary(raw, 64, 1)
+    assert s["pairs"] == 3 and s["dpsgs_won"] == 2     # a tie is not a win
+    assert s["dpsgs_over_gloo"]["median"] == pytest.approx(1.5)
+    assert s["nosync_dpsgs_over_gloo"]["median"] == 1.0
+    assert s["gloo"]["step_time_s"]["median"] == 0.30 and s["dpsgs"]["step_time_s"]["median"] == 0.20
+    assert s["gloo"]["exposed_comm_s"] == pytest.approx(0.15) and s["gloo"]["bare_allreduce_s"] == 0.1
+    assert s["gloo"]["rest_of_exposed_s"] == pytest.approx(0.05)
+    assert s["dpsgs"]["exposed_comm_s"] == pytest.approx(0.05) and s["dpsgs"]["rest_of_exposed_s"] == pytest.approx(0.03)
+    assert s["dpsgs"]["samples_per_s"]["median"] == pytest.approx(64 / 0.20)
+    assert s["losses_identical"] and s["max_loss_difference"] == 0.0
+    raw["dpsgs"]["losses"][2] = 2.125
+    s = pair_summary(raw, 64, 1)
+    assert not s["losses_identical"] and s["max_loss_difference"] == pytest.approx(0.025)
