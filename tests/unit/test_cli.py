@@ -4,6 +4,7 @@ bench/plan, and plot writing PNGs from a synthetic metrics file."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import sys
 import types
@@ -171,3 +172,22 @@ def test_plot_series_and_ranks_in_one_file(tmp_path: Path) -> None:
     from dpsgs.job.plots import plot_run
 
     assert [p.name for p in plot_run(tmp_path)] == ["time.png"]
+
+
+def test_python_m_dpsgs_writes_whole_lines_under_pythonunbuffered() -> None:
+    """-u / PYTHONUNBUFFERED (common in batch scripts) makes print() write a line's text and its
+    newline apart, so two ranks' lines can merge in mpirun's output; `python -m dpsgs` makes
+    both streams line-buffered (whole lines, one write each) before anything prints."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, runpy, sys\n"
+             "atexit.register(lambda: sys.__stderr__.write("
+             "f'line-buffered {sys.stdout.line_buffering} {sys.stderr.line_buffering}\\n'))\n"
+             "sys.argv = ['dpsgs', '--help']\n"
+             "runpy.run_module('dpsgs', run_name='__main__', alter_sys=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # no test sitecustomize
+    run = subprocess.run([sys.executable, "-u", "-c", probe], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "line-buffered True True" in run.stderr and "train" in run.stdout

@@ -5,6 +5,7 @@ Python imports `sitecustomize` at start-up).
    (PYTHONUNBUFFERED, which CI sets, makes print() write the text and the newline apart,
    and two ranks printing at once merged their lines in mpirun's output). Done first, so
    the fork server's children, which inherit its streams, write lines whole too.
+   `python -m dpsgs` makes its own streams line-buffered (dpsgs/__main__.py).
 1. An MPI rank hands itself to the suite's fork server, if one runs, and, once the server
    has forked it, never returns here (tests/mpi/forkserver.py): it starts warm, without
    importing torch again; otherwise it goes on here and starts cold.
