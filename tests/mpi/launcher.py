@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["COLD", "RANKS_DIR", "RankRun", "mpirun", "rank_pythonpath", "run_ranks"]
+__all__ = ["COLD", "RANKS_DIR", "RankRun", "WatchedJob", "mpirun", "rank_pythonpath", "run_ranks",
+           "skip_unless_warm"]
 
 RANKS_DIR = Path(__file__).resolve().parent / "ranks"
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +35,14 @@ def mpirun() -> str:
 # whose peers hydra kills if they outlive it; a warm rank's exit reaches hydra a little later);
 # and where the order in which torch's modules are first imported matters
 COLD = {"DPSGS_TEST_FORKSERVER": "0"}
+
+
+def skip_unless_warm() -> None:
+    """Skip the calling test where ranks cannot start warm (no fork server runs)."""
+    import pytest
+
+    if os.environ.get("DPSGS_TEST_FORKSERVER", "0") == "0":
+        pytest.skip("the fork server is off (DPSGS_TEST_FORKSERVER=0)")
 
 
 def rank_pythonpath() -> str:
@@ -87,3 +99,56 @@ def run_ranks(nprocs: int, program: str | Path, *args: str, timeout: float = 120
     if expect_ok:
         assert run.returncode == 0, f"{' '.join(cmd)} failed\n{run.tail()}"
     return run
+
+
+class WatchedJob:
+    """A job in the background whose `stream` ("stdout" or "stderr") is read as it comes, for
+    tests that act while it runs (signal mpirun, stop a rank). On leaving the `with`, mpirun
+    and every rank in the job's rank map (dpsgs prints one) are killed: nothing is left behind."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path = REPO, stream: str = "stderr") -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env, cwd=cwd, stdin=subprocess.DEVNULL)
+        self._watched = getattr(self.proc, stream)
+        self._lines: list[str] = []
+        self._said = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._watched:
+            with self._said:
+                self._lines.append(line)
+                self._said.notify_all()
+
+    def text(self) -> str:
+        """What the watched stream has said so far."""
+        with self._said:
+            return "".join(self._lines)
+
+    def wait_until(self, said: Callable[[str], bool], timeout: float) -> bool:
+        """Whether said(everything read so far) came true within `timeout` seconds."""
+        with self._said:
+            return self._said.wait_for(lambda: said("".join(self._lines)), timeout)
+
+    def wait_for(self, marker: str, timeout: float) -> bool:
+        return self.wait_until(lambda text: marker in text, timeout)
+
+    def pids(self) -> dict[int, int]:
+        """pid -> rank, from the job's rank map."""
+        from dpsgs.reliability.rank_map import parse_rank_map
+
+        return parse_rank_map(self.text())
+
+    def __enter__(self) -> "WatchedJob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reader.join(10)

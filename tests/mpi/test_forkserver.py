@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launcher import COLD, RANKS_DIR, mpirun, rank_pythonpath  # noqa: E402
+from launcher import COLD, RANKS_DIR, WatchedJob, mpirun, rank_pythonpath, skip_unless_warm  # noqa: E402
 
 PROBE = RANKS_DIR / "forkserver_probe_ranks.py"
 SAME_AS_COLD = ("argv", "cwd", "path", "name", "file", "env", "stdin", "ignored", "sigint_raises",
@@ -25,8 +24,7 @@ SAME_AS_COLD = ("argv", "cwd", "path", "name", "file", "env", "stdin", "ignored"
 
 @pytest.fixture(autouse=True)
 def _server_on() -> None:
-    if os.environ.get("DPSGS_TEST_FORKSERVER", "0") == "0":
-        pytest.skip("the fork server is off (DPSGS_TEST_FORKSERVER=0)")
+    skip_unless_warm()
 
 
 def _env(warm: bool) -> dict[str, str]:
@@ -71,28 +69,12 @@ def test_a_warm_rank_ends_the_job_as_a_cold_one(how: str, tmp_path: Path) -> Non
 
 
 def test_sigterm_to_mpirun_reaches_warm_ranks(tmp_path: Path) -> None:
-    proc = subprocess.Popen([mpirun(), "-n", "2", sys.executable, str(PROBE), "sigterm"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(True), cwd=tmp_path)
-    seen: list[str] = []
-    both_waiting = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:                              # type: ignore[union-attr]
-            seen.append(line)
-            if "".join(seen).count(": waiting") == 2:
-                both_waiting.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert both_waiting.wait(60), "the ranks never said they wait:\n" + "".join(seen)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(10)
-    out, err = "".join(seen), proc.stderr.read()              # type: ignore[union-attr]
+    cmd = [mpirun(), "-n", "2", sys.executable, str(PROBE), "sigterm"]
+    with WatchedJob(cmd, _env(True), cwd=tmp_path, stream="stdout") as job:
+        assert job.wait_until(lambda said: said.count(": waiting") == 2, 60), \
+            "the ranks never said they wait:\n" + job.text()
+        job.proc.send_signal(signal.SIGTERM)
+        job.proc.wait(timeout=60)
+    out, err = job.text(), job.proc.stderr.read()             # type: ignore[union-attr]
     assert "rank 0: SIGTERM" in out and "rank 1: SIGTERM" in out, out + err
-    assert proc.returncode == 5, (proc.returncode, err[-2000:])
+    assert job.proc.returncode == 5, (job.proc.returncode, err[-2000:])

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_trial import REPO, train_args  # noqa: E402
-from launcher import COLD, mpirun, run_ranks  # noqa: E402
+from launcher import COLD, WatchedJob, mpirun, run_ranks  # noqa: E402
 from test_run_safety import _env, _error_lines, _run, _snapshot, _tail  # noqa: E402
 
 from dpsgs.config import TrainConfig  # noqa: E402
 from dpsgs.job.checkpoint import committed_checkpoints, verify  # noqa: E402
-from dpsgs.reliability.rank_map import parse_rank_map  # noqa: E402
 
 
 def _strict_json(path: Path) -> dict:
@@ -32,50 +30,6 @@ def _strict_json(path: Path) -> dict:
         raise AssertionError(f"{path} holds a bare {name}: not valid JSON")
 
     return json.loads(path.read_text(), parse_constant=refuse)
-
-
-class _Watched:
-    """A job in the background whose stderr is read as it comes. On leaving the `with`, the
-    job and every rank in its rank map are killed: no stopped rank is ever left behind."""
-
-    def __init__(self, cmd: list[str], env: dict) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env, cwd=REPO, stdin=subprocess.DEVNULL)
-        self._lines: list[str] = []
-        self._said = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:                         # type: ignore[union-attr]
-            with self._said:
-                self._lines.append(line)
-                self._said.notify_all()
-
-    def text(self) -> str:
-        with self._said:
-            return "".join(self._lines)
-
-    def wait_for(self, marker: str, timeout: float) -> bool:
-        with self._said:
-            return self._said.wait_for(lambda: any(marker in line for line in self._lines), timeout)
-
-    def pids(self) -> dict[int, int]:
-        """pid -> rank, from the job's rank map."""
-        return parse_rank_map(self.text())
-
-    def __enter__(self) -> "_Watched":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._reader.join(10)
 
 
 # -- 1. a setup error only some ranks see reaches the agreement -------------------------------
@@ -108,7 +62,7 @@ def test_sigterm_with_a_stopped_rank_ends_the_job_within_the_grace(tmp_path: Pat
     cmd = [mpirun(), "-n", "2", sys.executable, "-m", "dpsgs",
            *train_args(2, 1, str(tmp_path), timeout=120.0, epochs=500), "--stop-grace", str(grace)]
     # rank 1 stops (as kill -STOP does) in epoch 3, after the epoch-2 checkpoint
-    with _Watched(cmd, _env(DPSGS_FAULT="rank=1,step=20,phase=forward,kind=stop")) as job:
+    with WatchedJob(cmd, _env(DPSGS_FAULT="rank=1,step=20,phase=forward,kind=stop")) as job:
         assert job.wait_for("injected fault on rank 1: kind=stop", 150), \
             "the fault never fired:\n" + job.text()[-3000:]
         time.sleep(1.0)
@@ -262,7 +216,7 @@ def test_a_rank_stopped_inside_mpi_finalize_leaves_the_others_after_the_timeout(
     cmd = [mpirun(), "-print-all-exitcodes", "-n", "2", sys.executable, "-m", "dpsgs",
            *train_args(2, 1, str(tmp_path), timeout=6.0, epochs=1)]
     # cold: rank 0 leaves unfinalized, and the pids are hydra's own
-    with _Watched(cmd, _env(DPSGS_FAULT="rank=1,step=0,phase=mpi_finalize,kind=stop", **COLD)) as job:
+    with WatchedJob(cmd, _env(DPSGS_FAULT="rank=1,step=0,phase=mpi_finalize,kind=stop", **COLD)) as job:
         assert job.wait_for("dpsgs: rank 0: MPI_Finalize did not return", 150), \
             "rank 0's watchdog never spoke:\n" + job.text()[-3000:]
         for pid, rank in job.pids().items():

@@ -4,22 +4,21 @@ ranks' reports merged into one line: a CI flake in test_channel_messages)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launcher import COLD, run_ranks  # noqa: E402
+from launcher import COLD, run_ranks, skip_unless_warm  # noqa: E402
 
 LINES = 3000
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
 def test_two_ranks_printing_at_once_keep_every_line_whole(warm: bool) -> None:
-    if warm and os.environ.get("DPSGS_TEST_FORKSERVER", "0") == "0":
-        pytest.skip("the fork server is off (DPSGS_TEST_FORKSERVER=0)")
+    if warm:
+        skip_unless_warm()
     run = run_ranks(2, "whole_lines_ranks.py", str(LINES), env={"PYTHONUNBUFFERED": "1", **({} if warm else COLD)})
     for stream, word in ((run.stdout, "line"), (run.stderr, "error")):
         got = [line for line in stream.splitlines() if line.startswith("rank ") or word in line]
