@@ -25,9 +25,10 @@ cuda is refused (exit 2) before anything runs. The K=2 split still comes from a 
 Splits: torch pipelining cuts between top-level blocks (`split` in the JSON: the block
 index balanced by the per-block profile); the dpsgs K=2 configurations share one split of
 their own, which may fall inside a residual block (`dpsgs_split`: module paths, how they
-were chosen and the stage costs it predicted; --dpsgs-split: time = balanced by a 1-thread
-profile of the traced model's stretches between cut points at the full batch, taken here
-before the runs; flops = dpsgs's deterministic default; blocks = torch pipelining's split).
+were chosen and the stage costs it predicted; --dpsgs-split: flops = the trainer's
+deterministic default, the default here too; time = balanced by a 1-thread profile of the
+traced model's stretches between cut points at the full batch, taken here before the runs;
+blocks = torch pipelining's split).
 The measured per-stage compute ms of every dpsgs configuration are in its `stages`.
 """
 
@@ -49,7 +50,7 @@ from .train_configs import DEVICES, WORKLOADS, BenchConfig, Workload, bench_conf
     cuda_unavailable, unavailable_reason, visible_gpus
 from .train_stats import derive
 
-__all__ = ["main", "run_workload", "run_config", "config_command", "bench_profile",
+__all__ = ["build_parser", "main", "run_workload", "run_config", "config_command", "bench_profile",
            "pipeline_split", "dpsgs_split", "headline", "DPSGS_SPLITS"]
 
 DPSGS_SPLITS = ("time", "flops", "blocks")
@@ -203,7 +204,7 @@ def machine() -> dict[str, Any]:
 
 def run_workload(w: Workload, configs: list[BenchConfig], steps: int, warmup: int,
                  timeout: float, repeat: int = 1, log=print,
-                 dpsgs_how: str = "time") -> dict[str, Any]:
+                 dpsgs_how: str = "flops") -> dict[str, Any]:
     """Run every configuration `repeat` times, interleaved (round r runs all of them once),
     so a change of load on a shared machine hits every configuration alike."""
     device = configs[0].device if configs else "cpu"
@@ -372,7 +373,7 @@ def _outputs(out: Path, workloads: list[str], plots: bool) -> list[Path]:
     return [out / f"{s}.json" for s in stems] + pngs
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dpsgs.bench.train",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all")
@@ -387,15 +388,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="run every configuration this many times, interleaved, steps pooled")
     add_out_args(p, "train", folder=True, force_example="e.g. the published ones")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--dpsgs-split", choices=DPSGS_SPLITS, default="time",
-                   help="how the dpsgs K=2 configurations are split: time (a 1-thread profile "
-                        "of the traced model, here, before the runs), flops (dpsgs's "
-                        "deterministic default) or blocks (torch pipelining's block split)")
+    p.add_argument("--dpsgs-split", choices=DPSGS_SPLITS, default="flops",
+                   help="how the dpsgs K=2 configurations are split: flops (the trainer's "
+                        "deterministic default, the default here too), time (a 1-thread "
+                        "profile of the traced model, here, before the runs; it may land on a "
+                        "block boundary under load) or blocks (torch pipelining's block split)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu (gloo, MPI; the default) or cuda: every configuration on GPUs, "
                         "one per rank by local rank (dpsgs with --device cuda, DDP over NCCL; "
                         "peers without a GPU form reported as not run); more ranks than GPUs "
                         "share them, each rank with its own NCCL_HOSTID")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.device == "cuda":      # refused before any profiling or run
         why = cuda_unavailable()

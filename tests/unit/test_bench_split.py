@@ -20,3 +20,10 @@ def test_dpsgs_split_kinds():
                                                    "stage_costs": None, "stage_cost_unit": None}
     line = train._split_line(flops)
     assert line.startswith(f"dpsgs K=2 split before '{flops['split'][0]}' (flops; predicted")
+
+
+def test_the_bench_splits_as_the_trainer_does_by_default():
+    # the trainer's own default (TrainConfig.balance) is what a bench run measures unless told
+    from dpsgs.config import TrainConfig
+
+    assert train.build_parser().parse_args([]).dpsgs_split == "flops" == TrainConfig().balance
