@@ -135,12 +135,13 @@ def _finalize(comm: Any, timeout: float, deadline: Any = None, arrival: Any = No
     if deadline is not None:     # its thread uses MPI: it ends before MPI does
         deadline.stop()
     rank = comm.Get_rank()       # not in hung(): MPI is being finalized then
+    complete = "; the job's results are complete" if done else ""
     if arrival is not None:
         try:
             arrival.vote(-2, [0], "arrival at MPI_Finalize")
         except Exception as e:   # noqa: BLE001 - VoteTimeout, or ranks at different votes
-            print(f"dpsgs: {e}" + ("; the job's results are complete" if done else "")
-                  + f"; ending the job (exit {0 if done else 1})", file=sys.stderr, flush=True)
+            print(f"dpsgs: {e}{complete}; ending the job (exit {0 if done else 1})", file=sys.stderr,
+                  flush=True)
             abort_job(0 if done else 1)
     fault_point("mpi_finalize", 0, rank)
 
@@ -148,8 +149,7 @@ def _finalize(comm: Any, timeout: float, deadline: Any = None, arrival: Any = No
         if rank != 0:
             time.sleep(_INTERRUPT_GRACE_S)
         print(f"dpsgs: rank {rank}: MPI_Finalize did not return within {timeout:g} s (a peer is "
-              "gone or stopped)" + ("; the job's results are complete" if done else "")
-              + "; exiting", file=sys.stderr, flush=True)
+              f"gone or stopped){complete}; exiting", file=sys.stderr, flush=True)
         os._exit(0 if done else 1)
 
     watchdog = threading.Timer(timeout, hung)

@@ -132,10 +132,11 @@ def _torch_transport(config: TrainConfig, grid: Grid, pycomm: Any, device: str) 
     backend = torch_backend_for(config, device)
     gpu = None
     if device == "cuda":
+        from dpsgs.comm.accelerator import accelerator
         from dpsgs.comm.device import select_device
 
         gpu = torch.device("cuda", select_device(pycomm).device)
-        torch.cuda.set_device(gpu)
+        accelerator("cuda", gpu.index).make_current()   # the device seam, as nccl.init does
     owned = not dist.is_initialized()
     if owned:
         import dpsgs.distributed as ddist      # registers "dpsgs" and mpi://
