@@ -32,7 +32,7 @@ from dpsgs.reliability import faults
 
 __all__ = ["CheckpointError", "CheckpointSaveError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "committed_checkpoints", "complete_checkpoints", "prune_checkpoints", "read_manifest",
-           "resolve_resume", "verify", "MANIFEST"]
+           "resolve_resume", "shard_entry", "verify", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = "dpsgs-checkpoint"
@@ -50,6 +50,16 @@ class CheckpointSaveError(CheckpointError):
 
 def _shard_name(stage: int) -> str:
     return f"stage{stage}.pt"
+
+
+def shard_entry(stage: int, data: bytes, state: dict) -> dict:
+    """The manifest's row for stage `stage`'s shard (`data`, the bytes of `state`): file, size,
+    SHA-256 and the names of the model tensors it holds, so a resume on another grid reads
+    only the shards that hold what its stage needs (dpsgs.job.whole_state.read_whole)."""
+    model = state.get("model")
+    return {"stage": stage, "file": _shard_name(stage), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **({"tensors": sorted(model)} if isinstance(model, dict) else {})}
 
 
 def _check_loadable(obj: Any, where: str) -> None:
@@ -124,8 +134,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, grid: Any, rank: int,
                         "state": stage_state}, buf)
             data = buf.getvalue()
             atomic_write(folder / _shard_name(stage), data)
-            info = {"stage": stage, "file": _shard_name(stage), "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest()}
+            info = shard_entry(stage, data, stage_state)
         except Exception as e:
             error = f"rank {rank} (stage {stage}): {type(e).__name__}: {e}"
     faults.fault_point("save", int(meta.get("step", 0) or 0), rank)  # tests: die mid-save

@@ -151,13 +151,13 @@ class Checkpointer:
 
     def _reshard(self, path: Path, m: dict[str, Any], executor: StageExecutor) -> Position:
         """Load this rank's part of a checkpoint of another grid or split (dpsgs.job.reshard):
-        every shard read as one model, this stage's slice of it cut out."""
+        the shards holding this stage's tensors read as one model, this stage's slice cut out."""
         where = f"checkpoint {str(path)!r}"
         if m["meta"].get("model") != self.config.model:
             raise CheckpointError(f"{where} was saved with model={m['meta'].get('model')!r}, "
                                   f"this run has model={self.config.model!r}")
         check_reshard(path, self.grid, self.config, self.batches_per_epoch)
-        whole = read_whole(path)
+        whole = read_whole(path, need=executor.compute.module.state_dict().keys())
         replica = self.grid.coords(self.rank)[0]
         state, buffers = stage_state(whole, executor.compute.module, replica, where)
         executor.load_state(state, buffers)

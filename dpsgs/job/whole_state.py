@@ -2,7 +2,9 @@
 
 A checkpoint holds one shard per stage (dpsgs.job.checkpoint); its model state is keyed by
 module path in the whole model, and (since dpsgs 19) each shard names its trainable
-parameters in the stage optimizer's order (`param_names`). `read_whole` merges the shards:
+parameters in the stage optimizer's order (`param_names`); the manifest lists each shard's
+tensors (`tensors`; an older dpsgs's does not). `read_whole` merges the shards (for one stage of a new grid, only
+those holding its tensors):
 the whole model's state (replica 0's buffers), every replica's BatchNorm statistics, one
 optimizer state per parameter name (momentum, Adam moments, step counts) with the
 optimizer's hyper-parameters, and the position. `stage_state` cuts that for one stage module
@@ -13,6 +15,7 @@ as they are, so a reassembly of the cut is bit-identical to the saved state.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from torch import nn
 from dpsgs.comm.grid import Grid
 from dpsgs.job.checkpoint import CheckpointError, load_checkpoint, read_manifest
 
-__all__ = ["WholeState", "read_whole", "whole_from_shards", "stage_state", "trainable_names",
+__all__ = ["WholeState", "read_whole", "shards_holding", "whole_from_shards", "stage_state", "trainable_names",
            "EMPTY_PIPELINE"]
 
 EMPTY_PIPELINE = "empty"     # manifest meta "pipeline": the checkpoint was taken after a flush
@@ -54,12 +57,14 @@ def trainable_names(module: nn.Module) -> list[str]:
 
 
 def whole_from_shards(shards: list[dict[str, Any]], stages: int, replicas: int,
-                      where: str = "checkpoint", model_params: list[str] | None = None) -> WholeState:
-    """Merge the stage states `shards` (stage order) into a WholeState. `model_params` (the
-    whole model's trainable names) stand in for a shard that does not name its parameters
-    (an older dpsgs's); without either, such a shard's optimizer state is refused."""
+                      where: str = "checkpoint", model_params: list[str] | None = None,
+                      numbers: list[int] | None = None) -> WholeState:
+    """Merge the stage states `shards` (stage order; `numbers`: their stages, when only some
+    were read) into a WholeState. `model_params` (the whole model's trainable names) stand in
+    for a shard that does not name its parameters (an older dpsgs's); without either, such a
+    shard's optimizer state is refused."""
     whole = WholeState(stages, replicas, {})
-    for k, st in enumerate(shards):
+    for k, st in zip(numbers if numbers is not None else range(len(shards)), shards, strict=True):
         model = st["model"]
         clash = sorted(set(model) & set(whole.model))
         if clash:
@@ -95,15 +100,33 @@ def whole_from_shards(shards: list[dict[str, Any]], stages: int, replicas: int,
     return whole
 
 
-def read_whole(path: str | os.PathLike, model_params: list[str] | None = None) -> WholeState:
-    """Checkpoint folder `path` as one model; each shard checked against the manifest (size,
-    SHA-256) as a resume checks it. CheckpointError naming the file otherwise."""
+def shards_holding(manifest: dict[str, Any], need: Collection[str] | None) -> list[int]:
+    """The stages whose shards hold any of the model tensors `need`, by the manifest's list
+    of each shard's tensors; every stage when `need` is None or a shard lists none (a
+    checkpoint of an older dpsgs)."""
+    rows = sorted(manifest["shards"], key=lambda row: row["stage"])
+    if need is None or any("tensors" not in row for row in rows):
+        return [int(row["stage"]) for row in rows]
+    want = set(need)
+    holding = [int(row["stage"]) for row in rows if want.intersection(row["tensors"])]
+    # a stage with no tensors of its own still needs the position, which every shard holds
+    return holding or [int(rows[-1]["stage"])]
+
+
+def read_whole(path: str | os.PathLike, model_params: list[str] | None = None,
+               need: Collection[str] | None = None) -> WholeState:
+    """Checkpoint folder `path` as one model; each shard read checked against the manifest
+    (size, SHA-256) as a resume checks it. CheckpointError naming the file otherwise. With
+    `need` (the model tensors of one stage of the new grid), only the shards holding any of
+    them are read (shards_holding): a rank of a resharded resume reads one or two shards, not
+    all K, and the WholeState holds just those stages' tensors and optimizer state."""
     folder = Path(path)
     m = read_manifest(folder)
     grid = Grid(int(m["stages"]), int(m["replicas"]))
-    shards = [load_checkpoint(folder, grid, k) for k in range(grid.stages)]
+    numbers = shards_holding(m, need)
+    shards = [load_checkpoint(folder, grid, k) for k in numbers]
     whole = whole_from_shards(shards, grid.stages, grid.replicas, f"checkpoint {str(folder)!r}",
-                              model_params)
+                              model_params, numbers)
     whole.meta = dict(m["meta"])
     return whole
 

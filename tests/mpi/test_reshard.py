@@ -20,7 +20,8 @@ from fault_trial import REPO  # noqa: E402
 from launcher import mpirun, rank_pythonpath, run_ranks  # noqa: E402
 
 from dpsgs.config import TrainConfig  # noqa: E402
-from dpsgs.job.checkpoint import latest_checkpoint  # noqa: E402
+from dpsgs.comm.grid import Grid  # noqa: E402
+from dpsgs.job.checkpoint import latest_checkpoint, load_checkpoint, read_manifest  # noqa: E402
 from dpsgs.job.export import export_state_dict  # noqa: E402
 from dpsgs.job.whole_state import WholeState, read_whole  # noqa: E402
 
@@ -88,6 +89,9 @@ def test_2x2_resharded_to_every_grid_and_back_is_bit_identical(tmp_path: Path, o
     assert "DONE" in run.stdout, run.tail()
     saved = read_whole(ckpt)
     assert saved.optimizer and (saved.stages, saved.replicas) == (2, 2)
+    # the manifest lists each shard's tensors: a resharded resume reads the shards it needs by it
+    for row in read_manifest(ckpt)["shards"]:
+        assert row["tensors"] == sorted(load_checkpoint(ckpt, Grid(2, 2), row["stage"])["model"]), row
     for grid in GRIDS:
         for name in (grid, f"{grid}-back"):
             there = latest_checkpoint(tmp_path / "hops" / name)

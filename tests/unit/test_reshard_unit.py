@@ -4,7 +4,6 @@ export's --bn average, and each refusal's message."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -14,12 +13,12 @@ import torch
 from torch import nn
 
 from dpsgs.config import TrainConfig
-from dpsgs.job.checkpoint import CheckpointError
+from dpsgs.job.checkpoint import CheckpointError, read_manifest, shard_entry
 from dpsgs.job.export import export_state_dict, format_inspect, inspect
 from dpsgs.job.reshard import ReshardError, check_reshard, data_position, describe, regrid
 from dpsgs.job.run_setup import prepare
-from dpsgs.job.whole_state import (EMPTY_PIPELINE, read_whole, stage_state, trainable_names,
-                                   whole_from_shards)
+from dpsgs.job.whole_state import (EMPTY_PIPELINE, read_whole, shards_holding, stage_state,
+                                   trainable_names, whole_from_shards)
 
 
 class Grid:
@@ -122,8 +121,7 @@ def _write(folder: Path, stages: int, replicas: int, shards: list[dict], meta: d
         torch.save({"format": "dpsgs-checkpoint", "stage": k, "stages": stages, "state": st}, buf)
         data = buf.getvalue()
         (folder / f"stage{k}.pt").write_bytes(data)
-        rows.append({"stage": k, "file": f"stage{k}.pt", "bytes": len(data),
-                     "sha256": hashlib.sha256(data).hexdigest()})
+        rows.append(shard_entry(k, data, st))
     (folder / "manifest.json").write_text(json.dumps(
         {"format": "dpsgs-checkpoint", "version": 1, "tag": folder.name, "stages": stages,
          "replicas": replicas, "created": 0.0, "meta": meta, "shards": rows}))
@@ -239,3 +237,35 @@ def test_the_run_history_says_what_the_batchnorm_statistics_did() -> None:
     assert "batchnorm" not in describe((2, 2), ["2"], (1, 4), [], has_buffers=False)
     with pytest.raises(ValueError, match="--elastic continues a run .* needs --resume auto"):
         TrainConfig(elastic=True).validate()
+
+
+def test_a_stage_of_a_new_grid_reads_only_the_shards_holding_its_tensors(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path)             # 2x2, split before module 2
+    saved = read_whole(ckpt)
+    m = read_manifest(ckpt)
+    stage0, stage1 = (_cut(TrainConfig(stages=2, replicas=1, batch_size=8))[0][k]["module"] for k in (0, 1))
+    whole_model = _cut(TrainConfig(stages=1, replicas=1, batch_size=8))[0][0]["module"]
+    need0, need1 = stage0.state_dict().keys(), stage1.state_dict().keys()
+    assert (shards_holding(m, need0), shards_holding(m, need1)) == ([0], [1])
+    assert shards_holding(m, whole_model.state_dict().keys()) == [0, 1] == shards_holding(m, None)
+    assert shards_holding(m, []) == [1]      # nothing of its own: one shard, for the position
+    # stage 1's shard damaged: stage 0 of the new grid never reads it, and gets the saved values
+    shard1 = ckpt / "stage1.pt"
+    data = bytearray(shard1.read_bytes())
+    data[-1] ^= 0xFF
+    shard1.write_bytes(bytes(data))
+    part = read_whole(ckpt, need=need0)
+    state, buffers = stage_state(part, stage0, 0, "checkpoint")
+    _same(state["model"], {k: saved.model[k] for k in need0}, "stage 0's model")
+    _same(buffers, {k: v for k, v in saved.replica_buffers[0].items() if k in need0}, "replica 0's buffers")
+    assert state["optimizer"]["state"] and part.position == saved.position and part.hyper == saved.hyper
+    for need in (need1, None):               # whoever needs it finds the damage, naming the file
+        with pytest.raises(CheckpointError, match=r"stage1\.pt' is corrupt"):
+            read_whole(ckpt, need=need)
+    # a manifest that lists no tensors (an older dpsgs's): every shard is read
+    for row in m["shards"]:
+        del row["tensors"]
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+    assert shards_holding(m, need0) == [0, 1]
+    with pytest.raises(CheckpointError, match=r"stage1\.pt' is corrupt"):
+        read_whole(ckpt, need=need0)
