@@ -191,9 +191,8 @@ def _report(w: Any, size: int, summ: dict[str, Any]) -> str:
 def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
     import torch
     import torch.distributed as dist
-    import torch.distributed.nn  # noqa: F401  (before the group exists: see peers.common.init_group)
 
-    import dpsgs.distributed  # noqa: F401  (registers the backend and mpi://)
+    from .peers.common import gloo_beside_dpsgs
 
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     refused = None
@@ -207,9 +206,7 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
             print(refused, file=sys.stderr, flush=True)
         return 2
     torch.set_num_threads(1)
-    timeout = timedelta(seconds=args.timeout)
-    dist.init_process_group("dpsgs", init_method="mpi://", timeout=timeout)
-    groups = {"gloo": dist.new_group(backend="gloo", timeout=timeout), "dpsgs": dist.group.WORLD}
+    groups = gloo_beside_dpsgs(timedelta(seconds=args.timeout))
     info = machine_info(comm)
     info["torch"] = torch.__version__
     for name in names:

@@ -192,8 +192,9 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
     import torch
     import torch.distributed as dist
 
-    import dpsgs.distributed  # noqa: F401  (registers "dpsgs" and mpi://)
     from dpsgs import _C
+
+    from .peers.common import gloo_beside_dpsgs
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
@@ -207,9 +208,7 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
             print(refused, file=sys.stderr, flush=True)
         return 2
     torch.set_num_threads(1)
-    timeout = timedelta(seconds=args.timeout)
-    dist.init_process_group("dpsgs", init_method="mpi://", timeout=timeout)
-    groups = {"gloo": dist.new_group(backend="gloo", timeout=timeout), "dpsgs": dist.group.WORLD}
+    groups = gloo_beside_dpsgs(timedelta(seconds=args.timeout))
     core = _C.Reducer(_C.Communicator(comm, timeout=args.timeout), "auto")
     ctx = BenchContext(comm, None, args.iters, args.warmup, args.check)
     info = machine_info(comm, dict(_C.build_info()))

@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["Workload", "add_workload_args", "workload_from_args", "config_args", "make_model",
            "make_batches", "make_optimizer", "StepTimer", "write_result", "mpi_rank_size",
-           "init_gloo", "init_group", "init_dpsgs", "close_gloo", "slowest_per_step", "set_threads",
+           "init_gloo", "init_group", "init_dpsgs", "gloo_beside_dpsgs", "close_gloo", "slowest_per_step", "set_threads",
            "gpu_index", "cuda_device", "device_sync"]
 
 
@@ -198,6 +198,19 @@ def init_dpsgs(rank: int, size: int) -> None:
     if (dist.get_rank(), dist.get_world_size()) != (rank, size):
         raise RuntimeError(f"mpi:// says rank {dist.get_rank()} of {dist.get_world_size()}, the launcher "
                            f"rank {rank} of {size}")
+
+
+def gloo_beside_dpsgs(timeout: timedelta) -> dict[str, Any]:
+    """{"gloo": group, "dpsgs": group} over every rank of the job, for benchmarks that compare
+    the two in one run: the default group is "dpsgs" (init_method="mpi://": rank, size and
+    store from MPI), gloo a second group over the same ranks and store."""
+    import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401  (before the group exists: see init_group)
+
+    import dpsgs.distributed  # noqa: F401  (registers the backend and mpi://)
+
+    dist.init_process_group("dpsgs", init_method="mpi://", timeout=timeout)
+    return {"gloo": dist.new_group(backend="gloo", timeout=timeout), "dpsgs": dist.group.WORLD}
 
 
 def close_gloo() -> None:
