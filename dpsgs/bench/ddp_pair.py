@@ -2,7 +2,7 @@
 two backends on a machine whose load moves more than the difference between them.
 
     mpirun -n 2 python -m dpsgs.bench.ddp_pair --workload mlp
-    mpirun -n 2 python -m dpsgs.bench.ddp_pair --workload all --steps 60 --out bench/results/ --force
+    mpirun -n 2 python -m dpsgs.bench.ddp_pair --workload all --steps 120 --out bench/results --force
 
 Why: dpsgs.bench.train runs torch-ddp and torch-ddp-dpsgs as separate jobs, seconds apart; on
 a shared 2-core machine the load of the moment moves a run's step time by 30 % or more, so
@@ -114,7 +114,8 @@ def _run_workload(args: argparse.Namespace, w: Any, groups: dict[str, Any]) -> d
         for i in range(args.nosync_steps + 1):
             for name in BACKENDS if i % 2 == 0 else BACKENDS[::-1]:
                 step(name, i, nosync, False)
-    bare = _bare_allreduce(sum(p.numel() for p in replicas["gloo"][0].parameters()), groups, args.nosync_steps)
+    numel = sum(p.numel() for p in replicas["gloo"][0].parameters())
+    bare = _bare_allreduce(numel, groups, args.nosync_steps)
     return {name: {"step_times": slowest_per_step(times[name], size),
                    "nosync_times": slowest_per_step(nosync[name], size)[1:],
                    "allreduce_times": slowest_per_step(bare[name], size)[1:],
@@ -151,10 +152,12 @@ def pair_summary(raw: dict[str, dict[str, list[float]]], batch: int, warmup: int
         alone = statistics.median(raw[name]["nosync_times"])
         exposed = max(0.0, step - alone)
         bare = statistics.median(raw[name]["allreduce_times"])
-        out[name] = {"step_time_s": quartiles(steps), "samples_per_s": quartiles([batch / t for t in steps]),
-                     "compute_only_step_s": alone, "exposed_comm_s": exposed, "bare_allreduce_s": bare,
-                     "rest_of_exposed_s": max(0.0, exposed - bare)}
-    pairs = [g / d for g, d in zip(raw["gloo"]["step_times"][warmup:], raw["dpsgs"]["step_times"][warmup:])]
+        out[name] = {"step_time_s": quartiles(steps),
+                     "samples_per_s": quartiles([batch / t for t in steps]),
+                     "compute_only_step_s": alone, "exposed_comm_s": exposed,
+                     "bare_allreduce_s": bare, "rest_of_exposed_s": max(0.0, exposed - bare)}
+    gloo, ours = raw["gloo"]["step_times"][warmup:], raw["dpsgs"]["step_times"][warmup:]
+    pairs = [g / d for g, d in zip(gloo, ours)]
     control = [g / d for g, d in zip(raw["gloo"]["nosync_times"], raw["dpsgs"]["nosync_times"])]
     lg, ld = raw["gloo"]["losses"], raw["dpsgs"]["losses"]
     out["dpsgs_over_gloo"] = quartiles(pairs)
@@ -167,22 +170,24 @@ def pair_summary(raw: dict[str, dict[str, list[float]]], batch: int, warmup: int
 
 
 def _report(w: Any, size: int, summ: dict[str, Any]) -> str:
-    lines = [f"# DDP over gloo and over dpsgs, alternating steps: {w.model}, {size} ranks x 1 thread, "
-             f"global batch {w.batch}, {summ['pairs']} timed pairs after {w.warmup}",
-             f"# {'backend':>8} {'step ms':>8} {'IQR':>6} {'samples/s':>10} {'no_sync ms':>11} {'exp.comm ms':>12} "
-             f"{'= all-reduce':>12} {'+ rest':>7}"]
+    lines = [f"# DDP over gloo and over dpsgs, alternating steps: {w.model}, {size} ranks x 1 "
+             f"thread, global batch {w.batch}, {summ['pairs']} timed pairs after {w.warmup}",
+             f"# {'backend':>8} {'step ms':>8} {'IQR':>6} {'samples/s':>10} {'no_sync ms':>11} "
+             f"{'exp.comm ms':>12} {'= all-reduce':>12} {'+ rest':>7}"]
     for name in BACKENDS:
         s = summ[name]
-        lines.append(f"  {name:>8} {1e3 * s['step_time_s']['median']:8.1f} {1e3 * s['step_time_s']['iqr']:6.1f} "
+        step = s["step_time_s"]
+        lines.append(f"  {name:>8} {1e3 * step['median']:8.1f} {1e3 * step['iqr']:6.1f} "
                      f"{s['samples_per_s']['median']:10.1f} {1e3 * s['compute_only_step_s']:11.1f} "
                      f"{1e3 * s['exposed_comm_s']:12.1f} {1e3 * s['bare_allreduce_s']:12.1f} "
                      f"{1e3 * s['rest_of_exposed_s']:7.1f}")
-    lines.append("# all-reduce: one bare all-reduce of the whole gradient on the group; rest: the remainder of "
-                 "the exposed time (DDP's bucket copies, the hook and its future)")
+    lines.append("# all-reduce: one bare all-reduce of the whole gradient on the group; rest: the "
+                 "remainder of the exposed time (DDP's bucket copies, the hook and its future)")
     r, c = summ["dpsgs_over_gloo"], summ["nosync_dpsgs_over_gloo"]
-    lines.append(f"# DDP over dpsgs: {r['median']:.2f}x DDP over gloo (median over {summ['pairs']} pairs of "
-                 f"gloo step / dpsgs step; quartiles {r['q1']:.2f}-{r['q3']:.2f}; dpsgs faster in "
-                 f"{summ['dpsgs_won']}/{summ['pairs']}); no_sync control {c['median']:.2f}x")
+    lines.append(f"# DDP over dpsgs: {r['median']:.2f}x DDP over gloo (median over {summ['pairs']} "
+                 f"pairs of gloo step / dpsgs step; quartiles {r['q1']:.2f}-{r['q3']:.2f}; dpsgs "
+                 f"faster in {summ['dpsgs_won']}/{summ['pairs']}); no_sync control "
+                 f"{c['median']:.2f}x")
     lines.append("# losses: bit-identical at every step" if summ["losses_identical"] else
                  f"# losses differ: at most {summ['max_loss_difference']:.3g} apart")
     return "\n".join(lines)
@@ -199,7 +204,8 @@ def _run(args: argparse.Namespace, argv: list[str], comm: Any) -> int:
     folder = None
     if comm.Get_rank() == 0:
         folder = out_folder(args.out, "ddp-pair")
-        refused = existing_error("dpsgs.bench.ddp_pair", [folder / f"ddp-pair-{n}.json" for n in names], args.force)
+        refused = existing_error("dpsgs.bench.ddp_pair",
+                                 [folder / f"ddp-pair-{n}.json" for n in names], args.force)
     folder, refused = comm.bcast((folder, refused), root=0)
     if refused:
         if comm.Get_rank() == 0:

@@ -17,8 +17,8 @@ from torch import nn
 
 __all__ = ["Workload", "add_workload_args", "workload_from_args", "config_args", "make_model",
            "make_batches", "make_optimizer", "StepTimer", "write_result", "mpi_rank_size",
-           "init_gloo", "init_group", "init_dpsgs", "gloo_beside_dpsgs", "close_gloo", "slowest_per_step", "set_threads",
-           "gpu_index", "cuda_device", "device_sync"]
+           "init_gloo", "init_group", "init_dpsgs", "gloo_beside_dpsgs", "close_gloo",
+           "slowest_per_step", "set_threads", "gpu_index", "cuda_device", "device_sync"]
 
 
 @dataclass
