@@ -104,7 +104,7 @@ class StageExecutor:
     def _warm_up(self) -> None:
         """Load the stage's kernels once, on zeros of the shapes it will see (the training
         batch, or its micro-batch under sync), before the transport connects."""
-        rows = self.cfg.batch_size // (self.cfg.micro_batches if self.cfg.schedule == "sync" else 1)
+        rows = self._micro_rows() if self.cfg.schedule == "sync" else self.cfg.batch_size
         xs = [torch.zeros((rows, *shape), dtype=dtype, device=self.device)
               for dtype, shape in self.place.in_specs]
         y = (torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -112,6 +112,14 @@ class StageExecutor:
         self.compute.warm_up(xs, y)     # no span: it would count in step 0's compute time
 
     # -- helpers -------------------------------------------------------------------------
+    def _micro_rows(self) -> int:
+        """Rows of one sync micro-batch (TrainConfig refuses a batch they do not divide)."""
+        B, M = self.cfg.batch_size, self.cfg.micro_batches
+        if B % M:
+            raise ValueError(f"sync schedule: batch_size {B} is not divisible by "
+                             f"micro_batches {M}")
+        return B // M
+
     def _global(self, eb: tuple[int, int]) -> int:
         return eb[0] * self.workload.batches_per_epoch + eb[1]
 
@@ -251,11 +259,7 @@ class StageExecutor:
         """One synchronous micro-batched step per global batch of `seg` (exact gradient).
         True when a hook asked to stop and the segment was cut short."""
         k, last, place = self.stage, self.compute.is_last, self.place
-        B, M = self.cfg.batch_size, self.cfg.micro_batches
-        if B % M:
-            raise ValueError(f"sync schedule: batch_size {B} is not divisible by "
-                             f"micro_batches {M}")
-        mb = B // M
+        M, mb = self.cfg.micro_batches, self._micro_rows()
         ops = sync_plan(self.K, M, self.cfg.sync_kind)[k]
         cut, i = False, 0
         while i < len(seg):
