@@ -2,7 +2,10 @@
 #include "collectives.h"
 
 #include <climits>
+#include <memory>
 #include <numeric>
+#include <utility>
+#include <vector>
 
 #include "common/error.h"
 #include "mpi_backend.h"
@@ -122,6 +125,22 @@ void check_op(const OpSpec& s, int rank, int size, const std::string& where) {
   }
 }
 
+Owner unalias(OpSpec& s, int rank, Owner owner) {
+  using K = OpSpec::Kind;
+  if (s.kind != K::Allgather && s.kind != K::ReduceScatter && s.kind != K::Alltoall) return owner;
+  const auto* in = static_cast<const char*>(s.send.ptr);
+  const auto* out = static_cast<const char*>(s.recv.ptr);
+  if (s.send.bytes == 0 || s.recv.bytes == 0 || in + s.send.bytes <= out || out + s.recv.bytes <= in)
+    return owner;  // disjoint
+  if (s.kind == K::Allgather && in == out + s.recv_displs[rank]) {
+    s.in_place = true;  // check_op: the block holds exactly send.bytes
+    return owner;
+  }
+  auto copy = std::make_shared<std::vector<char>>(in, in + s.send.bytes);
+  s.send.ptr = copy->data();
+  return std::make_shared<std::pair<Owner, std::shared_ptr<std::vector<char>>>>(std::move(owner), copy);
+}
+
 MPI_Request start_op(const OpSpec& s, MPI_Comm comm, int rank) {
   using K = OpSpec::Kind;
   MPI_Request req = MPI_REQUEST_NULL;
@@ -134,8 +153,9 @@ MPI_Request start_op(const OpSpec& s, MPI_Comm comm, int rank) {
       DPSGS_CHECK_MPI(MPI_Ibcast(s.recv.ptr, int(s.recv.bytes), MPI_BYTE, s.peer, comm, &req), rank, s.peer);
       break;
     case K::Allgather:
-      DPSGS_CHECK_MPI(MPI_Iallgatherv(s.send.ptr, int(s.send.bytes), MPI_BYTE, s.recv.ptr, s.recv_counts.data(),
-                                      s.recv_displs.data(), MPI_BYTE, comm, &req), rank, kNoPeer);
+      DPSGS_CHECK_MPI(MPI_Iallgatherv(s.in_place ? MPI_IN_PLACE : s.send.ptr, int(s.send.bytes), MPI_BYTE, s.recv.ptr,
+                                      s.recv_counts.data(), s.recv_displs.data(), MPI_BYTE, comm, &req),
+                      rank, kNoPeer);
       break;
     case K::ReduceScatter:
       DPSGS_CHECK_MPI(MPI_Ireduce_scatter(s.send.ptr, s.recv.ptr, s.recv_counts.data(), mpi_datatype(s.recv.dtype),

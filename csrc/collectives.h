@@ -30,6 +30,7 @@ struct OpSpec {
   int peer = -1;           // broadcast root, send/recv peer
   int tag = 0;             // send/recv
   bool ring = false;       // allreduce by the core's ring (run on the engine thread)
+  bool in_place = false;   // allgather: the input is this rank's block of the output (MPI_IN_PLACE)
   std::vector<int> send_counts, send_displs;  // alltoall, bytes
   std::vector<int> recv_counts, recv_displs;  // alltoall/allgather: bytes; reduce-scatter: elements
 
@@ -40,6 +41,12 @@ const char* kind_name(OpSpec::Kind kind);
 
 // Checks the spec against a communicator of `size` ranks (ValueError naming `where`).
 void check_op(const OpSpec& spec, int rank, int size, const std::string& where);
+
+// MPI forbids a collective's input to overlap its output; torch allows it (FSDP2 gathers into
+// an output whose block for this rank is the input). After check_op: an all-gather whose input
+// is exactly this rank's block runs in place (MPI_IN_PLACE); any other overlap gets a private
+// copy of the input, made now, which the returned owner keeps alive with `owner`.
+Owner unalias(OpSpec& spec, int rank, Owner owner);
 
 // Issues the non-blocking MPI call of `spec` (not a ring all-reduce) on `comm`; returns its
 // request. MPI errors raise CommError naming the call, `rank` and the peer.

@@ -131,6 +131,7 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner, bool wake) {
   uint64_t seq = p2p ? p2p_count_ : next_seq_;
   const std::string what = describe(spec, seq);
   check_op(spec, comm_->rank(), comm_->size(), what);  // before numbering: a refused call is no operation
+  owner = unalias(spec, comm_->rank(), std::move(owner));
   DPSGS_CHECK_ARG(!p2p || spec.tag <= tag_ub_, what, ": tag above MPI_TAG_UB (", tag_ub_, ")");
   ++(p2p ? p2p_count_ : next_seq_);
   auto work = std::make_shared<OpWork>(what, timeout_s_, comm_->warn_after(), completions_, weak_from_this());

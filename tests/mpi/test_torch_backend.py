@@ -1,5 +1,5 @@
-"""The "dpsgs" torch.distributed backend under real MPI ranks: every operation and DDP against
-gloo, torch's pipelining over it, a stopped peer named at the deadline, no listening socket
+"""The "dpsgs" torch.distributed backend under real MPI ranks: every operation, DDP and FSDP2
+against gloo, torch's pipelining over it, a stopped peer named at the deadline, no listening socket
 with mpi://, and the shipped DDP example with no environment variables."""
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ def test_every_operation_matches_gloo(nprocs: int) -> None:
 def test_ddp_matches_ddp_over_gloo(nprocs: int) -> None:
     run = run_ranks(nprocs, "torch_backend_ddp_ranks.py", timeout=600)
     assert "OK ddp" in run.stdout, run.tail()
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_fsdp2_matches_fsdp2_over_gloo(nprocs: int) -> None:
+    # regression: FSDP2's all-gather input is its own block of the output, which MPI refused
+    # ("Buffers must not be aliased"): the core now runs it in place
+    run = run_ranks(nprocs, "torch_backend_fsdp_ranks.py", timeout=600)
+    assert "OK fsdp" in run.stdout, run.tail()
 
 
 def test_pipelining_1f1b_matches_gloo() -> None:

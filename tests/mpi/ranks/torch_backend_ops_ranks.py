@@ -6,7 +6,8 @@ float SUM/AVG/PRODUCT bit-identical on 2 ranks (a + b and a * b do not depend on
 and beyond within the sum of both orders' worst-case rounding error: |dpsgs - gloo| <=
 2(n-1)·u·Σ|x_i| for sums (+ 2u|result| for AVG's division), 2.5(n-1)·u·|result| for
 products, u the unit roundoff of the dtype. Also: async Works (wait, get_future), the
-backend's refusals, a new_group of a subset against gloo's subset, non-members untouched,
+backend's refusals, inputs that alias their outputs (in-place all-gather, reduce-scatter and
+all-to-all), a new_group of a subset against gloo's subset, non-members untouched,
 DeviceMesh dimensions, a functional collective and torch's store-based barrier.
 Prints `OK <count> cases` on rank 0 when every rank passed."""
 
@@ -252,6 +253,45 @@ for dtype in (torch.float32, torch.complex64):
         dist.all_to_all(outs, list(base.chunk(n)), group=group)
         return torch.cat(outs)
     close(f"all_to_all {dtype}", *both(a2a_list))
+
+# ---- an input that aliases the output (MPI forbids it; torch allows it, FSDP2 gathers so): on
+# dpsgs the aliased call, on gloo the same values in separate tensors
+for dtype in (torch.float32, torch.bfloat16):
+    seed += 1
+    base = data((4, 3), dtype, seed)
+
+    def gather_in_place(group, base=base):   # the input is this rank's block: MPI_IN_PLACE
+        out = torch.zeros((n * 4, 3), dtype=base.dtype)
+        mine = out.chunk(n)[r]
+        mine.copy_(base)
+        dist.all_gather_into_tensor(out, mine if group is DP else base.clone(), group=group)
+        return out
+
+    def gather_other_block(group, base=base):   # the input is another rank's block: a copy
+        out = torch.zeros((n * 4, 3), dtype=base.dtype)
+        theirs = out.chunk(n)[(r + 1) % n]
+        theirs.copy_(base)
+        dist.all_gather_into_tensor(out, theirs if group is DP else base.clone(), group=group)
+        return out
+    close(f"all_gather_into_tensor in place {dtype}", *both(gather_in_place))
+    close(f"all_gather_into_tensor from another block {dtype}", *both(gather_other_block))
+
+    whole = data((n * 6,), dtype, seed + 500)
+
+    def rs_in_place(group, whole=whole):      # the output is this rank's chunk of the input
+        buf = whole.clone()
+        out = buf.chunk(n)[r] if group is DP else torch.empty(6, dtype=whole.dtype)
+        dist.reduce_scatter_tensor(out, buf, group=group)
+        return out.clone()
+    got, ref = both(rs_in_place)
+    close(f"reduce_scatter_tensor in place {dtype}", got, ref, rs_tolerance(whole, ref, R.SUM))
+
+    def a2a_in_place(group, whole=whole):     # one tensor as input and output
+        buf = whole.clone()
+        out = buf if group is DP else torch.empty_like(buf)
+        dist.all_to_all_single(out, buf, group=group)
+        return out
+    close(f"all_to_all_single in place {dtype}", *both(a2a_in_place))
 
 # dtypes gloo cannot move: against what every rank knows each rank's input to be
 for dtype in BYTES_ONLY:
