@@ -37,6 +37,9 @@ const char* kind_name(OpSpec::Kind kind) {
     case OpSpec::Kind::Allgather: return "all-gather";
     case OpSpec::Kind::ReduceScatter: return "reduce-scatter";
     case OpSpec::Kind::Alltoall: return "all-to-all";
+    case OpSpec::Kind::Reduce: return "reduce";
+    case OpSpec::Kind::Gather: return "gather";
+    case OpSpec::Kind::Scatter: return "scatter";
     case OpSpec::Kind::Barrier: return "barrier";
     case OpSpec::Kind::Send: return "send";
     case OpSpec::Kind::Recv: return "recv";
@@ -114,6 +117,29 @@ void check_op(const OpSpec& s, int rank, int size, const std::string& where) {
       check_layout(s.send_counts, s.send_displs, s.send.bytes, size, where, "input");
       check_layout(s.recv_counts, s.recv_displs, s.recv.bytes, size, where, "output");
       break;
+    case K::Reduce:
+      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      as_int(s.recv.numel(), where, "element count");
+      mpi_red_op(s.red, s.recv.dtype, where);
+      break;
+    case K::Gather:  // the root's output: one block per rank; the others have none
+      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      as_int(s.send.bytes, where, "byte count");
+      if (rank == s.peer) {
+        check_layout(s.recv_counts, s.recv_displs, s.recv.bytes, size, where, "output");
+        DPSGS_CHECK_ARG(size_t(s.recv_counts[rank]) == s.send.bytes, where, ": the root sends ", s.send.bytes,
+                        " bytes but its block of the output holds ", s.recv_counts[rank]);
+      }
+      break;
+    case K::Scatter:  // the root's input: one block per rank; the others have none
+      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      as_int(s.recv.bytes, where, "byte count");
+      if (rank == s.peer) {
+        check_layout(s.send_counts, s.send_displs, s.send.bytes, size, where, "input");
+        DPSGS_CHECK_ARG(size_t(s.send_counts[rank]) == s.recv.bytes, where, ": the root receives ", s.recv.bytes,
+                        " bytes but its block of the input holds ", s.send_counts[rank]);
+      }
+      break;
     case K::Send:
     case K::Recv:
       DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": peer ", s.peer, " is not a rank of ", size);
@@ -127,7 +153,9 @@ void check_op(const OpSpec& s, int rank, int size, const std::string& where) {
 
 Owner unalias(OpSpec& s, int rank, Owner owner) {
   using K = OpSpec::Kind;
-  if (s.kind != K::Allgather && s.kind != K::ReduceScatter && s.kind != K::Alltoall) return owner;
+  if (s.kind != K::Allgather && s.kind != K::ReduceScatter && s.kind != K::Alltoall && s.kind != K::Gather &&
+      s.kind != K::Scatter)
+    return owner;
   const auto* in = static_cast<const char*>(s.send.ptr);
   const auto* out = static_cast<const char*>(s.recv.ptr);
   if (s.send.bytes == 0 || s.recv.bytes == 0 || in + s.send.bytes <= out || out + s.recv.bytes <= in)
@@ -165,6 +193,21 @@ MPI_Request start_op(const OpSpec& s, MPI_Comm comm, int rank) {
       DPSGS_CHECK_MPI(MPI_Ialltoallv(s.send.ptr, s.send_counts.data(), s.send_displs.data(), MPI_BYTE, s.recv.ptr,
                                      s.recv_counts.data(), s.recv_displs.data(), MPI_BYTE, comm, &req),
                       rank, kNoPeer);
+      break;
+    case K::Reduce: {  // in place at the root; the others' buffers are only read
+      const bool root = rank == s.peer;
+      DPSGS_CHECK_MPI(MPI_Ireduce(root ? MPI_IN_PLACE : s.recv.ptr, root ? s.recv.ptr : nullptr,
+                                  int(s.recv.numel()), mpi_datatype(s.recv.dtype),
+                                  mpi_red_op(s.red, s.recv.dtype, ""), s.peer, comm, &req), rank, s.peer);
+      break;
+    }
+    case K::Gather:
+      DPSGS_CHECK_MPI(MPI_Igatherv(s.send.ptr, int(s.send.bytes), MPI_BYTE, s.recv.ptr, s.recv_counts.data(),
+                                   s.recv_displs.data(), MPI_BYTE, s.peer, comm, &req), rank, s.peer);
+      break;
+    case K::Scatter:
+      DPSGS_CHECK_MPI(MPI_Iscatterv(s.send.ptr, s.send_counts.data(), s.send_displs.data(), MPI_BYTE, s.recv.ptr,
+                                    int(s.recv.bytes), MPI_BYTE, s.peer, comm, &req), rank, s.peer);
       break;
     case K::Barrier:
       DPSGS_CHECK_MPI(MPI_Ibarrier(comm, &req), rank, kNoPeer);

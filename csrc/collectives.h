@@ -22,17 +22,18 @@ MPI_Op mpi_red_op(RedOp op, DType dtype, const std::string& where);
 // One operation, described so that start_op() can issue it and describe() name it.
 // Byte counts and displacements (alltoall, allgather) are ints: MPI's counts are.
 struct OpSpec {
-  enum class Kind { Allreduce, Broadcast, Allgather, ReduceScatter, Alltoall, Barrier, Send, Recv };
+  enum class Kind { Allreduce, Broadcast, Allgather, ReduceScatter, Alltoall, Reduce, Gather, Scatter, Barrier,
+                    Send, Recv };
   Kind kind = Kind::Barrier;
-  Buffer send;             // allgather/reduce-scatter/alltoall/send input
-  Buffer recv;             // allreduce/broadcast (in place), outputs, recv target
-  RedOp red = RedOp::Sum;  // allreduce, reduce-scatter
-  int peer = -1;           // broadcast root, send/recv peer
+  Buffer send;             // allgather/reduce-scatter/alltoall/gather/scatter(root)/send input
+  Buffer recv;             // allreduce/broadcast/reduce (in place), outputs (gather: root's), recv target
+  RedOp red = RedOp::Sum;  // allreduce, reduce-scatter, reduce
+  int peer = -1;           // broadcast/reduce/gather/scatter root, send/recv peer
   int tag = 0;             // send/recv
   bool ring = false;       // allreduce by the core's ring (run on the engine thread)
   bool in_place = false;   // allgather: the input is this rank's block of the output (MPI_IN_PLACE)
-  std::vector<int> send_counts, send_displs;  // alltoall, bytes
-  std::vector<int> recv_counts, recv_displs;  // alltoall/allgather: bytes; reduce-scatter: elements
+  std::vector<int> send_counts, send_displs;  // alltoall, scatter (root): bytes
+  std::vector<int> recv_counts, recv_displs;  // alltoall/allgather/gather (root): bytes; reduce-scatter: elements
 
   bool is_p2p() const { return kind == Kind::Send || kind == Kind::Recv; }
 };

@@ -96,6 +96,12 @@ std::string OpEngine::describe(const OpSpec& s, uint64_t seq) const {
       head = str_cat(head, " (", red_op_name(s.red), ", ", s.send.bytes, " bytes ", dtype_name(s.send.dtype), ")");
       break;
     case K::Broadcast: head = str_cat(head, " (", s.recv.bytes, " bytes from ", comm_->label(s.peer), ")"); break;
+    case K::Reduce:
+      head = str_cat(head, " (", red_op_name(s.red), ", ", s.recv.bytes, " bytes ", dtype_name(s.recv.dtype), " to ",
+                     comm_->label(s.peer), ")");
+      break;
+    case K::Gather: head = str_cat(head, " (", s.send.bytes, " bytes to ", comm_->label(s.peer), ")"); break;
+    case K::Scatter: head = str_cat(head, " (", s.recv.bytes, " bytes from ", comm_->label(s.peer), ")"); break;
     case K::Allgather:
     case K::Alltoall: head = str_cat(head, " (", s.send.bytes, " bytes in, ", s.recv.bytes, " out)"); break;
     default: break;
@@ -155,7 +161,8 @@ std::shared_ptr<OpWork> OpEngine::submit(OpSpec spec, Owner owner, bool wake) {
   // Size 1: nothing moves (a collective's result is its input; a send to oneself is matched
   // by MPI like any other, so p2p still goes through MPI).
   if (!p2p && comm_->size() == 1 && p.spec.kind != OpSpec::Kind::Allgather &&
-      p.spec.kind != OpSpec::Kind::ReduceScatter && p.spec.kind != OpSpec::Kind::Alltoall) {
+      p.spec.kind != OpSpec::Kind::ReduceScatter && p.spec.kind != OpSpec::Kind::Alltoall &&
+      p.spec.kind != OpSpec::Kind::Gather && p.spec.kind != OpSpec::Kind::Scatter) {
     ++completed_seq_;
     lock.unlock();
     work->finish(nullptr);

@@ -32,6 +32,12 @@ std::pair<Buffer, Owner> buffer_of(py::handle array, bool writable, std::optiona
   return out;
 }
 
+// A rooted operation's buffer that only the root has (None elsewhere: no buffer, no owner).
+std::pair<Buffer, Owner> root_buffer_of(py::handle array, bool writable, const char* where) {
+  if (array.is_none()) return {Buffer{}, nullptr};
+  return buffer_of(array, writable, std::nullopt, where);
+}
+
 // Both buffers must stay alive: one Owner holding the two.
 Owner pair_owner(Owner a, Owner b) {
   return std::shared_ptr<void>(new std::pair<Owner, Owner>(std::move(a), std::move(b)),
@@ -166,6 +172,49 @@ void bind_torch_backend(py::module_& m) {
              return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)), wake);
            }, py::arg("input"), py::arg("output"), py::arg("send_counts"), py::arg("send_displs"),
            py::arg("recv_counts"), py::arg("recv_displs"), py::arg("wake") = true, "All-to-all of byte blocks (counts, displacements in bytes).")
+      .def("reduce", [](OpEngine& e, py::object a, int root, const std::string& op, std::optional<int> code,
+                        bool wake) {
+             OpSpec s;
+             s.kind = OpSpec::Kind::Reduce;
+             s.red = parse_red_op(op);
+             s.peer = root;
+             auto [buf, owner] = buffer_of(a, true, code, "OpEngine.reduce");
+             s.recv = buf;
+             return submit(e, std::move(s), std::move(owner), wake);
+           }, py::arg("array"), py::arg("root"), py::arg("op") = "sum", py::arg("dtype_code") = py::none(),
+           py::arg("wake") = true, "Reduce array over the ranks into the root's array (in place there).")
+      .def("gather", [](OpEngine& e, py::object in, py::object out, int root, std::vector<int> counts,
+                        std::vector<int> displs, bool wake) {
+             OpSpec s;
+             s.kind = OpSpec::Kind::Gather;
+             s.peer = root;
+             auto [sb, so] = buffer_of(in, false, std::nullopt, "OpEngine.gather");
+             auto [rb, ro] = root_buffer_of(out, true, "OpEngine.gather");
+             s.send = sb;
+             s.recv = rb;
+             s.recv_counts = std::move(counts);
+             s.recv_displs = std::move(displs);
+             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)), wake);
+           }, py::arg("input"), py::arg("output"), py::arg("root"), py::arg("counts"), py::arg("displs"),
+           py::arg("wake") = true,
+           "Gather every rank's input bytes into the root's output at displs (output, counts, displs: "
+           "the root's; None and [] elsewhere).")
+      .def("scatter", [](OpEngine& e, py::object in, py::object out, int root, std::vector<int> counts,
+                         std::vector<int> displs, bool wake) {
+             OpSpec s;
+             s.kind = OpSpec::Kind::Scatter;
+             s.peer = root;
+             auto [sb, so] = root_buffer_of(in, false, "OpEngine.scatter");
+             auto [rb, ro] = buffer_of(out, true, std::nullopt, "OpEngine.scatter");
+             s.send = sb;
+             s.recv = rb;
+             s.send_counts = std::move(counts);
+             s.send_displs = std::move(displs);
+             return submit(e, std::move(s), pair_owner(std::move(so), std::move(ro)), wake);
+           }, py::arg("input"), py::arg("output"), py::arg("root"), py::arg("counts"), py::arg("displs"),
+           py::arg("wake") = true,
+           "Send block r of the root's input (counts, displs in bytes: the root's; None and [] elsewhere) "
+           "to rank r's output.")
       .def("barrier", [](OpEngine& e, bool wake) {
              OpSpec s;
              s.kind = OpSpec::Kind::Barrier;

@@ -3,6 +3,7 @@
 Each torch call becomes one or a few operations of a `dpsgs._C.OpEngine` (csrc/op_engine.*)
 on this group's MPI communicator; its `DpsgsWork` completes when the core's do. Supported
 on CPU tensors: allreduce (SUM, AVG, MIN, MAX, PRODUCT) and allreduce_coalesced, broadcast,
+reduce, gather and scatter (to or from a root; so gather_object and scatter_object_list),
 allgather, all_gather_single (all_gather_into_tensor), reduce_scatter, reduce_scatter_single
 (reduce_scatter_tensor), all_to_all_single and alltoall, barrier, tagged send/recv (so
 batch_isend_irecv), plus the coalesced gather/scatter forms torch's coalescing manager uses.
@@ -26,8 +27,8 @@ from dpsgs.distributed.work import DpsgsWork
 __all__ = ["BACKEND_NAME", "SUPPORTED", "DpsgsProcessGroup"]
 
 BACKEND_NAME = "dpsgs"
-SUPPORTED = ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "allgather_coalesced",
-             "all_gather_single", "all_gather_single_coalesced", "reduce_scatter",
+SUPPORTED = ("allreduce", "allreduce_coalesced", "broadcast", "reduce", "allgather", "allgather_coalesced",
+             "all_gather_single", "all_gather_single_coalesced", "gather", "scatter", "reduce_scatter",
              "reduce_scatter_single", "reduce_scatter_single_coalesced", "all_to_all_single",
              "alltoall", "barrier", "send", "recv")
 
@@ -250,6 +251,72 @@ class DpsgsProcessGroup(dist.ProcessGroup):
                                      recv_counts, recv_displs, wake=opts.asyncOp)
         return DpsgsWork([work], output_tensors, lambda: _unpack_bytes(flat, output_tensors, recv_displs))
 
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist._Work:
+        opts = opts or dist.ReduceOptions()
+        if _any_cuda(tensors):
+            return self._cuda().reduce(tensors, opts)
+        red, avg = self._reduction(opts.reduceOp, "reduce", tensors)
+        root = opts.rootRank
+        staged = [stage_for_reduction(t, red, "reduce") for t in tensors]
+        works = []
+        for s in staged:
+            array, code = typed(s.buf)
+            works.append(self._engine.reduce(array, root, red, code, opts.asyncOp))
+        # the result is the root's; the others' tensors are left as they were (only read)
+        mine = staged if self._rank == root else []
+        return DpsgsWork(works, tensors, self._after(mine, avg))
+
+    def gather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
+               opts: Any = None) -> dist._Work:
+        opts = opts or dist.GatherOptions()
+        if _any_cuda(input_tensors, *output_tensors):
+            return self._cuda().gather(output_tensors, input_tensors, opts)
+        check_cpu("gather", [*input_tensors, *(t for outs in output_tensors for t in outs)])
+        root = opts.rootRank
+        if len(input_tensors) != 1:
+            raise ValueError(f"dpsgs backend gather: one input tensor per call, got {len(input_tensors)}")
+        inp = input_tensors[0]
+        flat, outs, counts, displs = None, [], [], []
+        if self._rank == root:
+            if len(output_tensors) != 1:
+                raise ValueError(f"dpsgs backend gather: the root needs one list of {self._size} outputs, "
+                                 f"got {len(output_tensors)} lists")
+            outs = output_tensors[0]
+            self._check_list("gather", outs, inp)
+            if outs[root].numel() != inp.numel():
+                raise ValueError(f"dpsgs backend gather: the root's output {root} has {outs[root].numel()} "
+                                 f"elements, its input {inp.numel()}")
+            counts, displs = _layout([o.numel() * o.element_size() for o in outs])
+            flat = torch.empty(sum(counts), dtype=torch.uint8)
+        work = self._engine.gather(byte_view(_flat_bytes(inp)), None if flat is None else flat.numpy(), root,
+                                   counts, displs, opts.asyncOp)
+        finish = (lambda: _unpack_bytes(flat, outs, displs)) if flat is not None else None
+        return DpsgsWork([work], output_tensors, finish)
+
+    def scatter(self, output_tensors: list[torch.Tensor], input_tensors: list[list[torch.Tensor]],
+                opts: Any = None) -> dist._Work:
+        opts = opts or dist.ScatterOptions()
+        if _any_cuda(output_tensors, *input_tensors):
+            return self._cuda().scatter(output_tensors, input_tensors, opts)
+        check_cpu("scatter", [*output_tensors, *(t for ins in input_tensors for t in ins)])
+        root = opts.rootRank
+        if len(output_tensors) != 1:
+            raise ValueError(f"dpsgs backend scatter: one output tensor per call, got {len(output_tensors)}")
+        out = output_tensors[0]
+        packed, counts, displs = None, [], []
+        if self._rank == root:
+            if len(input_tensors) != 1:
+                raise ValueError(f"dpsgs backend scatter: the root needs one list of {self._size} inputs, "
+                                 f"got {len(input_tensors)} lists")
+            ins = input_tensors[0]
+            self._check_list("scatter", ins, out)
+            counts, displs = _layout([t.numel() * t.element_size() for t in ins])
+            packed = torch.cat([_flat_bytes(t) for t in ins])
+        s = stage(out)
+        work = self._engine.scatter(None if packed is None else packed.numpy(), byte_view(s.buf), root,
+                                    counts, displs, opts.asyncOp)
+        return DpsgsWork([work], output_tensors, self._after([s], False))
+
     def barrier(self, opts: Any = None) -> dist._Work:
         opts = opts or dist.BarrierOptions()
         return DpsgsWork([self._engine.barrier(wake=opts.asyncOp)], [])
@@ -277,15 +344,6 @@ class DpsgsProcessGroup(dist.ProcessGroup):
                 f"dpsgs backend: {op} is not implemented; supported: {', '.join(SUPPORTED)} "
                 "(put the group on gloo for it: init_process_group('cpu:gloo') or new_group(backend='gloo'))")
         return refuse
-
-    def reduce(self, *args: Any, **kwargs: Any) -> Any:
-        return self._not_implemented("reduce")(*args, **kwargs)
-
-    def gather(self, *args: Any, **kwargs: Any) -> Any:
-        return self._not_implemented("gather")(*args, **kwargs)
-
-    def scatter(self, *args: Any, **kwargs: Any) -> Any:
-        return self._not_implemented("scatter")(*args, **kwargs)
 
     def recv_anysource(self, *args: Any, **kwargs: Any) -> Any:
         return self._not_implemented("recv from any source")(*args, **kwargs)

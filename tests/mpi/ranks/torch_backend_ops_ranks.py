@@ -5,7 +5,8 @@ Exactness: data movement, MIN/MAX and integer reductions must be bit-identical a
 float SUM/AVG/PRODUCT bit-identical on 2 ranks (a + b and a * b do not depend on the order)
 and beyond within the sum of both orders' worst-case rounding error: |dpsgs - gloo| <=
 2(n-1)·u·Σ|x_i| for sums (+ 2u|result| for AVG's division), 2.5(n-1)·u·|result| for
-products, u the unit roundoff of the dtype. Also: async Works (wait, get_future), the
+products, u the unit roundoff of the dtype. Rooted: reduce (a non-root's tensor is left as it
+was), gather, scatter, gather_object, scatter_object_list. Also: async Works (wait, get_future), the
 backend's refusals, inputs that alias their outputs (in-place all-gather, reduce-scatter and
 all-to-all), a new_group of a subset against gloo's subset, non-members untouched,
 DeviceMesh dimensions, a functional collective and torch's store-based barrier.
@@ -254,6 +255,48 @@ for dtype in (torch.float32, torch.complex64):
         return torch.cat(outs)
     close(f"all_to_all {dtype}", *both(a2a_list))
 
+# ---- rooted: reduce (every op, root first and last), gather and scatter (list of tensors)
+for dtype, op in [(torch.float32, R.SUM), (torch.float32, R.AVG), (torch.float64, R.MAX), (torch.int64, R.SUM),
+                  (torch.bfloat16, R.SUM), (torch.float16, R.MIN), (torch.float32, R.PRODUCT)]:
+    for root in (0, n - 1):
+        seed += 1
+        base = data((5, 3), dtype, seed)
+
+        def reduce_to(group, base=base, op=op, root=root):
+            t = base.clone()
+            dist.reduce(t, dst=root, op=op, group=group)
+            return t
+        got, ref = both(reduce_to)
+        tol = sum_tolerance(base, ref, op)   # a collective: every rank
+        if r == root:
+            close(f"reduce {dtype} {op} to {root}", got, ref, tol)
+        else:   # only read: left as it was
+            close(f"reduce {dtype} {op} to {root}: a non-root's tensor", got, base)
+for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
+    for root in (0, n - 1):
+        seed += 1
+        base = data((4, 3), dtype, seed)
+
+        def gather_to(group, base=base, root=root):
+            outs = [torch.full_like(base, 7) for _ in range(n)] if r == root else None
+            dist.gather(base, outs, dst=root, group=group)
+            return torch.stack(outs) if outs is not None else base
+        close(f"gather {dtype} to {root}", *both(gather_to))
+        pieces = [data((4, 3), dtype, seed + 500, rank=q) for q in range(n)]
+
+        def scatter_from(group, pieces=pieces, root=root):
+            out = torch.zeros((4, 3), dtype=pieces[0].dtype)
+            dist.scatter(out, pieces if r == root else None, src=root, group=group)
+            return out
+        close(f"scatter {dtype} from {root}", *both(scatter_from))
+objs = [None] * n if r == 0 else None
+dist.gather_object({"rank": r, "word": "x" * (r + 1)}, objs, dst=0)
+if r == 0:
+    close("gather_object", torch.tensor([len(o["word"]) for o in objs]), torch.arange(1, n + 1))
+got = [None]
+dist.scatter_object_list(got, [{"to": q} for q in range(n)] if r == n - 1 else None, src=n - 1)
+close("scatter_object_list", torch.tensor(got[0]["to"]), torch.tensor(r))
+
 # ---- an input that aliases the output (MPI forbids it; torch allows it, FSDP2 gathers so): on
 # dpsgs the aliased call, on gloo the same values in separate tensors
 for dtype in (torch.float32, torch.bfloat16):
@@ -343,9 +386,8 @@ w.wait()
 
 # ---- refusals: one clear error each
 for name, call, kind, words in [
-        ("reduce", lambda: dist.reduce(torch.ones(2), dst=0), NotImplementedError, "reduce is not implemented"),
-        ("gather", lambda: dist.gather(torch.ones(2), [torch.ones(2)] * n if r == 0 else None, dst=0),
-         NotImplementedError, "gather is not implemented"),
+        ("recv from any source", lambda: dist.recv(torch.ones(2)), NotImplementedError,
+         "recv from any source is not implemented"),
         ("AVG int", lambda: dist.all_reduce(torch.ones(2, dtype=torch.int64), op=R.AVG), ValueError,
          "AVG of torch.int64 is not defined"),
         ("BAND", lambda: dist.all_reduce(torch.ones(2, dtype=torch.int64), op=R.BAND), NotImplementedError,
