@@ -38,10 +38,11 @@ def test_ddp_matches_ddp_over_gloo(nprocs: int) -> None:
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_fsdp2_matches_fsdp2_over_gloo(nprocs: int) -> None:
+def test_fsdp2_matches_fsdp2_over_gloo(nprocs: int, tmp_path: Path) -> None:
     # regression: FSDP2's all-gather input is its own block of the output, which MPI refused
-    # ("Buffers must not be aliased"): the core now runs it in place
-    run = run_ranks(nprocs, "torch_backend_fsdp_ranks.py", timeout=600)
+    # ("Buffers must not be aliased"): the core now runs it in place. And its state saved and
+    # loaded with torch.distributed.checkpoint (which needs gather/scatter, once refused)
+    run = run_ranks(nprocs, "torch_backend_fsdp_ranks.py", str(tmp_path / "dcp"), timeout=600)
     assert "OK fsdp" in run.stdout, run.tail()
 
 

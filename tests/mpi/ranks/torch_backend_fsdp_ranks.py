@@ -3,7 +3,10 @@ seed, data and sharding, 10 AdamW steps. FSDP2 gathers each layer's parameters i
 whose block for this rank is the rank's own shard (an input aliasing its output, which MPI
 forbids: the core runs it in place) and reduce-scatters the gradients. The full parameters
 must be bit-identical on 2 ranks and within 1e-6 relative (per tensor, in norm) on 3, and
-each rank's shard must hold its slice of them. Prints `OK fsdp` on rank 0."""
+each rank's shard must hold its slice of them. Then torch.distributed.checkpoint saves the
+sharded state over "dpsgs" into the folder given as argv[1] and loads it into a fresh model
+(DCP's planning gathers and scatters objects: dist.gather_object, scatter_object_list), which
+must hold the same full parameters. Prints `OK fsdp` on rank 0."""
 
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ GLOO = dist.new_group(backend="gloo")
 STEPS = 10
 
 
-def train(group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
+def sharded(group: dist.ProcessGroup, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
     # 37 and 300: rows that do not divide by 2 or 3, so FSDP2 pads the last shard
     model = nn.Sequential(nn.Linear(48, 300), nn.ReLU(), nn.Linear(300, 37), nn.ReLU(), nn.Linear(37, 10))
     mesh = DeviceMesh.from_group(group, "cpu")
@@ -33,6 +36,11 @@ def train(group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def train(group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    model = sharded(group, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 * step + r)
@@ -42,6 +50,17 @@ def train(group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
         opt.step()
     shards = {k: v.to_local().detach().clone() for k, v in model.state_dict().items()}
     full = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+    if group is dist.group.WORLD and len(sys.argv) > 1:   # DCP over "dpsgs": save, load into another
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": model.state_dict()}, checkpoint_id=sys.argv[1])
+        fresh = sharded(group, 1)
+        state = {"model": fresh.state_dict()}
+        dcp.load(state, checkpoint_id=sys.argv[1])
+        fresh.load_state_dict(state["model"])
+        for k, v in fresh.state_dict().items():
+            if not torch.equal(v.full_tensor(), full[k]):
+                failures.append(f"{k}: not what torch.distributed.checkpoint saved")
     for k, shard in shards.items():   # Shard(0): rank r holds rows [r*c, r*c + c) of the full tensor
         rows = -(-full[k].shape[0] // n)
         if not torch.equal(shard, full[k][r * rows:(r + 1) * rows]):
