@@ -1,5 +1,5 @@
-"""The "dpsgs" torch.distributed backend under real MPI ranks: every operation, DDP and FSDP2
-against gloo, torch's pipelining over it, a stopped peer named at the deadline, no listening socket
+"""The "dpsgs" torch.distributed backend under real MPI ranks: every operation, DDP, FSDP2 and
+tensor parallelism against gloo, torch's pipelining over it, a stopped peer named at the deadline, no listening socket
 with mpi://, and the shipped DDP example with no environment variables."""
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ def test_ddp_matches_ddp_over_gloo(nprocs: int) -> None:
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_fsdp2_matches_fsdp2_over_gloo(nprocs: int, tmp_path: Path) -> None:
+def test_fsdp2_and_tensor_parallel_match_gloo(nprocs: int, tmp_path: Path) -> None:
     # regression: FSDP2's all-gather input is its own block of the output, which MPI refused
     # ("Buffers must not be aliased"): the core now runs it in place. And its state saved and
     # loaded with torch.distributed.checkpoint (which needs gather/scatter, once refused)
-    run = run_ranks(nprocs, "torch_backend_fsdp_ranks.py", str(tmp_path / "dcp"), timeout=600)
-    assert "OK fsdp" in run.stdout, run.tail()
+    run = run_ranks(nprocs, "torch_backend_sharded_ranks.py", str(tmp_path / "dcp"), timeout=600)
+    assert "OK sharded" in run.stdout, run.tail()
 
 
 def test_pipelining_1f1b_matches_gloo() -> None:
