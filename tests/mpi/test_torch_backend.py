@@ -33,6 +33,7 @@ def test_every_operation_matches_gloo(nprocs: int) -> None:
 
 @pytest.mark.parametrize("nprocs", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_ddp_matches_ddp_over_gloo(nprocs: int) -> None:
+    # step by step in lockstep (on 3-4 ranks from the same state each step), and with a comm hook
     run = run_ranks(nprocs, "torch_backend_ddp_ranks.py", timeout=600)
     assert "OK ddp" in run.stdout, run.tail()
 
