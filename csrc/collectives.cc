@@ -81,6 +81,19 @@ void check_layout(const std::vector<int>& counts, const std::vector<int>& displs
                     ") lies outside its ", bytes, "-byte buffer");
 }
 
+void check_root(int root, int size, const std::string& where) {
+  DPSGS_CHECK_ARG(root >= 0 && root < size, where, ": root ", root, " is not a rank of ", size);
+}
+
+// A rooted gather's output or scatter's input at the root: one block per rank, the root's own
+// as large as its other buffer (`own_bytes`).
+void check_root_blocks(const std::vector<int>& counts, const std::vector<int>& displs, size_t bytes,
+                       size_t own_bytes, int rank, int size, const std::string& where, const char* side) {
+  check_layout(counts, displs, bytes, size, where, side);
+  DPSGS_CHECK_ARG(size_t(counts[rank]) == own_bytes, where, ": the root's own block of the ", side, " holds ",
+                  counts[rank], " bytes, its other buffer ", own_bytes);
+}
+
 }  // namespace
 
 void check_op(const OpSpec& s, int rank, int size, const std::string& where) {
@@ -93,7 +106,7 @@ void check_op(const OpSpec& s, int rank, int size, const std::string& where) {
       mpi_red_op(s.red, s.recv.dtype, where);
       break;
     case K::Broadcast:
-      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      check_root(s.peer, size, where);
       as_int(s.recv.bytes, where, "byte count");
       break;
     case K::Allgather:
@@ -118,27 +131,21 @@ void check_op(const OpSpec& s, int rank, int size, const std::string& where) {
       check_layout(s.recv_counts, s.recv_displs, s.recv.bytes, size, where, "output");
       break;
     case K::Reduce:
-      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      check_root(s.peer, size, where);
       as_int(s.recv.numel(), where, "element count");
       mpi_red_op(s.red, s.recv.dtype, where);
       break;
     case K::Gather:  // the root's output: one block per rank; the others have none
-      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      check_root(s.peer, size, where);
       as_int(s.send.bytes, where, "byte count");
-      if (rank == s.peer) {
-        check_layout(s.recv_counts, s.recv_displs, s.recv.bytes, size, where, "output");
-        DPSGS_CHECK_ARG(size_t(s.recv_counts[rank]) == s.send.bytes, where, ": the root sends ", s.send.bytes,
-                        " bytes but its block of the output holds ", s.recv_counts[rank]);
-      }
+      if (rank == s.peer)
+        check_root_blocks(s.recv_counts, s.recv_displs, s.recv.bytes, s.send.bytes, rank, size, where, "output");
       break;
     case K::Scatter:  // the root's input: one block per rank; the others have none
-      DPSGS_CHECK_ARG(s.peer >= 0 && s.peer < size, where, ": root ", s.peer, " is not a rank of ", size);
+      check_root(s.peer, size, where);
       as_int(s.recv.bytes, where, "byte count");
-      if (rank == s.peer) {
-        check_layout(s.send_counts, s.send_displs, s.send.bytes, size, where, "input");
-        DPSGS_CHECK_ARG(size_t(s.send_counts[rank]) == s.recv.bytes, where, ": the root receives ", s.recv.bytes,
-                        " bytes but its block of the input holds ", s.send_counts[rank]);
-      }
+      if (rank == s.peer)
+        check_root_blocks(s.send_counts, s.send_displs, s.send.bytes, s.recv.bytes, rank, size, where, "input");
       break;
     case K::Send:
     case K::Recv:

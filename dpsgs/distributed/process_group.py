@@ -273,15 +273,10 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             return self._cuda().gather(output_tensors, input_tensors, opts)
         check_cpu("gather", [*input_tensors, *(t for outs in output_tensors for t in outs)])
         root = opts.rootRank
-        if len(input_tensors) != 1:
-            raise ValueError(f"dpsgs backend gather: one input tensor per call, got {len(input_tensors)}")
-        inp = input_tensors[0]
+        inp = self._one("gather", input_tensors, "input")
         flat, outs, counts, displs = None, [], [], []
         if self._rank == root:
-            if len(output_tensors) != 1:
-                raise ValueError(f"dpsgs backend gather: the root needs one list of {self._size} outputs, "
-                                 f"got {len(output_tensors)} lists")
-            outs = output_tensors[0]
+            outs = self._one("gather", output_tensors, "list of outputs at the root")
             self._check_list("gather", outs, inp)
             if outs[root].numel() != inp.numel():
                 raise ValueError(f"dpsgs backend gather: the root's output {root} has {outs[root].numel()} "
@@ -300,15 +295,10 @@ class DpsgsProcessGroup(dist.ProcessGroup):
             return self._cuda().scatter(output_tensors, input_tensors, opts)
         check_cpu("scatter", [*output_tensors, *(t for ins in input_tensors for t in ins)])
         root = opts.rootRank
-        if len(output_tensors) != 1:
-            raise ValueError(f"dpsgs backend scatter: one output tensor per call, got {len(output_tensors)}")
-        out = output_tensors[0]
+        out = self._one("scatter", output_tensors, "output")
         packed, counts, displs = None, [], []
         if self._rank == root:
-            if len(input_tensors) != 1:
-                raise ValueError(f"dpsgs backend scatter: the root needs one list of {self._size} inputs, "
-                                 f"got {len(input_tensors)} lists")
-            ins = input_tensors[0]
+            ins = self._one("scatter", input_tensors, "list of inputs at the root")
             self._check_list("scatter", ins, out)
             counts, displs = _layout([t.numel() * t.element_size() for t in ins])
             packed = torch.cat([_flat_bytes(t) for t in ins])
@@ -388,6 +378,13 @@ class DpsgsProcessGroup(dist.ProcessGroup):
                     s.buf.div_(n)
                 s.back()
         return finish
+
+    @staticmethod
+    def _one(where: str, items: Sequence[Any], what: str) -> Any:
+        """The one item of a rooted call's argument list (torch passes a list of one)."""
+        if len(items) != 1:
+            raise ValueError(f"dpsgs backend {where}: one {what} per call, got {len(items)}")
+        return items[0]
 
     def _check_list(self, where: str, tensors: Sequence[torch.Tensor], like: torch.Tensor) -> None:
         if len(tensors) != self._size:
