@@ -45,6 +45,11 @@ __all__ = ["BACKENDS", "build_parser", "main", "pair_summary"]
 BACKENDS = ("gloo", "dpsgs")
 
 
+def _abba(i: int) -> tuple[str, ...]:
+    """The backends' order in pair i: gloo first, then dpsgs first, and so on."""
+    return BACKENDS if i % 2 == 0 else BACKENDS[::-1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpsgs.bench.ddp_pair", description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=(*WORKLOADS, "all"), default="mlp")
@@ -106,13 +111,13 @@ def _run_workload(args: argparse.Namespace, w: Any, groups: dict[str, Any]) -> d
             losses[name].append(value)
 
     for i in range(w.warmup + w.steps):
-        for name in BACKENDS if i % 2 == 0 else BACKENDS[::-1]:
+        for name in _abba(i):
             step(name, i, times, True)
     with contextlib.ExitStack() as stack:   # compute only: no all-reduce in either
         for name in BACKENDS:
             stack.enter_context(replicas[name][0].no_sync())
         for i in range(args.nosync_steps + 1):
-            for name in BACKENDS if i % 2 == 0 else BACKENDS[::-1]:
+            for name in _abba(i):
                 step(name, i, nosync, False)
     numel = sum(p.numel() for p in replicas["gloo"][0].parameters())
     bare = _bare_allreduce(numel, groups, args.nosync_steps)
@@ -133,7 +138,7 @@ def _bare_allreduce(numel: int, groups: dict[str, Any], reps: int) -> dict[str, 
     buf = torch.zeros(numel)
     out: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for i in range(reps + 1):
-        for name in BACKENDS if i % 2 == 0 else BACKENDS[::-1]:
+        for name in _abba(i):
             dist.barrier()
             t0 = time.perf_counter()
             dist.all_reduce(buf, group=groups[name])
